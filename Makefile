@@ -1,0 +1,46 @@
+# csi-composefs: build, test, fuzz, benchmark.
+SHELL := /bin/bash
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X main.version=$(VERSION)
+BIN := bin/csi-composefs
+# Each fuzz target runs this long in `make test` (CI); run longer by hand with `make fuzz FUZZTIME=10m`.
+FUZZTIME ?= 45s
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
+
+.PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
+
+all: build
+
+deps:
+	@eval "$$(./hack/install-deps.sh)"; $(GO) version
+
+build:
+	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/csi-composefs
+
+fmt-check:
+	@out=$$(gofmt -l $$(git ls-files '*.go')); if [ -n "$$out" ]; then echo "gofmt needed:"; echo "$$out"; exit 1; fi
+
+vet:
+	$(GO) vet ./...
+
+unit:
+	$(GO) test -race -count=1 ./...
+
+fuzz:
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
+	  echo "fuzz $$fn in $$pkg for $(FUZZTIME)"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) $$pkg; done
+
+# The test command of the README and of CI: installs what it needs, then
+# checks formatting, vets, runs every test with the race detector, and fuzzes
+# each parser of untrusted bytes for a bounded time.
+test: deps
+	@eval "$$(./hack/install-deps.sh)"; $(MAKE) --no-print-directory fmt-check vet unit fuzz
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
+
+clean:
+	rm -rf bin

@@ -1,0 +1,14 @@
+package main
+
+import "github.com/spf13/cobra"
+
+func newImageCmd() *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   "image",
+		Short: "Build, inspect and mount composefs images",
+	}
+	cmd.AddCommand(
+		newImageDigestCmd(),
+	)
+	return cmd
+}
