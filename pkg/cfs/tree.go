@@ -168,10 +168,10 @@ func (n *Node) Lookup(path string) *Node {
 			}
 			continue
 		}
-		if !cur.Target().IsDir() {
+		if !cur.IsDir() { // aliases are never directories
 			return nil
 		}
-		cur = cur.Target().Child(part)
+		cur = cur.Child(part)
 		if cur == nil {
 			return nil
 		}
