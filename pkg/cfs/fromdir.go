@@ -1,0 +1,293 @@
+package cfs
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"path/filepath"
+	"runtime"
+	"sort"
+	"strings"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// DirOptions control building a tree from a directory, as mkcomposefs does.
+type DirOptions struct {
+	// DigestStore, when set, receives a copy of every external file at
+	// DigestStore/xx/yyyy… (its fs-verity digest), like --digest-store.
+	DigestStore string
+	// HardlinkObjects hardlinks source files into DigestStore instead of
+	// copying them when both are on one filesystem. The store then shares the
+	// source's inode: only use it when the source will not be modified.
+	HardlinkObjects bool
+	UseEpoch        bool // all mtimes 0 (--use-epoch)
+	SkipDevices     bool // leave out block and character devices (--skip-devices)
+	SkipXattrs      bool // read no xattrs (--skip-xattrs)
+	UserXattrs      bool // read only user.* xattrs (--user-xattrs)
+	// Threads hashing and copying files in parallel; 0 means one per CPU.
+	// The output does not depend on it.
+	Threads int
+}
+
+// BuildFromDir reads the directory src into a tree the way mkcomposefs does:
+// metadata from lstat (hardlinks are not detected; non-directories get nlink
+// 1), all xattrs, files of 1..64 bytes inlined, larger files named by their
+// fs-verity digest and, with DigestStore, copied into the store.
+func BuildFromDir(ctx context.Context, src string, opts DirOptions) (*Node, error) {
+	b := dirBuilder{opts: opts}
+	root, err := b.node(src, "")
+	if err != nil {
+		return nil, err
+	}
+	if !root.IsDir() {
+		return nil, fmt.Errorf("building image from %s: not a directory", src)
+	}
+	if err := b.walk(ctx, src, root); err != nil {
+		return nil, err
+	}
+	if err := b.hashFiles(ctx); err != nil {
+		return nil, err
+	}
+	return root, nil
+}
+
+type dirBuilder struct {
+	opts  DirOptions
+	files []fileJob // external-file candidates, hashed after the walk
+}
+
+type fileJob struct {
+	path string
+	node *Node
+}
+
+func (b *dirBuilder) walk(ctx context.Context, dir string, parent *Node) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("reading directory %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		p := filepath.Join(dir, e.Name())
+		n, err := b.node(p, e.Name())
+		if err != nil {
+			return err
+		}
+		if n == nil {
+			continue
+		}
+		if err := parent.AddChild(n); err != nil {
+			return fmt.Errorf("adding %s: %w", p, err)
+		}
+		if n.IsDir() {
+			if err := b.walk(ctx, p, n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// node makes the node for path (nil when options skip it).
+func (b *dirBuilder) node(path, name string) (*Node, error) {
+	var st unix.Stat_t
+	if err := unix.Lstat(path, &st); err != nil {
+		return nil, fmt.Errorf("lstat %s: %w", path, err)
+	}
+	n := &Node{
+		Name: name, Mode: st.Mode & 0o177777, Nlink: 1, UID: st.Uid, GID: st.Gid,
+		Mtime: Timespec{Sec: st.Mtim.Sec, Nsec: uint32(st.Mtim.Nsec)},
+	}
+	if b.opts.UseEpoch {
+		n.Mtime = Timespec{}
+	}
+	switch n.Type() {
+	case ModeChar, ModeBlock:
+		if b.opts.SkipDevices {
+			return nil, nil
+		}
+		n.Rdev = st.Rdev
+	case ModeSymlink:
+		target, err := os.Readlink(path)
+		if err != nil {
+			return nil, fmt.Errorf("readlink %s: %w", path, err)
+		}
+		if len(target) == 0 || len(target) > MaxSymlinkLen {
+			return nil, fmt.Errorf("symlink %s: target must be 1..%d bytes", path, MaxSymlinkLen)
+		}
+		n.Payload = target
+		n.Size = uint64(len(target))
+	case ModeRegular:
+		n.Size = uint64(st.Size)
+		if st.Size > 0 {
+			b.files = append(b.files, fileJob{path: path, node: n})
+		}
+	case ModeDir, ModeFIFO, ModeSocket:
+	default:
+		return nil, fmt.Errorf("%s: unsupported file type %o", path, n.Type())
+	}
+	if err := b.readXattrs(path, n); err != nil {
+		return nil, err
+	}
+	return n, nil
+}
+
+func (b *dirBuilder) readXattrs(path string, n *Node) error {
+	if b.opts.SkipXattrs {
+		return nil
+	}
+	names, err := listXattrs(path)
+	if err != nil {
+		return fmt.Errorf("listing xattrs of %s: %w", path, err)
+	}
+	sort.Strings(names)
+	for _, key := range names {
+		if b.opts.UserXattrs && !strings.HasPrefix(key, "user.") {
+			continue
+		}
+		value, err := getXattr(path, key)
+		if errors.Is(err, unix.ENODATA) {
+			continue // removed since the listing
+		}
+		if err != nil {
+			return fmt.Errorf("reading xattr %s of %s: %w", key, path, err)
+		}
+		if err := setXattrChecked(n, key, value); err != nil {
+			return fmt.Errorf("%s: %w", path, err)
+		}
+	}
+	return nil
+}
+
+func listXattrs(path string) ([]string, error) {
+	size := 1024
+	for {
+		buf := make([]byte, size)
+		n, err := unix.Llistxattr(path, buf)
+		if errors.Is(err, unix.ERANGE) {
+			if size, err = unix.Llistxattr(path, nil); err != nil {
+				return nil, err
+			}
+			size += 1024
+			continue
+		}
+		if errors.Is(err, unix.ENOTSUP) {
+			return nil, nil
+		}
+		if err != nil {
+			return nil, err
+		}
+		var names []string
+		for _, s := range strings.Split(string(buf[:n]), "\x00") {
+			if s != "" {
+				names = append(names, s)
+			}
+		}
+		return names, nil
+	}
+}
+
+func getXattr(path, key string) ([]byte, error) {
+	size := 256
+	for {
+		buf := make([]byte, size)
+		n, err := unix.Lgetxattr(path, key, buf)
+		if errors.Is(err, unix.ERANGE) {
+			if size, err = unix.Lgetxattr(path, key, nil); err != nil {
+				return nil, err
+			}
+			size += 256
+			continue
+		}
+		if err != nil {
+			return nil, err
+		}
+		return buf[:n], nil
+	}
+}
+
+// hashFiles inlines small files and hashes (and stores) the others, in
+// parallel; each result lands in its own node, so order does not matter.
+func (b *dirBuilder) hashFiles(ctx context.Context) error {
+	threads := b.opts.Threads
+	if threads <= 0 {
+		threads = runtime.GOMAXPROCS(0)
+	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	jobs := make(chan fileJob)
+	var (
+		wg       sync.WaitGroup
+		mu       sync.Mutex
+		firstErr error
+	)
+	for range threads {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for j := range jobs {
+				if err := b.hashFile(ctx, j); err != nil {
+					mu.Lock()
+					if firstErr == nil {
+						firstErr = err
+						cancel()
+					}
+					mu.Unlock()
+				}
+			}
+		}()
+	}
+	for _, j := range b.files {
+		if ctx.Err() != nil {
+			break
+		}
+		jobs <- j
+	}
+	close(jobs)
+	wg.Wait()
+	if firstErr != nil {
+		return firstErr
+	}
+	return ctx.Err()
+}
+
+func (b *dirBuilder) hashFile(ctx context.Context, j fileJob) error {
+	if err := ctx.Err(); err != nil {
+		return err
+	}
+	f, err := os.Open(j.path)
+	if err != nil {
+		return fmt.Errorf("opening %s: %w", j.path, err)
+	}
+	defer f.Close()
+	if j.node.Size <= DirInlineContentMax {
+		content := make([]byte, j.node.Size)
+		if _, err := io.ReadFull(f, content); err != nil {
+			return fmt.Errorf("reading %s: %w", j.path, err)
+		}
+		j.node.Content = content
+		return nil
+	}
+	d, n, err := VerityDigestReader(f)
+	if err != nil {
+		return fmt.Errorf("hashing %s: %w", j.path, err)
+	}
+	if uint64(n) != j.node.Size {
+		return fmt.Errorf("%s changed size while building (%d, now %d bytes)", j.path, j.node.Size, n)
+	}
+	j.node.Digest = &d
+	j.node.Payload = d.ObjectPath()
+	if b.opts.DigestStore == "" {
+		return nil
+	}
+	if err := storeObject(ctx, b.opts.DigestStore, d, f, b.opts.HardlinkObjects); err != nil {
+		return fmt.Errorf("storing %s: %w", j.path, err)
+	}
+	return nil
+}
