@@ -9,6 +9,8 @@ func newImageCmd() *cobra.Command {
 	}
 	cmd.AddCommand(
 		newImageDigestCmd(),
+		newImageMountCmd(),
+		newImageUmountCmd(),
 	)
 	return cmd
 }
