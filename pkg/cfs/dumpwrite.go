@@ -1,0 +1,186 @@
+package cfs
+
+import (
+	"bufio"
+	"encoding/hex"
+	"io"
+	"sort"
+	"strconv"
+)
+
+// Escaping modes of composefs-info's output (§4).
+const (
+	dwNoEscapeSpace  = 1 << iota // a space stays literal (ls paths)
+	dwEscapeEqual                // '=' becomes \x3d (xattr keys and values)
+	dwEscapeLoneDash             // a value of exactly "-" becomes \x2d
+)
+
+// dwEscape writes s escaped as composefs-info prints it: \\ \n \r \t, other
+// bytes outside 0x21..0x7e (0x20..0x7e with dwNoEscapeSpace) as \xhh.
+func dwEscape[T string | []byte](w *bufio.Writer, s T, mode int) {
+	if mode&dwEscapeLoneDash != 0 && len(s) == 1 && s[0] == '-' {
+		w.WriteString(`\x2d`)
+		return
+	}
+	const hexdig = "0123456789abcdef"
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		switch {
+		case c == '\\':
+			w.WriteString(`\\`)
+		case c == '\n':
+			w.WriteString(`\n`)
+		case c == '\r':
+			w.WriteString(`\r`)
+		case c == '\t':
+			w.WriteString(`\t`)
+		case c == '=' && mode&dwEscapeEqual != 0,
+			c == ' ' && mode&dwNoEscapeSpace == 0,
+			c < 0x20 || c > 0x7e:
+			w.Write([]byte{'\\', 'x', hexdig[c>>4], hexdig[c&0xf]})
+		default:
+			w.WriteByte(c)
+		}
+	}
+}
+
+// dwSortedChildren returns the children in strcmp order (the slice itself
+// when it is sorted already, as trees built by AddChild and Open are).
+func dwSortedChildren(n *Node) []*Node {
+	c := n.Children
+	if sort.SliceIsSorted(c, func(i, j int) bool { return c[i].Name < c[j].Name }) {
+		return c
+	}
+	c = append([]*Node(nil), c...)
+	sort.SliceStable(c, func(i, j int) bool { return c[i].Name < c[j].Name })
+	return c
+}
+
+// WriteDump writes the tree under root as a composefs dumpfile, exactly as
+// `composefs-info dump` prints it: one line per path in depth-first strcmp
+// order, xattrs in slice order, hardlink aliases as "@MODE" with the
+// primary's path as payload and the primary's other fields.
+func WriteDump(w io.Writer, root *Node) error {
+	bw := bufio.NewWriterSize(w, 64<<10)
+	path := make([]byte, 0, 256)
+	var num [24]byte
+	var walk func(n *Node)
+	walk = func(n *Node) {
+		t := n.Target()
+		if len(path) == 0 {
+			bw.WriteByte('/')
+		} else {
+			dwEscape(bw, path, 0)
+		}
+		bw.WriteByte(' ')
+		bw.Write(strconv.AppendUint(num[:0], t.Size, 10))
+		bw.WriteByte(' ')
+		if n.LinkTo != nil {
+			bw.WriteByte('@')
+		}
+		bw.Write(strconv.AppendUint(num[:0], uint64(t.Mode), 8))
+		bw.WriteByte(' ')
+		bw.Write(strconv.AppendUint(num[:0], uint64(t.Nlink), 10))
+		bw.WriteByte(' ')
+		bw.Write(strconv.AppendUint(num[:0], uint64(t.UID), 10))
+		bw.WriteByte(' ')
+		bw.Write(strconv.AppendUint(num[:0], uint64(t.GID), 10))
+		bw.WriteByte(' ')
+		// composefs-info prints rdev as an unsigned int.
+		bw.Write(strconv.AppendUint(num[:0], uint64(uint32(t.Rdev)), 10))
+		bw.WriteByte(' ')
+		bw.Write(strconv.AppendInt(num[:0], t.Mtime.Sec, 10))
+		bw.WriteByte('.')
+		bw.Write(strconv.AppendUint(num[:0], uint64(t.Mtime.Nsec), 10))
+		bw.WriteByte(' ')
+		switch {
+		case n.LinkTo != nil:
+			dwEscape(bw, t.Path(), dwEscapeLoneDash)
+		case t.Payload != "":
+			dwEscape(bw, t.Payload, dwEscapeLoneDash)
+		default:
+			bw.WriteByte('-')
+		}
+		bw.WriteByte(' ')
+		if len(t.Content) > 0 {
+			dwEscape(bw, t.Content, dwEscapeLoneDash)
+		} else {
+			bw.WriteByte('-')
+		}
+		bw.WriteByte(' ')
+		if t.Digest != nil {
+			var hx [2 * DigestSize]byte
+			hex.Encode(hx[:], t.Digest[:])
+			bw.Write(hx[:])
+		} else {
+			bw.WriteByte('-')
+		}
+		for _, x := range t.Xattrs {
+			bw.WriteByte(' ')
+			dwEscape(bw, x.Key, dwEscapeEqual)
+			bw.WriteByte('=')
+			dwEscape(bw, x.Value, dwEscapeEqual)
+		}
+		bw.WriteByte('\n')
+		if !n.IsDir() {
+			return
+		}
+		l := len(path)
+		for _, c := range dwSortedChildren(n) {
+			path = append(path[:l], '/')
+			path = append(path, c.Name...)
+			walk(c)
+		}
+		path = path[:l]
+	}
+	walk(root)
+	return bw.Flush()
+}
+
+// WriteList lists the entries below dir as `composefs-info ls` does, one
+// line per path in depth-first strcmp order: directories as "PATH/\t",
+// symlinks as "PATH\t-> TARGET", regular files with a backing object as
+// "PATH\t@ OBJECT", anything else (and hardlink aliases, as composefs-info
+// does) as "PATH". base is the path of dir ("" for the root).
+func WriteList(w io.Writer, dir *Node, base string) error {
+	bw := bufio.NewWriterSize(w, 64<<10)
+	path := append(make([]byte, 0, 256), base...)
+	var walk func(n *Node)
+	walk = func(n *Node) {
+		l := len(path)
+		for _, c := range dwSortedChildren(n) {
+			path = append(path[:l], '/')
+			path = append(path, c.Name...)
+			dwListLine(bw, c, path)
+			if c.IsDir() {
+				walk(c)
+			}
+		}
+		path = path[:l]
+	}
+	if dir.IsDir() {
+		walk(dir)
+	} else {
+		dwListLine(bw, dir, []byte(base))
+	}
+	return bw.Flush()
+}
+
+func dwListLine(bw *bufio.Writer, c *Node, path []byte) {
+	dwEscape(bw, path, dwNoEscapeSpace)
+	if c.LinkTo == nil {
+		switch c.Type() {
+		case ModeDir:
+			bw.WriteString("/\t")
+		case ModeSymlink:
+			bw.WriteString("\t-> ")
+			dwEscape(bw, c.Payload, 0)
+		case ModeRegular:
+			if c.Payload != "" {
+				bw.WriteString("\t@ ")
+				dwEscape(bw, c.Payload, 0)
+			}
+		}
+	}
+	bw.WriteByte('\n')
+}
