@@ -8,6 +8,7 @@ func newImageCmd() *cobra.Command {
 		Short: "Build, inspect and mount composefs images",
 	}
 	cmd.AddCommand(
+		newImageBuildCmd(),
 		newImageDigestCmd(),
 		newImageMountCmd(),
 		newImageUmountCmd(),

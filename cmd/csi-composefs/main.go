@@ -6,6 +6,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"syscall"
@@ -51,18 +52,23 @@ func main() {
 }
 
 func run(args []string) int {
+	return runWith(newRootCmd(), args, os.Stderr)
+}
+
+// runWith executes root with args and maps the outcome to an exit code,
+// printing any error to stderr.
+func runWith(root *cobra.Command, args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
-	root := newRootCmd()
 	root.SetArgs(args)
 	err := root.ExecuteContext(ctx)
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintf(os.Stderr, "csi-composefs: %v\n", err)
+	fmt.Fprintf(stderr, "csi-composefs: %v\n", err)
 	var ue usageError
 	if errors.As(err, &ue) || isCobraUsageError(err) {
-		fmt.Fprintln(os.Stderr, "Run 'csi-composefs --help' for usage.")
+		fmt.Fprintln(stderr, "Run 'csi-composefs --help' for usage.")
 		return exitUsage
 	}
 	return exitFailure

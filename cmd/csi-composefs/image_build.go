@@ -1,0 +1,152 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+
+	"github.com/spf13/cobra"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+type buildFlags struct {
+	digestStore     string
+	minVersion      int
+	maxVersion      int
+	printDigest     bool
+	printDigestOnly bool
+	fromFile        bool
+	useEpoch        bool
+	skipDevices     bool
+	skipXattrs      bool
+	userXattrs      bool
+	threads         int
+}
+
+func newImageBuildCmd() *cobra.Command {
+	var f buildFlags
+	cmd := &cobra.Command{
+		Use:   "build [flags] SRC OUT.cfs",
+		Short: "Build a composefs image from a directory or a dumpfile, like mkcomposefs",
+		Long: `Build a composefs image from the directory SRC (or, with --from-file, from the
+composefs dumpfile SRC; "-" reads standard input) and write it to OUT.cfs
+("-" writes standard output). The output is byte-identical to mkcomposefs
+1.0.8 for the same input and options, so its digest is the same.
+
+From a directory, files of 1..64 bytes are stored inline and larger files
+are referenced by their fs-verity digest; --digest-store copies them into an
+object store laid out as xx/yyyy… (the layout volumes are served from).`,
+		Example: `  csi-composefs image build --digest-store objects --print-digest rootfs/ app.cfs
+  csi-composefs image build --from-file --print-digest app.dump app.cfs`,
+	}
+	fl := cmd.Flags()
+	fl.StringVar(&f.digestStore, "digest-store", "", "copy external files into this object store (directory input only)")
+	fl.IntVar(&f.minVersion, "min-version", 0, "lowest composefs format version to write (0 or 1)")
+	fl.IntVar(&f.maxVersion, "max-version", 1, "highest composefs format version to write (0 or 1); 1 is used only when the tree has whiteouts")
+	fl.BoolVar(&f.printDigest, "print-digest", false, "print the image's fs-verity digest on standard output")
+	fl.BoolVar(&f.printDigestOnly, "print-digest-only", false, "print the digest and write no image (OUT may be omitted)")
+	fl.BoolVar(&f.fromFile, "from-file", false, "SRC is a composefs dumpfile, not a directory")
+	fl.BoolVar(&f.useEpoch, "use-epoch", false, "set every mtime to 0 (directory input)")
+	fl.BoolVar(&f.skipDevices, "skip-devices", false, "leave out block and character devices (directory input)")
+	fl.BoolVar(&f.skipXattrs, "skip-xattrs", false, "leave out all xattrs (directory input)")
+	fl.BoolVar(&f.userXattrs, "user-xattrs", false, "keep only user.* xattrs (directory input)")
+	fl.IntVar(&f.threads, "threads", 0, "files hashed in parallel (default: one per CPU); the output does not depend on it")
+	// With --print-digest-only the output argument is optional.
+	cmd.Args = func(cmd *cobra.Command, args []string) error {
+		if f.printDigestOnly {
+			return rangeArgs(1, 2)(cmd, args)
+		}
+		return exactArgs(2)(cmd, args)
+	}
+	cmd.RunE = func(cmd *cobra.Command, args []string) error {
+		out := ""
+		if len(args) == 2 {
+			out = args[1]
+		}
+		return runBuild(cmd, f, args[0], out)
+	}
+	return cmd
+}
+
+func (f buildFlags) validate(out string) error {
+	for name, v := range map[string]int{"--min-version": f.minVersion, "--max-version": f.maxVersion} {
+		if v < 0 || v > cfs.MaxFormatVersion {
+			return usageErrorf("%s must be 0..%d, got %d", name, cfs.MaxFormatVersion, v)
+		}
+	}
+	if f.fromFile && (f.digestStore != "" || f.useEpoch || f.skipDevices || f.skipXattrs || f.userXattrs) {
+		return usageErrorf("--digest-store, --use-epoch, --skip-devices, --skip-xattrs and --user-xattrs apply to directory input, not --from-file")
+	}
+	if f.skipXattrs && f.userXattrs {
+		return usageErrorf("--skip-xattrs and --user-xattrs exclude each other")
+	}
+	if out == "-" && f.printDigest {
+		return usageErrorf("--print-digest with OUT '-' would mix the digest into the image on standard output; write to a file or use --print-digest-only")
+	}
+	return nil
+}
+
+func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
+	if err := f.validate(out); err != nil {
+		return err
+	}
+	ctx := cmd.Context()
+	var root *cfs.Node
+	var err error
+	if f.fromFile {
+		var r io.Reader = cmd.InOrStdin()
+		if src != "-" {
+			file, err := os.Open(src)
+			if err != nil {
+				return err
+			}
+			defer file.Close()
+			r = file
+		}
+		root, err = cfs.ParseDump(bufio.NewReader(r), cfs.DumpOptions{Strict: os.Getenv("CFS_PARSE_STRICT") != ""})
+		if err != nil {
+			return fmt.Errorf("%s: %w", src, err)
+		}
+	} else {
+		root, err = cfs.BuildFromDir(ctx, src, cfs.DirOptions{
+			DigestStore: f.digestStore, UseEpoch: f.useEpoch, SkipDevices: f.skipDevices,
+			SkipXattrs: f.skipXattrs, UserXattrs: f.userXattrs, Threads: f.threads,
+		})
+		if err != nil {
+			return err
+		}
+	}
+	opts := cfs.WriteOptions{MinVersion: f.minVersion, MaxVersion: f.maxVersion}
+	var digest cfs.Digest
+	switch {
+	case f.printDigestOnly || out == "":
+		digest, err = cfs.WriteImage(io.Discard, root, opts)
+	case out == "-":
+		stdout := cmd.OutOrStdout()
+		if isTerminal(stdout) {
+			return usageErrorf("standard output is a terminal; refusing to write an image to it")
+		}
+		digest, err = cfs.WriteImage(stdout, root, opts)
+	default:
+		digest, err = cfs.WriteImageFile(out, root, opts)
+	}
+	if err != nil {
+		return err
+	}
+	if f.printDigest || f.printDigestOnly {
+		fmt.Fprintln(cmd.OutOrStdout(), digest)
+	}
+	return nil
+}
+
+// isTerminal reports whether w is a terminal (a character device).
+func isTerminal(w io.Writer) bool {
+	f, ok := w.(*os.File)
+	if !ok {
+		return false
+	}
+	fi, err := f.Stat()
+	return err == nil && fi.Mode()&os.ModeCharDevice != 0
+}

@@ -1,0 +1,126 @@
+package main
+
+import (
+	"bytes"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// runCmd runs the CLI in-process and returns its exit code and output.
+func runCmd(t *testing.T, args ...string) (int, string, string) {
+	t.Helper()
+	root := newRootCmd()
+	var out, errOut bytes.Buffer
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	code := runWith(root, args, &errOut)
+	return code, out.String(), errOut.String()
+}
+
+func golden(name string) string { return filepath.Join("..", "..", "testdata", "composefs", name) }
+
+func TestImageBuildFromFileMatchesGolden(t *testing.T) {
+	for _, tt := range []struct {
+		vector string
+		dump   string
+		flags  []string
+	}{
+		{"basic", "basic.dump", nil},
+		{"basic.v1", "basic.dump", []string{"--min-version", "1"}},
+		{"hardlink-whiteout", "hardlink-whiteout.dump", nil},
+		{"hardlink-whiteout.v0", "hardlink-whiteout.dump", []string{"--max-version", "0"}},
+		{"xattrs", "xattrs.dump", nil},
+	} {
+		t.Run(tt.vector, func(t *testing.T) {
+			out := filepath.Join(t.TempDir(), "out.cfs")
+			args := append([]string{"image", "build", "--from-file", "--print-digest"}, tt.flags...)
+			code, stdout, stderr := runCmd(t, append(args, golden(tt.dump), out)...)
+			if code != exitOK {
+				t.Fatalf("exit %d: %s", code, stderr)
+			}
+			want, _ := os.ReadFile(golden(tt.vector + ".cfs"))
+			got, _ := os.ReadFile(out)
+			if !bytes.Equal(got, want) {
+				t.Errorf("image differs from %s.cfs", tt.vector)
+			}
+			wantDigest, _ := os.ReadFile(golden(tt.vector + ".digest"))
+			if stdout != string(wantDigest) {
+				t.Errorf("printed %q, want %q", stdout, wantDigest)
+			}
+		})
+	}
+}
+
+func TestImageBuildStdinStdout(t *testing.T) {
+	dump, _ := os.ReadFile(golden("minimal.dump"))
+	root := newRootCmd()
+	var out, errOut bytes.Buffer
+	root.SetIn(bytes.NewReader(dump))
+	root.SetOut(&out)
+	root.SetErr(&errOut)
+	if code := runWith(root, []string{"image", "build", "--from-file", "-", "-"}, &errOut); code != exitOK {
+		t.Fatalf("exit %d: %s", code, errOut.String())
+	}
+	want, _ := os.ReadFile(golden("minimal.cfs"))
+	if !bytes.Equal(out.Bytes(), want) {
+		t.Errorf("stdout image differs from minimal.cfs")
+	}
+}
+
+func TestImageBuildDirectoryWithStore(t *testing.T) {
+	src := t.TempDir()
+	if err := os.WriteFile(filepath.Join(src, "big"), bytes.Repeat([]byte("x"), 5000), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(src, "small"), []byte("hi"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	store := filepath.Join(t.TempDir(), "objects")
+	img := filepath.Join(t.TempDir(), "img.cfs")
+	code, stdout, stderr := runCmd(t, "image", "build", "--digest-store", store, "--print-digest", src, img)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	code, digestOut, _ := runCmd(t, "image", "digest", img)
+	if code != exitOK || !strings.HasPrefix(digestOut, "sha256:"+strings.TrimSpace(stdout)+" ") {
+		t.Errorf("build printed %q; image digest printed %q", stdout, digestOut)
+	}
+	code, onlyOut, _ := runCmd(t, "image", "build", "--print-digest-only", src)
+	if code != exitOK || onlyOut != stdout {
+		t.Errorf("--print-digest-only printed %q, want %q", onlyOut, stdout)
+	}
+	objs, _ := filepath.Glob(filepath.Join(store, "*", "*"))
+	if len(objs) != 1 {
+		t.Errorf("store holds %v, want the one external file", objs)
+	}
+}
+
+func TestImageBuildErrors(t *testing.T) {
+	dir := t.TempDir()
+	bad := filepath.Join(dir, "bad.dump")
+	os.WriteFile(bad, []byte("/ 0 100644 1 0 0 0 0.0 - - -\n"), 0o644)
+	out := filepath.Join(dir, "out.cfs")
+	for _, tt := range []struct {
+		args []string
+		code int
+		msg  string
+	}{
+		{[]string{"image", "build", dir}, exitUsage, "want 2 argument"},
+		{[]string{"image", "build", "--min-version", "2", dir, out}, exitUsage, "--min-version must be 0..1"},
+		{[]string{"image", "build", "--from-file", "--digest-store", dir, bad, out}, exitUsage, "apply to directory input"},
+		{[]string{"image", "build", "--print-digest", dir, "-"}, exitUsage, "would mix the digest"},
+		{[]string{"image", "build", "--bogus", dir, out}, exitUsage, "unknown flag"},
+		{[]string{"image", "build", "--from-file", bad, out}, exitFailure, "root must be a directory"},
+		{[]string{"image", "build", filepath.Join(dir, "missing"), out}, exitFailure, "no such file"},
+	} {
+		code, _, stderr := runCmd(t, tt.args...)
+		if code != tt.code || !strings.Contains(stderr, tt.msg) {
+			t.Errorf("%q: exit %d, stderr %q; want exit %d and %q", tt.args, code, stderr, tt.code, tt.msg)
+		}
+	}
+	if _, err := os.Stat(out); err == nil {
+		t.Errorf("a failed build left %s behind", out)
+	}
+}
