@@ -5,58 +5,42 @@ import (
 	"encoding/binary"
 	"errors"
 	"io/fs"
-	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
 )
 
-// goldenImages returns the *.cfs names (without extension) of the golden
+// rdGoldenImageNames returns the *.cfs names (without extension) of the golden
 // vectors; new vectors are picked up automatically.
-func goldenImages(t testing.TB) []string {
-	t.Helper()
-	m, err := filepath.Glob(filepath.Join(goldenDir(t), "*.cfs"))
-	if err != nil || len(m) == 0 {
-		t.Fatalf("no golden images: %v", err)
-	}
+func rdGoldenImageNames(t testing.TB) []string {
 	var names []string
-	for _, p := range m {
-		names = append(names, strings.TrimSuffix(filepath.Base(p), ".cfs"))
+	for _, g := range goldenImages(t) {
+		names = append(names, g.name)
 	}
 	return names
 }
 
-func readGolden(t testing.TB, name string) []byte {
-	t.Helper()
-	b, err := os.ReadFile(filepath.Join(goldenDir(t), name))
-	if err != nil {
-		t.Fatal(err)
-	}
-	return b
-}
-
-func openBytes(b []byte, opts OpenOptions) (*Image, error) {
+func rdOpenBytes(b []byte, opts OpenOptions) (*Image, error) {
 	return Open(bytes.NewReader(b), int64(len(b)), opts)
 }
 
-func mustOpen(t testing.TB, b []byte, opts OpenOptions) *Image {
+func rdMustOpen(t testing.TB, b []byte, opts OpenOptions) *Image {
 	t.Helper()
-	img, err := openBytes(b, opts)
+	img, err := rdOpenBytes(b, opts)
 	if err != nil {
 		t.Fatalf("Open: %v", err)
 	}
 	return img
 }
 
-var lenient = OpenOptions{AllowForeignRedirects: true}
+var rdLenient = OpenOptions{AllowForeignRedirects: true}
 
-// cReaderRedirectBug reports whether composefs-info's redirect off-by-one
+// rdCReaderRedirectBug reports whether composefs-info's redirect off-by-one
 // (format notes §2.15: it skips the leading '/' but increments the length,
 // so the payload picks up the bytes after the value up to the next NUL) can
 // change the dump of img: only a redirect whose length is a multiple of 4 is
 // followed by a non-padding byte.
-func cReaderRedirectBug(t *testing.T, img *Image) bool {
+func rdCReaderRedirectBug(t *testing.T, img *Image) bool {
 	bug := false
 	img.Root().Walk(func(n *Node) error {
 		if n.LinkTo != nil || n.Type() != ModeRegular || n.Payload == "" {
@@ -75,9 +59,9 @@ func cReaderRedirectBug(t *testing.T, img *Image) bool {
 	return bug
 }
 
-// equalModuloRedirectBug compares dumps line by line, allowing the C payload
+// rdEqualModuloRedirectBug compares dumps line by line, allowing the C payload
 // field to carry extra bytes after ours (the §2.15 off-by-one).
-func equalModuloRedirectBug(got, want string) bool {
+func rdEqualModuloRedirectBug(got, want string) bool {
 	gl, wl := strings.Split(got, "\n"), strings.Split(want, "\n")
 	if len(gl) != len(wl) {
 		return false
@@ -104,10 +88,10 @@ func equalModuloRedirectBug(got, want string) bool {
 }
 
 func TestReaderGolden(t *testing.T) {
-	for _, name := range goldenImages(t) {
+	for _, name := range rdGoldenImageNames(t) {
 		t.Run(name, func(t *testing.T) {
 			data := readGolden(t, name+".cfs")
-			img := mustOpen(t, data, lenient)
+			img := rdMustOpen(t, data, rdLenient)
 
 			var objs strings.Builder
 			for _, o := range img.Objects() {
@@ -126,10 +110,10 @@ func TestReaderGolden(t *testing.T) {
 			}
 			want := string(readGolden(t, name+".info.dump"))
 			if got := dump.String(); got != want {
-				if cReaderRedirectBug(t, img) && equalModuloRedirectBug(got, want) {
+				if rdCReaderRedirectBug(t, img) && rdEqualModuloRedirectBug(got, want) {
 					t.Logf("dump differs from %s.info.dump only by the C reader's redirect off-by-one (§2.15)", name)
 				} else {
-					t.Errorf("dump differs from %s.info.dump:\n%s", name, firstDiff(got, want))
+					t.Errorf("dump differs from %s.info.dump:\n%s", name, rdFirstLineDiff(got, want))
 				}
 			}
 
@@ -155,7 +139,7 @@ func TestReaderGolden(t *testing.T) {
 			}
 
 			// Strict mode refuses only the image with foreign redirects.
-			_, err := openBytes(data, OpenOptions{})
+			_, err := rdOpenBytes(data, OpenOptions{})
 			if name == "inline-tail" {
 				if !errors.Is(err, ErrForeignRedirect) {
 					t.Errorf("strict Open = %v, want ErrForeignRedirect", err)
@@ -169,7 +153,7 @@ func TestReaderGolden(t *testing.T) {
 	}
 }
 
-func firstDiff(got, want string) string {
+func rdFirstLineDiff(got, want string) string {
 	gl, wl := strings.Split(got, "\n"), strings.Split(want, "\n")
 	for i := 0; i < len(gl) || i < len(wl); i++ {
 		var g, w string
@@ -187,7 +171,7 @@ func firstDiff(got, want string) string {
 }
 
 func TestReaderDetails(t *testing.T) {
-	img := mustOpen(t, readGolden(t, "basic.cfs"), OpenOptions{})
+	img := rdMustOpen(t, readGolden(t, "basic.cfs"), OpenOptions{})
 	if img.Version() != 0 || img.HasACL() {
 		t.Errorf("version %d acl %v", img.Version(), img.HasACL())
 	}
@@ -229,7 +213,7 @@ func TestReaderDetails(t *testing.T) {
 	}
 
 	// Hardlinks and whiteouts.
-	hw := mustOpen(t, readGolden(t, "hardlink-whiteout.cfs"), OpenOptions{})
+	hw := rdMustOpen(t, readGolden(t, "hardlink-whiteout.cfs"), OpenOptions{})
 	if hw.Version() != 1 {
 		t.Errorf("hardlink-whiteout version %d", hw.Version())
 	}
@@ -255,7 +239,7 @@ func TestReaderDetails(t *testing.T) {
 		t.Error("no nid for an alias")
 	}
 
-	xa := mustOpen(t, readGolden(t, "xattrs.cfs"), OpenOptions{})
+	xa := rdMustOpen(t, readGolden(t, "xattrs.cfs"), OpenOptions{})
 	if !xa.HasACL() {
 		t.Error("xattrs.cfs: HasACL false")
 	}
@@ -263,12 +247,12 @@ func TestReaderDetails(t *testing.T) {
 
 // ---- hostile images, made by mutating golden ones ----
 
-func le32(b []byte, off int64, v uint32) { binary.LittleEndian.PutUint32(b[off:], v) }
-func le16(b []byte, off int64, v uint16) { binary.LittleEndian.PutUint16(b[off:], v) }
-func le64(b []byte, off int64, v uint64) { binary.LittleEndian.PutUint64(b[off:], v) }
+func rdLe32(b []byte, off int64, v uint32) { binary.LittleEndian.PutUint32(b[off:], v) }
+func rdLe16(b []byte, off int64, v uint16) { binary.LittleEndian.PutUint16(b[off:], v) }
+func rdLe64(b []byte, off int64, v uint64) { binary.LittleEndian.PutUint64(b[off:], v) }
 
-// inodeOf returns the raw inode behind path in img.
-func inodeOf(t *testing.T, img *Image, path string) *RawInode {
+// rdInodeOf returns the raw inode behind path in img.
+func rdInodeOf(t *testing.T, img *Image, path string) *RawInode {
 	t.Helper()
 	n, err := img.Lookup(path)
 	if err != nil {
@@ -282,8 +266,8 @@ func inodeOf(t *testing.T, img *Image, path string) *RawInode {
 	return ri
 }
 
-// dirTail returns the offset of an inline directory's dirents.
-func dirTail(t *testing.T, ri *RawInode) int64 {
+// rdDirTail returns the offset of an inline directory's dirents.
+func rdDirTail(t *testing.T, ri *RawInode) int64 {
 	t.Helper()
 	if ri.Layout != rdLayoutInline {
 		t.Fatalf("nid %d is not an inline directory", ri.Nid)
@@ -291,7 +275,7 @@ func dirTail(t *testing.T, ri *RawInode) int64 {
 	return ri.Offset + ri.Extent - int64(ri.Size%rdBlk)
 }
 
-func direntIndex(t *testing.T, ri *RawInode, name string) int64 {
+func rdDirentIndex(t *testing.T, ri *RawInode, name string) int64 {
 	t.Helper()
 	for i, d := range ri.Dirents {
 		if d.Name == name {
@@ -304,15 +288,15 @@ func direntIndex(t *testing.T, ri *RawInode, name string) int64 {
 
 func TestReaderHostile(t *testing.T) {
 	basic := readGolden(t, "basic.cfs")
-	base := mustOpen(t, basic, OpenOptions{})
-	root := inodeOf(t, base, "/")
-	dir := inodeOf(t, base, "/dir")
-	inline := inodeOf(t, base, "/inline")
-	ext := inodeOf(t, base, "/dir/ext-4095")
+	base := rdMustOpen(t, basic, OpenOptions{})
+	root := rdInodeOf(t, base, "/")
+	dir := rdInodeOf(t, base, "/dir")
+	inline := rdInodeOf(t, base, "/inline")
+	ext := rdInodeOf(t, base, "/dir/ext-4095")
 	extDigest := ext.Metacopy
 	hwData := readGolden(t, "hardlink-whiteout.cfs")
-	hw := mustOpen(t, hwData, OpenOptions{})
-	copyData := inodeOf(t, hw, "/dir/copy-of-data")
+	hw := rdMustOpen(t, hwData, OpenOptions{})
+	copyData := rdInodeOf(t, hw, "/dir/copy-of-data")
 
 	tests := []struct {
 		name   string
@@ -329,59 +313,59 @@ func TestReaderHostile(t *testing.T) {
 		{name: "truncated last block", mutate: func(b []byte) []byte { return b[:len(b)-4096] }, want: ErrCorrupt, msg: "truncated"},
 		{name: "truncated odd", mutate: func(b []byte) []byte { return b[:len(b)-1] }, want: ErrCorrupt},
 		{name: "bad magic", mutate: func(b []byte) []byte { b[0] ^= 1; return b }, want: ErrCorrupt, msg: "magic"},
-		{name: "bad header version", mutate: func(b []byte) []byte { le32(b, 4, 2); return b }, want: ErrUnsupported},
-		{name: "composefs version 2", mutate: func(b []byte) []byte { le32(b, 12, 2); return b }, want: ErrUnsupported, msg: "composefs_version 2"},
-		{name: "unknown flags", mutate: func(b []byte) []byte { le32(b, 8, 6); return b }, want: ErrUnsupported},
+		{name: "bad header version", mutate: func(b []byte) []byte { rdLe32(b, 4, 2); return b }, want: ErrUnsupported},
+		{name: "composefs version 2", mutate: func(b []byte) []byte { rdLe32(b, 12, 2); return b }, want: ErrUnsupported, msg: "composefs_version 2"},
+		{name: "unknown flags", mutate: func(b []byte) []byte { rdLe32(b, 8, 6); return b }, want: ErrUnsupported},
 		{name: "bad erofs magic", mutate: func(b []byte) []byte { b[1024] ^= 0xff; return b }, want: ErrCorrupt, msg: "EROFS magic"},
 		{name: "block size", mutate: func(b []byte) []byte { b[1036] = 13; return b }, want: ErrUnsupported},
-		{name: "root nid zero", mutate: func(b []byte) []byte { le16(b, 1038, 0); return b }, want: ErrCorrupt, msg: "root nid"},
-		{name: "root nid beyond end", mutate: func(b []byte) []byte { le16(b, 1038, 0xffff); return b }, want: ErrCorrupt, msg: "root nid"},
-		{name: "root not a dir", mutate: func(b []byte) []byte { le16(b, 1038, uint16(inline.Nid)); return b }, want: ErrCorrupt, msg: "not a directory"},
-		{name: "huge block count", mutate: func(b []byte) []byte { le32(b, 1060, 0xffffffff); return b }, want: ErrCorrupt, msg: "truncated"},
-		{name: "huge inode count", mutate: func(b []byte) []byte { le64(b, 1040, 1<<60); return b }, want: ErrCorrupt},
-		{name: "xattr blkaddr beyond end", mutate: func(b []byte) []byte { le32(b, 1068, 1000); return b }, want: ErrCorrupt},
-		{name: "incompat feature", mutate: func(b []byte) []byte { le32(b, 1104, 0x10); return b }, want: ErrUnsupported},
-		{name: "root blocks beyond end", mutate: func(b []byte) []byte { le32(b, root.Offset+16, 1000); return b }, want: ErrCorrupt, msg: "data blocks"},
-		{name: "root blocks at 0", mutate: func(b []byte) []byte { le32(b, root.Offset+16, 0); return b }, want: ErrCorrupt},
-		{name: "huge dir size", mutate: func(b []byte) []byte { le32(b, root.Offset+8, 0xfffffff0); return b }, want: ErrCorrupt, msg: "directory size"},
-		{name: "huge inline file size", mutate: func(b []byte) []byte { le32(b, inline.Offset+8, 0xffffffff); return b }, want: ErrCorrupt, msg: "inline file"},
-		{name: "huge xattr count", mutate: func(b []byte) []byte { le16(b, root.Offset+2, 0xffff); return b }, want: ErrCorrupt},
-		{name: "compressed layout", mutate: func(b []byte) []byte { le16(b, inline.Offset, 1<<1); return b }, want: ErrUnsupported, msg: "layout"},
-		{name: "bad file type", mutate: func(b []byte) []byte { le16(b, inline.Offset+4, 0o170644); return b }, want: ErrCorrupt, msg: "file type"},
+		{name: "root nid zero", mutate: func(b []byte) []byte { rdLe16(b, 1038, 0); return b }, want: ErrCorrupt, msg: "root nid"},
+		{name: "root nid beyond end", mutate: func(b []byte) []byte { rdLe16(b, 1038, 0xffff); return b }, want: ErrCorrupt, msg: "root nid"},
+		{name: "root not a dir", mutate: func(b []byte) []byte { rdLe16(b, 1038, uint16(inline.Nid)); return b }, want: ErrCorrupt, msg: "not a directory"},
+		{name: "huge block count", mutate: func(b []byte) []byte { rdLe32(b, 1060, 0xffffffff); return b }, want: ErrCorrupt, msg: "truncated"},
+		{name: "huge inode count", mutate: func(b []byte) []byte { rdLe64(b, 1040, 1<<60); return b }, want: ErrCorrupt},
+		{name: "xattr blkaddr beyond end", mutate: func(b []byte) []byte { rdLe32(b, 1068, 1000); return b }, want: ErrCorrupt},
+		{name: "incompat feature", mutate: func(b []byte) []byte { rdLe32(b, 1104, 0x10); return b }, want: ErrUnsupported},
+		{name: "root blocks beyond end", mutate: func(b []byte) []byte { rdLe32(b, root.Offset+16, 1000); return b }, want: ErrCorrupt, msg: "data blocks"},
+		{name: "root blocks at 0", mutate: func(b []byte) []byte { rdLe32(b, root.Offset+16, 0); return b }, want: ErrCorrupt},
+		{name: "huge dir size", mutate: func(b []byte) []byte { rdLe32(b, root.Offset+8, 0xfffffff0); return b }, want: ErrCorrupt, msg: "directory size"},
+		{name: "huge inline file size", mutate: func(b []byte) []byte { rdLe32(b, inline.Offset+8, 0xffffffff); return b }, want: ErrCorrupt, msg: "inline file"},
+		{name: "huge xattr count", mutate: func(b []byte) []byte { rdLe16(b, root.Offset+2, 0xffff); return b }, want: ErrCorrupt},
+		{name: "compressed layout", mutate: func(b []byte) []byte { rdLe16(b, inline.Offset, 1<<1); return b }, want: ErrUnsupported, msg: "layout"},
+		{name: "bad file type", mutate: func(b []byte) []byte { rdLe16(b, inline.Offset+4, 0o170644); return b }, want: ErrCorrupt, msg: "file type"},
 		{name: "dirent type mismatch", mutate: func(b []byte) []byte {
-			b[dirTail(t, dir)+12*direntIndex(t, dir, "fifo")+10] = 1
+			b[rdDirTail(t, dir)+12*rdDirentIndex(t, dir, "fifo")+10] = 1
 			return b
 		}, want: ErrCorrupt, msg: "/dir/fifo"},
 		{name: "loop: entry points at its parent", mutate: func(b []byte) []byte {
-			off := dirTail(t, dir) + 12*direntIndex(t, dir, "fifo")
-			le64(b, off, root.Nid)
+			off := rdDirTail(t, dir) + 12*rdDirentIndex(t, dir, "fifo")
+			rdLe64(b, off, root.Nid)
 			b[off+10] = 2
 			return b
 		}, want: ErrCorrupt, msg: "reachable twice"},
 		{name: "loop: entry points at itself", mutate: func(b []byte) []byte {
-			off := dirTail(t, dir) + 12*direntIndex(t, dir, "fifo")
-			le64(b, off, dir.Nid)
+			off := rdDirTail(t, dir) + 12*rdDirentIndex(t, dir, "fifo")
+			rdLe64(b, off, dir.Nid)
 			b[off+10] = 2
 			return b
 		}, want: ErrCorrupt, msg: "reachable twice"},
 		{name: "dotdot not the parent", mutate: func(b []byte) []byte {
-			le64(b, dirTail(t, dir)+12*direntIndex(t, dir, ".."), dir.Nid)
+			rdLe64(b, rdDirTail(t, dir)+12*rdDirentIndex(t, dir, ".."), dir.Nid)
 			return b
 		}, want: ErrCorrupt, msg: `".."`},
 		{name: "dirent nid out of range", mutate: func(b []byte) []byte {
-			le64(b, dirTail(t, dir)+12*direntIndex(t, dir, "fifo"), 1<<40)
+			rdLe64(b, rdDirTail(t, dir)+12*rdDirentIndex(t, dir, "fifo"), 1<<40)
 			return b
 		}, want: ErrCorrupt, msg: "out of range"},
 		{name: "dirent nid inside the superblock", mutate: func(b []byte) []byte {
-			le64(b, dirTail(t, dir)+12*direntIndex(t, dir, "fifo"), 33)
+			rdLe64(b, rdDirTail(t, dir)+12*rdDirentIndex(t, dir, "fifo"), 33)
 			return b
 		}, want: ErrCorrupt, msg: "out of range"},
 		{name: "bad first nameoff", mutate: func(b []byte) []byte {
-			le16(b, dirTail(t, dir)+8, 13)
+			rdLe16(b, rdDirTail(t, dir)+8, 13)
 			return b
 		}, want: ErrCorrupt, msg: "nameoff"},
 		{name: "nameoff beyond chunk", mutate: func(b []byte) []byte {
-			le16(b, dirTail(t, dir)+12*direntIndex(t, dir, "fifo")+8, 4000)
+			rdLe16(b, rdDirTail(t, dir)+12*rdDirentIndex(t, dir, "fifo")+8, 4000)
 			return b
 		}, want: ErrCorrupt},
 		{name: "duplicate names", mutate: func(b []byte) []byte {
@@ -409,26 +393,26 @@ func TestReaderHostile(t *testing.T) {
 			b[i] ^= 1
 			return b
 		}, want: ErrDigestMismatch},
-		{name: "mismatched metacopy accepted when lenient", mutate: func(b []byte) []byte {
+		{name: "mismatched metacopy accepted when rdLenient", mutate: func(b []byte) []byte {
 			i := bytes.Index(b, extDigest[:])
 			b[i] ^= 1
 			return b
-		}, opts: lenient},
+		}, opts: rdLenient},
 		{name: "metacopy header", mutate: func(b []byte) []byte {
 			i := bytes.Index(b, extDigest[:])
 			b[i-1] = 2
 			return b
 		}, want: ErrCorrupt, msg: "metacopy header"},
 		{name: "chunk not a hole", mutate: func(b []byte) []byte {
-			le32(b, ext.Offset+ext.Extent-4, 7)
+			rdLe32(b, ext.Offset+ext.Extent-4, 7)
 			return b
 		}, want: ErrCorrupt, msg: "hole"},
 		{name: "chunk format with indexes", mutate: func(b []byte) []byte {
-			le32(b, ext.Offset+16, 0x20)
+			rdLe32(b, ext.Offset+16, 0x20)
 			return b
 		}, want: ErrUnsupported},
 		{name: "too many chunks", mutate: func(b []byte) []byte {
-			le32(b, ext.Offset+8, 0xffffffff) // 4 GiB in 4 KiB chunks
+			rdLe32(b, ext.Offset+8, 0xffffffff) // 4 GiB in 4 KiB chunks
 			return b
 		}, want: ErrCorrupt, msg: "chunks"},
 		{name: "shared xattr id out of range", data: hwData, mutate: func(b []byte) []byte {
@@ -439,7 +423,7 @@ func TestReaderHostile(t *testing.T) {
 			if b[copyData.Offset+isize+4] == 0 {
 				t.Fatal("copy-of-data has no shared xattrs")
 			}
-			le32(b, copyData.Offset+isize+12, 0xfffffff)
+			rdLe32(b, copyData.Offset+isize+12, 0xfffffff)
 			return b
 		}, want: ErrCorrupt, msg: "shared xattr"},
 		{name: "negative MaxDepth means the default", mutate: func(b []byte) []byte { return b }, opts: OpenOptions{MaxDepth: -1}},
@@ -451,7 +435,7 @@ func TestReaderHostile(t *testing.T) {
 				src = basic
 			}
 			b := tc.mutate(bytes.Clone(src))
-			img, err := openBytes(b, tc.opts)
+			img, err := rdOpenBytes(b, tc.opts)
 			if tc.want == nil {
 				if err != nil {
 					t.Fatalf("Open: %v", err)
@@ -473,15 +457,15 @@ func TestReaderHostile(t *testing.T) {
 
 func TestReaderMaxDepth(t *testing.T) {
 	b := readGolden(t, "longnames-bigdir.cfs")
-	if _, err := openBytes(b, OpenOptions{MaxDepth: 1}); err != nil {
+	if _, err := rdOpenBytes(b, OpenOptions{MaxDepth: 1}); err != nil {
 		t.Fatalf("depth 1: %v", err)
 	}
 	// basic has /dir at depth 1; realdir has /subdir/deeper at depth 2.
 	r := readGolden(t, "realdir.cfs")
-	if _, err := openBytes(r, OpenOptions{MaxDepth: 1}); !errors.Is(err, ErrUnsupported) {
+	if _, err := rdOpenBytes(r, OpenOptions{MaxDepth: 1}); !errors.Is(err, ErrUnsupported) {
 		t.Fatalf("depth 1 on realdir: %v", err)
 	}
-	if _, err := openBytes(r, OpenOptions{MaxDepth: 2}); err != nil {
+	if _, err := rdOpenBytes(r, OpenOptions{MaxDepth: 2}); err != nil {
 		t.Fatalf("depth 2 on realdir: %v", err)
 	}
 }
@@ -491,22 +475,22 @@ func TestReaderMaxDepth(t *testing.T) {
 func TestReaderNeverPanics(t *testing.T) {
 	data := readGolden(t, "hardlink-whiteout.cfs")
 	for n := 0; n < len(data); n += 97 {
-		if _, err := openBytes(data[:n], lenient); !errors.Is(err, ErrCorrupt) {
+		if _, err := rdOpenBytes(data[:n], rdLenient); !errors.Is(err, ErrCorrupt) {
 			t.Fatalf("truncated to %d: %v", n, err)
 		}
 	}
 	b := bytes.Clone(data)
 	// The header, superblock, inode table and shared xattrs: the first
 	// data block is the root directory.
-	limit := int(inodeOf(t, mustOpen(t, data, lenient), "/").U) * rdBlk
+	limit := int(rdInodeOf(t, rdMustOpen(t, data, rdLenient), "/").U) * rdBlk
 	for i := 0; i < limit; i++ {
 		for _, v := range []byte{0, 0xff, b[i] ^ 0x80} {
 			old := b[i]
 			b[i] = v
-			img, err := openBytes(b, lenient)
+			img, err := rdOpenBytes(b, rdLenient)
 			b[i] = old
 			if err != nil {
-				if !isReaderError(err) {
+				if !rdIsReaderError(err) {
 					t.Fatalf("byte %d = %#x: unexpected error %v", i, v, err)
 				}
 				continue
@@ -518,7 +502,7 @@ func TestReaderNeverPanics(t *testing.T) {
 	}
 }
 
-func isReaderError(err error) bool {
+func rdIsReaderError(err error) bool {
 	for _, e := range []error{ErrCorrupt, ErrUnsupported, ErrForeignRedirect, ErrDigestMismatch} {
 		if errors.Is(err, e) {
 			return true
