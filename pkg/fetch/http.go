@@ -1,0 +1,244 @@
+package fetch
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"net/url"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// HTTPOptions configure an HTTP repository source.
+type HTTPOptions struct {
+	// CAFile is a PEM bundle of extra trusted CAs, added to the system roots.
+	CAFile string
+	// Username and Password enable basic auth.
+	Username, Password string
+	// BearerToken enables bearer auth (it wins over basic auth).
+	BearerToken string
+	// MaxConnsPerHost bounds the connections to the server; 0 = 64. Idle
+	// connections kept for reuse are as many.
+	MaxConnsPerHost int
+	// ResponseHeaderTimeout bounds the wait for a response; 0 = 30s.
+	ResponseHeaderTimeout time.Duration
+	// UserAgent is sent with every request; "" = "csi-composefs".
+	UserAgent string
+	// Transport replaces the transport built from the options above (tests).
+	Transport http.RoundTripper
+}
+
+// HTTPSource reads an HTTP repository: BASE/images/NAME and
+// BASE/objects/xx/yyyy…, as any static web server, CDN or bucket serves it.
+// A plain http:// URL is used when given explicitly (integrity comes from
+// the digests); https uses the system roots plus the optional CA bundle,
+// and HTTP/2. HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured.
+type HTTPSource struct {
+	base   *url.URL
+	client *http.Client
+	opts   HTTPOptions
+}
+
+var _ Source = (*HTTPSource)(nil)
+
+// NewHTTPSource returns a source for the repository at baseURL.
+func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
+	u, err := url.Parse(strings.TrimSuffix(baseURL, "/"))
+	if err != nil {
+		return nil, fmt.Errorf("repository URL %q: %w", baseURL, err)
+	}
+	if u.Scheme != "http" && u.Scheme != "https" {
+		return nil, fmt.Errorf("repository URL %q: scheme must be http or https", redactURL(u))
+	}
+	if u.Host == "" {
+		return nil, fmt.Errorf("repository URL %q: no host", redactURL(u))
+	}
+	if u.User != nil { // credentials in the URL become basic auth
+		if opts.Username == "" && opts.BearerToken == "" {
+			opts.Username = u.User.Username()
+			opts.Password, _ = u.User.Password()
+		}
+		u.User = nil
+	}
+	u.RawQuery, u.Fragment = "", ""
+	if opts.MaxConnsPerHost <= 0 {
+		opts.MaxConnsPerHost = 64
+	}
+	if opts.ResponseHeaderTimeout <= 0 {
+		opts.ResponseHeaderTimeout = 30 * time.Second
+	}
+	if opts.UserAgent == "" {
+		opts.UserAgent = "csi-composefs"
+	}
+	rt := opts.Transport
+	if rt == nil {
+		t, err := newTransport(opts)
+		if err != nil {
+			return nil, err
+		}
+		rt = t
+	}
+	return &HTTPSource{base: u, client: &http.Client{Transport: rt}, opts: opts}, nil
+}
+
+func newTransport(opts HTTPOptions) (*http.Transport, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if opts.CAFile != "" {
+		pem, err := os.ReadFile(opts.CAFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading CA bundle: %w", err)
+		}
+		if !roots.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("CA bundle %s: no PEM certificate found", opts.CAFile)
+		}
+	}
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: (&net.Dialer{
+			Timeout:   30 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2:     true,
+		MaxIdleConns:          opts.MaxConnsPerHost * 2,
+		MaxIdleConnsPerHost:   opts.MaxConnsPerHost,
+		MaxConnsPerHost:       opts.MaxConnsPerHost,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
+		ExpectContinueTimeout: time.Second,
+		// Objects are mostly compressible text and binaries that a server
+		// may gzip on the fly; the transport decompresses transparently.
+	}, nil
+}
+
+// String returns the base URL (without credentials).
+func (s *HTTPSource) String() string { return s.base.String() }
+
+// CloseIdleConnections closes idle keep-alive connections.
+func (s *HTTPSource) CloseIdleConnections() { s.client.CloseIdleConnections() }
+
+func (s *HTTPSource) url(elem ...string) string {
+	u := *s.base
+	u.Path = strings.TrimSuffix(u.Path, "/") + "/" + strings.Join(elem, "/")
+	u.RawPath = ""
+	return u.String()
+}
+
+// ValidImageName reports whether name can name an image in a repository:
+// one path element of printable ASCII, not "." or "..".
+func ValidImageName(name string) error {
+	if name == "" || name == "." || name == ".." || len(name) > 255 {
+		return fmt.Errorf("image name %q: must be 1 to 255 characters and not . or ..", name)
+	}
+	for i := 0; i < len(name); i++ {
+		c := name[i]
+		if c <= ' ' || c >= 0x7f || c == '/' || c == '\\' || c == '%' || c == '?' || c == '#' {
+			return fmt.Errorf("image name %q: character %q not allowed", name, c)
+		}
+	}
+	return nil
+}
+
+// OpenImage GETs BASE/images/NAME.
+func (s *HTTPSource) OpenImage(ctx context.Context, ref ImageRef) (io.ReadCloser, int64, error) {
+	name := ref.name()
+	if err := ValidImageName(name); err != nil {
+		return nil, 0, err
+	}
+	resp, err := s.get(ctx, "fetching image", s.url("images", name))
+	if err != nil {
+		return nil, 0, err
+	}
+	return httpBody{resp.Body, "reading image", resp.Request.URL.String()}, resp.ContentLength, nil
+}
+
+// OpenObject GETs BASE/objects/xx/yyyy….
+func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
+	resp, err := s.get(ctx, "fetching object", s.url("objects", d.ObjectPath()))
+	if err != nil {
+		return nil, err
+	}
+	if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {
+		resp.Body.Close()
+		kind := ErrSizeMismatch
+		if uint64(resp.ContentLength) < size {
+			kind = Transient(ErrSizeMismatch) // a truncating cache may do better next time
+		}
+		return nil, &SourceError{Op: "fetching object", URL: resp.Request.URL.String(),
+			Err: fmt.Errorf("server announces %d bytes, the image records %d: %w", resp.ContentLength, size, kind)}
+	}
+	return httpBody{resp.Body, "reading object", resp.Request.URL.String()}, nil
+}
+
+func (s *HTTPSource) get(ctx context.Context, op, rawURL string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	if err != nil {
+		return nil, &SourceError{Op: op, URL: rawURL, Err: err}
+	}
+	req.Header.Set("User-Agent", s.opts.UserAgent)
+	switch {
+	case s.opts.BearerToken != "":
+		req.Header.Set("Authorization", "Bearer "+s.opts.BearerToken)
+	case s.opts.Username != "" || s.opts.Password != "":
+		req.SetBasicAuth(s.opts.Username, s.opts.Password)
+	}
+	resp, err := s.client.Do(req)
+	if err != nil {
+		if ctx.Err() != nil {
+			return nil, &SourceError{Op: op, URL: rawURL, Err: context.Cause(ctx)}
+		}
+		// Strip the *url.Error wrapper: it repeats the URL.
+		var ue *url.Error
+		if errors.As(err, &ue) {
+			err = ue.Err
+		}
+		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(err)}
+	}
+	if resp.StatusCode == http.StatusOK {
+		return resp, nil
+	}
+	// Drain a little so that the connection can be reused.
+	_, _ = io.CopyN(io.Discard, resp.Body, 4096)
+	resp.Body.Close()
+	se := &SourceError{Op: op, URL: rawURL, Status: resp.StatusCode}
+	switch {
+	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusGone:
+		se.Err = ErrNotFound
+	case resp.StatusCode == http.StatusUnauthorized || resp.StatusCode == http.StatusForbidden:
+		se.Err = ErrUnauthorized
+	case resp.StatusCode >= 500, resp.StatusCode == http.StatusTooManyRequests,
+		resp.StatusCode == http.StatusRequestTimeout:
+		se.Err = Transient(errors.New(http.StatusText(resp.StatusCode)))
+	default:
+		se.Err = errors.New(http.StatusText(resp.StatusCode))
+	}
+	return nil, se
+}
+
+// httpBody names the URL in read errors (resets, truncation).
+type httpBody struct {
+	io.ReadCloser
+	op, url string
+}
+
+func (b httpBody) Read(p []byte) (int, error) {
+	n, err := b.ReadCloser.Read(p)
+	if err != nil && err != io.EOF {
+		err = &SourceError{Op: b.op, URL: b.url, Err: err}
+	}
+	return n, err
+}
+
+func redactURL(u *url.URL) string { return u.Redacted() }

@@ -1,0 +1,932 @@
+package fetch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"sync/atomic"
+	"syscall"
+	"time"
+
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// DefaultStoreDir is the node store the plugin uses unless told otherwise.
+const DefaultStoreDir = "/var/lib/csi-composefs"
+
+// Store layout under the root directory.
+const (
+	objectsDir    = "objects"    // objects/xx/yyyy…, usable as an overlay data-only layer
+	imagesDir     = "images"     // images/<digest>.cfs
+	tmpDir        = "tmp"        // partial downloads, cleared at Open
+	quarantineDir = "quarantine" // corrupt files Verify found
+	lockFile      = ".lock"
+	imageSuffix   = ".cfs"
+)
+
+// Options configure a Store.
+type Options struct {
+	// ExtraObjectDirs are read-only object stores (same xx/yyyy… layout)
+	// whose objects need not be fetched; the driver mounts them as extra
+	// data-only layers.
+	ExtraObjectDirs []string
+	// Parallelism bounds concurrent object downloads per EnsureObjects
+	// call; 0 means 16.
+	Parallelism int
+	// MaxImageSize bounds an image download; 0 means 1 GiB.
+	MaxImageSize int64
+	// MaxSize is the store's size budget for GC (bytes allocated under
+	// objects/ and images/); 0 means no budget (GC then only removes
+	// objects no image references).
+	MaxSize int64
+	// Retries is how many times a transient failure is retried; 0 means 5,
+	// negative means none.
+	Retries int
+	// RetryBaseDelay is the first backoff (doubling, with full jitter, up to
+	// RetryMaxDelay); 0 means 250ms and 10s.
+	RetryBaseDelay, RetryMaxDelay time.Duration
+	// StallTimeout fails an attempt (transiently) when a response sends no
+	// byte for that long; 0 means 60s.
+	StallTimeout time.Duration
+	// GCGrace keeps images used within that long from GC even when not
+	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m.
+	GCGrace time.Duration
+	// DisableVerity skips enabling fs-verity on stored files even where the
+	// filesystem supports it.
+	DisableVerity bool
+}
+
+func (o *Options) setDefaults() {
+	if o.Parallelism <= 0 {
+		o.Parallelism = 16
+	}
+	if o.MaxImageSize <= 0 {
+		o.MaxImageSize = 1 << 30
+	}
+	if o.Retries == 0 {
+		o.Retries = 5
+	} else if o.Retries < 0 {
+		o.Retries = 0
+	}
+	if o.RetryBaseDelay <= 0 {
+		o.RetryBaseDelay = 250 * time.Millisecond
+	}
+	if o.RetryMaxDelay <= 0 {
+		o.RetryMaxDelay = 10 * time.Second
+	}
+	if o.StallTimeout <= 0 {
+		o.StallTimeout = 60 * time.Second
+	}
+	if o.GCGrace <= 0 {
+		o.GCGrace = 10 * time.Minute
+	}
+}
+
+// Store is the node-wide content-addressed store:
+//
+//	ROOT/objects/xx/yyyy…   backing files named by fs-verity digest
+//	ROOT/images/<hex>.cfs   composefs images named by fs-verity digest
+//	ROOT/tmp/               partial downloads (cleared by Open)
+//	ROOT/quarantine/        corrupt files found by Verify
+//
+// Only complete, verified, fsynced files are renamed into objects/ and
+// images/, so every file there has the digest its name says, whatever
+// crashes. One process at a time opens a store (an flock on ROOT/.lock).
+// A Store is safe for concurrent use; concurrent requests for the same image
+// or object share one download.
+//
+// Pins are kept in memory: after a restart the driver re-pins the images its
+// volumes use (from its own state) before the first GC. Until then GCGrace
+// still protects recently used images from a budget GC.
+type Store struct {
+	root string
+	opts Options
+	lock *os.File
+
+	verity atomic.Bool // enable fs-verity on stored files
+
+	mu      sync.Mutex
+	pins    map[cfs.Digest]int          // Pin/Unpin counts
+	busy    map[cfs.Digest]int          // images an Ensure call is working on
+	lastUse map[cfs.Digest]time.Time    // in-process last use, for GC grace and LRU
+	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
+	gen     uint64                      // bumped when pins or busy gain an image
+
+	images  flightGroup[cfs.Digest]
+	objects flightGroup[objectResult]
+
+	c counters
+}
+
+type objectResult struct {
+	fetched uint64 // bytes downloaded
+	dir     string // object directory renamed into, to fsync
+}
+
+// Open opens (creating it if needed) the store at root, takes its lock and
+// removes leftovers of interrupted downloads from tmp/.
+func Open(ctx context.Context, root string, opts Options) (*Store, error) {
+	opts.setDefaults()
+	log := klog.FromContext(ctx)
+	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
+		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
+			return nil, fmt.Errorf("opening store %s: %w", root, err)
+		}
+	}
+	lf, err := os.OpenFile(filepath.Join(root, lockFile), os.O_RDWR|os.O_CREATE, 0o644)
+	if err != nil {
+		return nil, fmt.Errorf("opening store %s: %w", root, err)
+	}
+	if err := unix.Flock(int(lf.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		lf.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("opening store %s: in use by another process", root)
+		}
+		return nil, fmt.Errorf("opening store %s: locking: %w", root, err)
+	}
+	s := &Store{
+		root:    root,
+		opts:    opts,
+		lock:    lf,
+		pins:    make(map[cfs.Digest]int),
+		busy:    make(map[cfs.Digest]int),
+		lastUse: make(map[cfs.Digest]time.Time),
+		index:   make(map[cfs.Digest][]cfs.Object),
+	}
+	if err := s.clearTmp(); err != nil {
+		s.Close()
+		return nil, err
+	}
+	if !opts.DisableVerity {
+		ok, err := cfs.VeritySupport(filepath.Join(root, tmpDir))
+		if err != nil {
+			log.V(1).Info("fs-verity probe failed; not enabling fs-verity", "store", root, "err", err)
+		}
+		s.verity.Store(ok)
+	}
+	log.V(2).Info("store opened", "store", root, "fsVerity", s.verity.Load())
+	return s, nil
+}
+
+// Close releases the store's lock.
+func (s *Store) Close() error {
+	if s.lock == nil {
+		return nil
+	}
+	err := s.lock.Close()
+	s.lock = nil
+	return err
+}
+
+// Root returns the store's directory.
+func (s *Store) Root() string { return s.root }
+
+// ObjectsDir returns the objects directory (an overlay data-only layer).
+func (s *Store) ObjectsDir() string { return filepath.Join(s.root, objectsDir) }
+
+// ImagePath returns where the image with digest d is kept.
+func (s *Store) ImagePath(d cfs.Digest) string {
+	return filepath.Join(s.root, imagesDir, d.String()+imageSuffix)
+}
+
+// VerityEnabled reports whether stored files get fs-verity.
+func (s *Store) VerityEnabled() bool { return s.verity.Load() }
+
+func (s *Store) objectPath(d cfs.Digest) string {
+	return filepath.Join(s.root, objectsDir, d.ObjectPath())
+}
+
+func (s *Store) clearTmp() error {
+	dir := filepath.Join(s.root, tmpDir)
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("clearing %s: %w", dir, err)
+	}
+	for _, e := range ents {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("clearing %s: %w", dir, err)
+		}
+	}
+	return nil
+}
+
+// Pin marks an image in use by a mount: GC never removes a pinned image or
+// its objects. Pins are counted and kept in memory only.
+func (s *Store) Pin(image cfs.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.pins[image]++
+	s.lastUse[image] = time.Now()
+	s.gen++
+}
+
+// Unpin releases one Pin.
+func (s *Store) Unpin(image cfs.Digest) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.pins[image] <= 1 {
+		delete(s.pins, image)
+	} else {
+		s.pins[image]--
+	}
+	s.lastUse[image] = time.Now()
+}
+
+// Pinned returns the pinned images and their pin counts.
+func (s *Store) Pinned() map[cfs.Digest]int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m := make(map[cfs.Digest]int, len(s.pins))
+	for k, v := range s.pins {
+		m[k] = v
+	}
+	return m
+}
+
+// hold marks image busy until the returned func is called.
+func (s *Store) hold(image cfs.Digest) func() {
+	s.mu.Lock()
+	s.busy[image]++
+	s.lastUse[image] = time.Now()
+	s.gen++
+	s.mu.Unlock()
+	return func() {
+		s.mu.Lock()
+		if s.busy[image] <= 1 {
+			delete(s.busy, image)
+		} else {
+			s.busy[image]--
+		}
+		s.lastUse[image] = time.Now()
+		s.mu.Unlock()
+	}
+}
+
+// HasImage reports whether the image is in the store.
+func (s *Store) HasImage(d cfs.Digest) bool {
+	fi, err := os.Stat(s.ImagePath(d))
+	return err == nil && fi.Mode().IsRegular()
+}
+
+// EnsureImage makes sure the image ref names is in the store and returns its
+// digest. With ref.Digest set and the image present, the source is not
+// contacted. Otherwise the image is downloaded (at most MaxImageSize bytes)
+// while its digest is computed; a digest other than ref.Digest is refused
+// and nothing is kept; the image is parsed with the strict reader before it
+// is stored. Concurrent calls for the same ref share one download.
+func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	if ref.Name == "" && ref.Digest.IsZero() {
+		return cfs.Digest{}, errors.New("image reference: a name or a digest is needed")
+	}
+	if !ref.Digest.IsZero() && s.HasImage(ref.Digest) {
+		release := s.hold(ref.Digest)
+		defer release()
+		if _, err := s.Objects(ctx, ref.Digest); err == nil {
+			s.touch(ref.Digest)
+			return ref.Digest, nil
+		}
+		// Unreadable or gone meanwhile: fetch it again.
+	}
+	key := src.String() + "\x00" + ref.String()
+	d, _, err := s.images.do(ctx, key, func(ctx context.Context) (cfs.Digest, error) {
+		return s.fetchImage(ctx, src, ref)
+	})
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
+	}
+	return d, nil
+}
+
+// touch records a use of the image, in memory and as the file's mtime (the
+// LRU order GC uses across restarts).
+func (s *Store) touch(d cfs.Digest) {
+	now := time.Now()
+	s.mu.Lock()
+	s.lastUse[d] = now
+	s.mu.Unlock()
+	_ = os.Chtimes(s.ImagePath(d), now, now)
+}
+
+func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	log := klog.FromContext(ctx)
+	var d cfs.Digest
+	err := s.retry(ctx, "image "+ref.String(), func(ctx context.Context) error {
+		var err error
+		d, err = s.fetchImageOnce(ctx, src, ref)
+		return err
+	})
+	if err == nil {
+		log.V(2).Info("image stored", "image", ref.String(), "digest", d.String(), "source", src.String())
+	}
+	return d, err
+}
+
+func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	actx, rearm, stop := s.stallContext(ctx)
+	defer stop()
+	body, size, err := src.OpenImage(actx, ref)
+	if err != nil {
+		return cfs.Digest{}, s.stallError(ctx, actx, err)
+	}
+	defer body.Close()
+	if size > s.opts.MaxImageSize {
+		return cfs.Digest{}, fmt.Errorf("image is %d bytes, more than the limit of %d: %w", size, s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "image-*")
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("creating temporary file: %w", err)
+	}
+	defer func() {
+		if f != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	h := cfs.NewVerityHash()
+	n, err := copyBody(io.MultiWriter(f, h), stallReader{body, rearm}, s.opts.MaxImageSize+1)
+	if err != nil {
+		return cfs.Digest{}, s.stallError(ctx, actx, err)
+	}
+	if n > s.opts.MaxImageSize {
+		return cfs.Digest{}, fmt.Errorf("image is more than the limit of %d bytes: %w", s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	if size >= 0 && n != size {
+		return cfs.Digest{}, Transient(fmt.Errorf("short read: got %d of %d bytes", n, size))
+	}
+	d := h.Digest()
+	if !ref.Digest.IsZero() && d != ref.Digest {
+		return cfs.Digest{}, fmt.Errorf("image has digest %s, want %s: %w", d, ref.Digest, ErrDigestMismatch)
+	}
+	objs, err := parseImage(f, n)
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
+	}
+	if err := s.finishFile(f); err != nil {
+		return cfs.Digest{}, err
+	}
+	release := s.hold(d)
+	defer release()
+	s.mu.Lock()
+	s.index[d] = objs
+	s.mu.Unlock()
+	final := s.ImagePath(d)
+	if err := os.Rename(f.Name(), final); err != nil {
+		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
+	}
+	f = nil
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return cfs.Digest{}, err
+	}
+	s.c.imagesFetched.Add(1)
+	s.c.imageBytesFetched.Add(uint64(n))
+	return d, nil
+}
+
+// finishFile makes a complete, verified temporary file ready to be renamed
+// into the store: mode 0644, fsynced, closed, fs-verity enabled where the
+// filesystem supports it. f is closed.
+func (s *Store) finishFile(f *os.File) error {
+	if err := f.Chmod(0o644); err != nil {
+		return fmt.Errorf("finishing %s: %w", f.Name(), err)
+	}
+	if err := f.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", f.Name(), err)
+	}
+	if err := f.Close(); err != nil {
+		return fmt.Errorf("closing %s: %w", f.Name(), err)
+	}
+	if !s.verity.Load() {
+		return nil
+	}
+	ro, err := os.Open(f.Name())
+	if err != nil {
+		return fmt.Errorf("enabling fs-verity: %w", err)
+	}
+	defer ro.Close()
+	if err := cfs.EnableVerity(ro); err != nil {
+		if errors.Is(err, cfs.ErrVerityUnsupported) {
+			s.verity.Store(false)
+			return nil
+		}
+		return err
+	}
+	return nil
+}
+
+// Objects returns the objects the stored image references (parsed once and
+// cached: images are immutable).
+func (s *Store) Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error) {
+	s.mu.Lock()
+	objs, ok := s.index[image]
+	s.mu.Unlock()
+	if ok {
+		return objs, nil
+	}
+	objs, err := s.parseStored(ctx, image)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.index[image] = objs
+	s.mu.Unlock()
+	return objs, nil
+}
+
+func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(s.ImagePath(image))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("image %s is not in the store: %w", image, ErrNotFound)
+		}
+		return nil, fmt.Errorf("reading image %s: %w", image, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("reading image %s: %w", image, err)
+	}
+	objs, err := parseImage(f, fi.Size())
+	if err != nil {
+		return nil, fmt.Errorf("image %s in the store: %w: %w", image, ErrInvalidImage, err)
+	}
+	return objs, nil
+}
+
+// parseImage validates an image with the strict reader and returns its
+// objects, each named by digest.
+func parseImage(r io.ReaderAt, size int64) ([]cfs.Object, error) {
+	img, err := cfs.Open(r, size, cfs.OpenOptions{})
+	if err != nil {
+		return nil, err
+	}
+	objs := img.Objects()
+	for _, o := range objs {
+		if o.Digest.IsZero() {
+			return nil, fmt.Errorf("object %q is not named by a digest", o.Path)
+		}
+	}
+	return objs, nil
+}
+
+// Stats tell what one EnsureObjects call found and did.
+type Stats struct {
+	Objects int    // distinct objects the image needs
+	Bytes   uint64 // their total size
+
+	Present      int // already in the store
+	PresentBytes uint64
+	Extra        int // found in an extra read-only object directory
+	ExtraBytes   uint64
+	Fetched      int // downloaded by this call
+	FetchedBytes uint64
+	Shared       int // downloaded by a concurrent call (another volume)
+	SharedBytes  uint64
+}
+
+// SavedBytes is what the node did not download thanks to deduplication.
+func (st Stats) SavedBytes() uint64 { return st.PresentBytes + st.ExtraBytes + st.SharedBytes }
+
+// Progress is updated live by EnsureObjects when given WithProgress; read
+// its fields from another goroutine to show progress.
+type Progress struct {
+	Objects      atomic.Int64 // objects the image needs
+	Bytes        atomic.Int64 // their size
+	DoneObjects  atomic.Int64 // present or fetched so far
+	DoneBytes    atomic.Int64
+	FetchObjects atomic.Int64 // objects to download (known after the scan)
+	FetchBytes   atomic.Int64
+	Fetched      atomic.Int64 // bytes received so far
+}
+
+// EnsureOption tunes one EnsureObjects call.
+type EnsureOption func(*ensureConfig)
+
+type ensureConfig struct{ progress *Progress }
+
+// WithProgress makes EnsureObjects update p as it goes.
+func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.progress = p } }
+
+// EnsureObjects makes sure every object the stored image references is in
+// the store or in an extra object directory, downloading only the missing
+// ones from src, at most Parallelism at a time. Each download is streamed to
+// tmp/ through the fs-verity hasher, must have the size the image records
+// and the digest its name says, is fsynced, gets fs-verity where supported
+// and is then renamed into objects/. The first permanent failure (or
+// exhausted retries) stops the call and is returned, naming the object.
+func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest, opts ...EnsureOption) (Stats, error) {
+	var cfg ensureConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	p := cfg.progress
+	if p == nil {
+		p = new(Progress)
+	}
+	var st Stats
+	objs, err := s.Objects(ctx, image)
+	if err != nil {
+		return st, err
+	}
+	release := s.hold(image)
+	defer release()
+
+	st.Objects = len(objs)
+	for _, o := range objs {
+		st.Bytes += o.Size
+	}
+	p.Objects.Store(int64(st.Objects))
+	p.Bytes.Store(int64(st.Bytes))
+
+	var missing []cfs.Object
+	for _, o := range objs {
+		if err := ctx.Err(); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s: %w", image, context.Cause(ctx))
+		}
+		switch where := s.locate(ctx, o); where {
+		case inStore:
+			st.Present++
+			st.PresentBytes += o.Size
+		case inExtra:
+			st.Extra++
+			st.ExtraBytes += o.Size
+		default:
+			missing = append(missing, o)
+			p.FetchObjects.Add(1)
+			p.FetchBytes.Add(int64(o.Size))
+			continue
+		}
+		p.DoneObjects.Add(1)
+		p.DoneBytes.Add(int64(o.Size))
+	}
+	s.c.objectsDeduplicated.Add(uint64(st.Present + st.Extra))
+	s.c.bytesDeduplicated.Add(st.PresentBytes + st.ExtraBytes)
+	if len(missing) == 0 {
+		return st, nil
+	}
+
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var (
+		mu       sync.Mutex
+		firstErr error
+		dirs     = make(map[string]bool)
+		wg       sync.WaitGroup
+		next     atomic.Int64
+	)
+	workers := min(s.opts.Parallelism, len(missing))
+	for range workers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i := int(next.Add(1) - 1)
+				if i >= len(missing) || wctx.Err() != nil {
+					return
+				}
+				o := missing[i]
+				res, shared, err := s.objects.do(wctx, o.Digest.String(), func(fctx context.Context) (objectResult, error) {
+					return s.fetchObject(fctx, src, o, p)
+				})
+				mu.Lock()
+				if err != nil {
+					if firstErr == nil {
+						firstErr = err
+						cancel(err)
+					}
+					mu.Unlock()
+					return
+				}
+				if res.dir != "" {
+					dirs[res.dir] = true
+				}
+				switch {
+				case shared:
+					st.Shared++
+					st.SharedBytes += o.Size
+				case res.fetched == 0: // arrived meanwhile
+					st.Present++
+					st.PresentBytes += o.Size
+				default:
+					st.Fetched++
+					st.FetchedBytes += res.fetched
+				}
+				mu.Unlock()
+				p.DoneObjects.Add(1)
+				p.DoneBytes.Add(int64(o.Size))
+			}
+		}()
+	}
+	wg.Wait()
+	if firstErr != nil {
+		if ctx.Err() != nil && !errors.Is(firstErr, context.Canceled) && !errors.Is(firstErr, context.DeadlineExceeded) {
+			firstErr = fmt.Errorf("%w (%w)", context.Cause(ctx), firstErr)
+		}
+		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, firstErr)
+	}
+	for dir := range dirs {
+		if err := syncDir(dir); err != nil {
+			return st, err
+		}
+	}
+	s.c.objectsDeduplicated.Add(uint64(st.Shared))
+	s.c.bytesDeduplicated.Add(st.SharedBytes)
+	klog.FromContext(ctx).V(2).Info("objects ensured", "image", image.String(), "objects", st.Objects,
+		"fetched", st.Fetched, "fetchedBytes", st.FetchedBytes, "savedBytes", st.SavedBytes())
+	return st, nil
+}
+
+type location int
+
+const (
+	missingObject location = iota
+	inStore
+	inExtra
+)
+
+// locate finds an object in the store (a regular file of the right size; a
+// file of another size is corrupt and is quarantined) or in an extra dir.
+func (s *Store) locate(ctx context.Context, o cfs.Object) location {
+	path := s.objectPath(o.Digest)
+	if fi, err := os.Lstat(path); err == nil {
+		if fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
+			return inStore
+		}
+		s.quarantine(ctx, path, fmt.Sprintf("size %d, the image records %d", fi.Size(), o.Size))
+	}
+	for _, dir := range s.opts.ExtraObjectDirs {
+		fi, err := os.Stat(filepath.Join(dir, o.Digest.ObjectPath()))
+		if err == nil && fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
+			return inExtra
+		}
+	}
+	return missingObject
+}
+
+func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress) (objectResult, error) {
+	if s.locate(ctx, o) != missingObject { // arrived while we queued
+		return objectResult{}, nil
+	}
+	var res objectResult
+	err := s.retry(ctx, "object "+o.Digest.String(), func(ctx context.Context) error {
+		var err error
+		res, err = s.fetchObjectOnce(ctx, src, o, p)
+		return err
+	})
+	if err != nil {
+		return res, fmt.Errorf("object %s (%d bytes): %w", o.Digest, o.Size, err)
+	}
+	return res, nil
+}
+
+func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p *Progress) (objectResult, error) {
+	actx, rearm, stop := s.stallContext(ctx)
+	defer stop()
+	body, err := src.OpenObject(actx, o.Digest, o.Size)
+	if err != nil {
+		return objectResult{}, s.stallError(ctx, actx, err)
+	}
+	defer body.Close()
+	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "object-"+o.Digest.String()[:16]+"-*")
+	if err != nil {
+		return objectResult{}, fmt.Errorf("creating temporary file: %w", err)
+	}
+	defer func() {
+		if f != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	h := cfs.NewVerityHash()
+	w := io.MultiWriter(f, h, progressWriter{&p.Fetched})
+	n, err := copyBody(w, stallReader{body, rearm}, int64(o.Size)+1)
+	if err != nil {
+		p.Fetched.Add(-n)
+		return objectResult{}, s.stallError(ctx, actx, err)
+	}
+	if uint64(n) != o.Size {
+		p.Fetched.Add(-n)
+		if uint64(n) < o.Size {
+			return objectResult{}, Transient(fmt.Errorf("from %s: short read: got %d of %d bytes", src, n, o.Size))
+		}
+		return objectResult{}, fmt.Errorf("from %s: more than the %d bytes the image records: %w", src, o.Size, ErrSizeMismatch)
+	}
+	if got := h.Digest(); got != o.Digest {
+		p.Fetched.Add(-n)
+		return objectResult{}, fmt.Errorf("from %s: content has digest %s: %w", src, got, ErrDigestMismatch)
+	}
+	if err := s.finishFile(f); err != nil {
+		return objectResult{}, err
+	}
+	final := s.objectPath(o.Digest)
+	dir := filepath.Dir(final)
+	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
+		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+	}
+	if err := os.Rename(f.Name(), final); err != nil {
+		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+	}
+	f = nil
+	s.c.objectsFetched.Add(1)
+	s.c.objectBytesFetched.Add(uint64(n))
+	return objectResult{fetched: uint64(n), dir: dir}, nil
+}
+
+// copyBody copies at most limit bytes. Read errors are transient (resets,
+// truncation); write errors (disk full) are not.
+func copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
+	buf := make([]byte, 256<<10)
+	var n int64
+	for n < limit {
+		want := int64(len(buf))
+		if limit-n < want {
+			want = limit - n
+		}
+		m, rerr := r.Read(buf[:want])
+		if m > 0 {
+			if _, werr := w.Write(buf[:m]); werr != nil {
+				return n, fmt.Errorf("writing to the store: %w", werr)
+			}
+			n += int64(m)
+		}
+		if rerr == io.EOF {
+			return n, nil
+		}
+		if rerr != nil {
+			if errors.Is(rerr, context.Canceled) || errors.Is(rerr, context.DeadlineExceeded) {
+				return n, rerr
+			}
+			return n, Transient(rerr)
+		}
+	}
+	return n, nil
+}
+
+type progressWriter struct{ n *atomic.Int64 }
+
+func (w progressWriter) Write(p []byte) (int, error) {
+	w.n.Add(int64(len(p)))
+	return len(p), nil
+}
+
+var errStalled = errors.New("stalled")
+
+// stallContext returns a context for one attempt that is cancelled when the
+// response sends no byte for StallTimeout, a func re-arming that timer, and
+// a func to call when the attempt is over.
+func (s *Store) stallContext(ctx context.Context) (context.Context, func(), func()) {
+	actx, cancel := context.WithCancelCause(ctx)
+	d := s.opts.StallTimeout
+	t := time.AfterFunc(d, func() { cancel(errStalled) })
+	return actx, func() { t.Reset(d) }, func() { t.Stop(); cancel(nil) }
+}
+
+// stallError turns the error of an attempt cut by the stall timer into a
+// transient one (the caller's own deadline or cancellation is not).
+func (s *Store) stallError(ctx, actx context.Context, err error) error {
+	if ctx.Err() != nil {
+		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
+	}
+	if errors.Is(context.Cause(actx), errStalled) {
+		return Transient(fmt.Errorf("no data for %v: %v", s.opts.StallTimeout, err))
+	}
+	return err
+}
+
+// stallReader re-arms the stall timer on every read that returns bytes.
+type stallReader struct {
+	r     io.Reader
+	rearm func()
+}
+
+func (r stallReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if n > 0 {
+		r.rearm()
+	}
+	return n, err
+}
+
+// retry runs fn until it succeeds, fails permanently, the retries are spent
+// or ctx ends, sleeping with exponential backoff and full jitter.
+func (s *Store) retry(ctx context.Context, what string, fn func(context.Context) error) error {
+	log := klog.FromContext(ctx)
+	delay := s.opts.RetryBaseDelay
+	for attempt := 0; ; attempt++ {
+		err := fn(ctx)
+		if err == nil {
+			return nil
+		}
+		if isNoSpace(err) || !IsTransient(err) {
+			return err
+		}
+		if attempt >= s.opts.Retries {
+			return fmt.Errorf("%w (gave up after %d attempts)", err, attempt+1)
+		}
+		s.c.retries.Add(1)
+		sleep := time.Duration(rand.Int64N(int64(delay))) + delay/2
+		log.V(1).Info("retrying", "what", what, "attempt", attempt+1, "in", sleep, "err", err)
+		t := time.NewTimer(sleep)
+		select {
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return fmt.Errorf("%w (while retrying after: %w)", context.Cause(ctx), err)
+		}
+		delay = min(2*delay, s.opts.RetryMaxDelay)
+	}
+}
+
+func isNoSpace(err error) bool {
+	return errors.Is(err, syscall.ENOSPC) || errors.Is(err, syscall.EDQUOT)
+}
+
+// quarantine moves a corrupt file out of objects/ or images/ into
+// quarantine/ (evidence is never deleted) and logs it.
+func (s *Store) quarantine(ctx context.Context, path, reason string) (string, error) {
+	rel, err := filepath.Rel(s.root, path)
+	if err != nil {
+		rel = filepath.Base(path)
+	}
+	dst := filepath.Join(s.root, quarantineDir,
+		fmt.Sprintf("%s.%d", strings.ReplaceAll(rel, string(filepath.Separator), "-"), time.Now().UnixNano()))
+	if err := os.Rename(path, dst); err != nil {
+		return "", fmt.Errorf("quarantining %s: %w", path, err)
+	}
+	if strings.HasPrefix(rel, imagesDir) {
+		if d, err := cfs.ParseDigest(strings.TrimSuffix(filepath.Base(path), imageSuffix)); err == nil {
+			s.mu.Lock()
+			delete(s.index, d)
+			s.mu.Unlock()
+		}
+	}
+	s.c.quarantined.Add(1)
+	klog.FromContext(ctx).Info("corrupt file quarantined", "path", path, "reason", reason, "movedTo", dst)
+	return dst, nil
+}
+
+func syncDir(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	defer d.Close()
+	if err := d.Sync(); err != nil {
+		return fmt.Errorf("syncing %s: %w", dir, err)
+	}
+	return nil
+}
+
+// counters are the store's cumulative counters (exported by the driver).
+type counters struct {
+	imagesFetched, imageBytesFetched       atomic.Uint64
+	objectsFetched, objectBytesFetched     atomic.Uint64
+	objectsDeduplicated, bytesDeduplicated atomic.Uint64
+	retries, quarantined                   atomic.Uint64
+	gcImages, gcObjects, gcBytes           atomic.Uint64
+}
+
+// Counters is a snapshot of the store's cumulative counters since Open.
+type Counters struct {
+	ImagesFetched       uint64
+	ImageBytesFetched   uint64
+	ObjectsFetched      uint64
+	ObjectBytesFetched  uint64
+	ObjectsDeduplicated uint64 // objects not downloaded: present, in an extra dir, or shared
+	BytesDeduplicated   uint64 // bytes saved by deduplication
+	Retries             uint64
+	Quarantined         uint64 // corrupt files moved to quarantine/
+	GCImagesRemoved     uint64
+	GCObjectsRemoved    uint64
+	GCBytesFreed        uint64
+}
+
+// Counters returns the cumulative counters.
+func (s *Store) Counters() Counters {
+	c := &s.c
+	return Counters{
+		ImagesFetched:       c.imagesFetched.Load(),
+		ImageBytesFetched:   c.imageBytesFetched.Load(),
+		ObjectsFetched:      c.objectsFetched.Load(),
+		ObjectBytesFetched:  c.objectBytesFetched.Load(),
+		ObjectsDeduplicated: c.objectsDeduplicated.Load(),
+		BytesDeduplicated:   c.bytesDeduplicated.Load(),
+		Retries:             c.retries.Load(),
+		Quarantined:         c.quarantined.Load(),
+		GCImagesRemoved:     c.gcImages.Load(),
+		GCObjectsRemoved:    c.gcObjects.Load(),
+		GCBytesFreed:        c.gcBytes.Load(),
+	}
+}
