@@ -231,8 +231,9 @@ func (b *dirBuilder) hashFiles(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
+			w := &hashWorker{h: NewVerityHash(), buf: make([]byte, 128*1024)}
 			for j := range jobs {
-				if err := b.hashFile(ctx, j); err != nil {
+				if err := b.hashFile(ctx, w, j); err != nil {
 					mu.Lock()
 					if firstErr == nil {
 						firstErr = err
@@ -257,7 +258,13 @@ func (b *dirBuilder) hashFiles(ctx context.Context) error {
 	return ctx.Err()
 }
 
-func (b *dirBuilder) hashFile(ctx context.Context, j fileJob) error {
+// hashWorker is one hashing goroutine's reusable state.
+type hashWorker struct {
+	h   *VerityHash
+	buf []byte
+}
+
+func (b *dirBuilder) hashFile(ctx context.Context, w *hashWorker, j fileJob) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
@@ -274,7 +281,9 @@ func (b *dirBuilder) hashFile(ctx context.Context, j fileJob) error {
 		j.node.Content = content
 		return nil
 	}
-	d, n, err := VerityDigestReader(f)
+	w.h.Reset()
+	n, err := io.CopyBuffer(w.h, f, w.buf)
+	d := w.h.Digest()
 	if err != nil {
 		return fmt.Errorf("hashing %s: %w", j.path, err)
 	}

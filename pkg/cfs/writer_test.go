@@ -2,11 +2,15 @@ package cfs
 
 import (
 	"bytes"
+	"context"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
+	"time"
 )
 
 // goldenImage is one .cfs vector and how it was made.
@@ -100,5 +104,84 @@ func TestWriterGoldenFromDump(t *testing.T) {
 				t.Errorf("fs-verity of the golden image = %s, want %s", got, wantDigest)
 			}
 		})
+	}
+}
+
+// TestWriterDeterministic builds the same tree created in two different
+// orders (so directories list their entries differently) with different
+// thread counts, and expects identical images.
+func TestWriterDeterministic(t *testing.T) {
+	names := []string{"zeta", "alpha", "mid", "b-file", "a.dir", "Ω", "-dash", "9"}
+	build := func(order []string, threads int) []byte {
+		dir := t.TempDir()
+		for _, n := range order {
+			p := filepath.Join(dir, n)
+			if strings.HasSuffix(n, ".dir") {
+				if err := os.Mkdir(p, 0o755); err != nil {
+					t.Fatal(err)
+				}
+				for _, c := range order {
+					if err := os.WriteFile(filepath.Join(p, c), pattern(100+len(c)*1000, 251), 0o600); err != nil {
+						t.Fatal(err)
+					}
+				}
+			} else if err := os.WriteFile(p, pattern(len(n)*37, 253), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
+		// Same mtimes everywhere, whatever the creation order.
+		filepath.Walk(dir, func(p string, _ os.FileInfo, _ error) error {
+			return os.Chtimes(p, time.Unix(1700000000, 5), time.Unix(1700000000, 5))
+		})
+		root, err := BuildFromDir(context.Background(), dir, DirOptions{Threads: threads})
+		if err != nil {
+			t.Fatal(err)
+		}
+		var buf bytes.Buffer
+		if _, err := WriteImage(&buf, root, DefaultWriteOptions()); err != nil {
+			t.Fatal(err)
+		}
+		return buf.Bytes()
+	}
+	reversed := append([]string(nil), names...)
+	slices.Reverse(reversed)
+	a, b := build(names, 1), build(reversed, 4)
+	if !bytes.Equal(a, b) {
+		t.Fatalf("images differ with creation order and threads: %s", firstDiff(a, b))
+	}
+}
+
+// TestWriterRefusesInvalidTrees checks the writer's own validation of trees
+// that do not come from the dumpfile parser.
+func TestWriterRefusesInvalidTrees(t *testing.T) {
+	dir := func(children ...*Node) *Node {
+		r := &Node{Mode: ModeDir | 0o755}
+		r.Children = children
+		for _, c := range children {
+			c.Parent = r
+		}
+		return r
+	}
+	file := &Node{Name: "f", Mode: ModeRegular | 0o644}
+	tests := []struct {
+		name string
+		root *Node
+		opts WriteOptions
+		msg  string
+	}{
+		{"root not dir", &Node{Mode: ModeRegular}, DefaultWriteOptions(), "root must be a directory"},
+		{"bad version", dir(), WriteOptions{MinVersion: 2, MaxVersion: 2}, "format versions"},
+		{"empty symlink", dir(&Node{Name: "l", Mode: ModeSymlink | 0o777}), DefaultWriteOptions(), "symlink target"},
+		{"unsorted", dir(&Node{Name: "b", Mode: ModeFIFO}, &Node{Name: "a", Mode: ModeFIFO}), DefaultWriteOptions(), "not sorted"},
+		{"bad name", dir(&Node{Name: "a/b", Mode: ModeFIFO}), DefaultWriteOptions(), "contains '/'"},
+		{"link outside", dir(&Node{Name: "h", Mode: ModeRegular, LinkTo: file}), DefaultWriteOptions(), "not in the tree"},
+		{"huge file", dir(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 1 << 62}), DefaultWriteOptions(), "too large"},
+		{"bad mode", dir(&Node{Name: "x", Mode: 0o644}), DefaultWriteOptions(), "no valid file type"},
+	}
+	for _, tt := range tests {
+		_, err := WriteImage(io.Discard, tt.root, tt.opts)
+		if err == nil || !strings.Contains(err.Error(), tt.msg) {
+			t.Errorf("%s: error %v, want %q", tt.name, err, tt.msg)
+		}
 	}
 }
