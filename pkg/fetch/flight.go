@@ -20,7 +20,7 @@ type flight[T any] struct {
 	val     T
 	err     error
 	waiters int
-	cancel  context.CancelFunc
+	cancel  context.CancelCauseFunc
 }
 
 // do runs fn for key unless a call for key is in flight, and waits for the
@@ -35,7 +35,7 @@ func (g *flightGroup[T]) do(ctx context.Context, key string, fn func(context.Con
 		f.waiters++
 	} else {
 		// The work keeps the caller's values (logger) but not its deadline.
-		wctx, cancel := context.WithCancel(context.WithoutCancel(ctx))
+		wctx, cancel := context.WithCancelCause(context.WithoutCancel(ctx))
 		f = &flight[T]{done: make(chan struct{}), waiters: 1, cancel: cancel}
 		g.m[key] = f
 		go func() {
@@ -46,7 +46,7 @@ func (g *flightGroup[T]) do(ctx context.Context, key string, fn func(context.Con
 				delete(g.m, key)
 			}
 			g.mu.Unlock()
-			cancel()
+			cancel(nil)
 			close(f.done)
 		}()
 	}
@@ -61,15 +61,24 @@ func (g *flightGroup[T]) do(ctx context.Context, key string, fn func(context.Con
 	case <-ctx.Done():
 		g.mu.Lock()
 		f.waiters--
-		if f.waiters == 0 {
+		last := f.waiters == 0
+		if last {
 			// Nobody wants it any more: stop it, and let a later caller
 			// start afresh rather than join a dying call.
-			f.cancel()
+			f.cancel(context.Cause(ctx))
 			if g.m[key] == f {
 				delete(g.m, key)
 			}
 		}
 		g.mu.Unlock()
+		if last {
+			// Wait for it to clean up (fn honours its context), and give
+			// its error, which says what was being done.
+			<-f.done
+			if f.err != nil {
+				return f.val, ok, f.err
+			}
+		}
 		var zero T
 		return zero, ok, context.Cause(ctx)
 	}

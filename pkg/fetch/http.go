@@ -164,9 +164,12 @@ func (s *HTTPSource) OpenImage(ctx context.Context, ref ImageRef) (io.ReadCloser
 	return httpBody{resp.Body, "reading image", resp.Request.URL.String()}, resp.ContentLength, nil
 }
 
+// ObjectLocation returns the URL of the object d.
+func (s *HTTPSource) ObjectLocation(d cfs.Digest) string { return s.url("objects", d.ObjectPath()) }
+
 // OpenObject GETs BASE/objects/xx/yyyy….
 func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
-	resp, err := s.get(ctx, "fetching object", s.url("objects", d.ObjectPath()))
+	resp, err := s.get(ctx, "fetching object", s.ObjectLocation(d))
 	if err != nil {
 		return nil, err
 	}

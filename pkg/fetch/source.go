@@ -65,6 +65,20 @@ type Source interface {
 	OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error)
 }
 
+// ObjectLocator is implemented by sources that can name where an object is
+// fetched from (a URL), for error messages.
+type ObjectLocator interface {
+	ObjectLocation(d cfs.Digest) string
+}
+
+// objectLocation names where src fetches d from.
+func objectLocation(src Source, d cfs.Digest) string {
+	if l, ok := src.(ObjectLocator); ok {
+		return l.ObjectLocation(d)
+	}
+	return src.String()
+}
+
 // Errors a Source wraps (in a *SourceError) so that the store knows whether
 // to retry. The store also wraps ErrDigestMismatch and ErrSizeMismatch.
 var (

@@ -719,13 +719,13 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 	if uint64(n) != o.Size {
 		p.Fetched.Add(-n)
 		if uint64(n) < o.Size {
-			return objectResult{}, Transient(fmt.Errorf("from %s: short read: got %d of %d bytes", src, n, o.Size))
+			return objectResult{}, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", objectLocation(src, o.Digest), n, o.Size))
 		}
-		return objectResult{}, fmt.Errorf("from %s: more than the %d bytes the image records: %w", src, o.Size, ErrSizeMismatch)
+		return objectResult{}, fmt.Errorf("%s: more than the %d bytes the image records: %w", objectLocation(src, o.Digest), o.Size, ErrSizeMismatch)
 	}
 	if got := h.Digest(); got != o.Digest {
 		p.Fetched.Add(-n)
-		return objectResult{}, fmt.Errorf("from %s: content has digest %s: %w", src, got, ErrDigestMismatch)
+		return objectResult{}, fmt.Errorf("%s: content has digest %s: %w", objectLocation(src, o.Digest), got, ErrDigestMismatch)
 	}
 	if err := s.finishFile(f); err != nil {
 		return objectResult{}, err
