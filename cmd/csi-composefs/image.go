@@ -10,6 +10,9 @@ func newImageCmd() *cobra.Command {
 	cmd.AddCommand(
 		newImageBuildCmd(),
 		newImageDigestCmd(),
+		newImageDumpCmd(),
+		newImageLsCmd(),
+		newImageObjectsCmd(),
 		newImageMountCmd(),
 		newImageUmountCmd(),
 	)

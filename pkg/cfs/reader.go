@@ -293,16 +293,21 @@ func (img *Image) Inode(nid uint64) (*RawInode, error) {
 }
 
 func (img *Image) readHeaders(src *rdSource, size int64) error {
+	le := binary.LittleEndian
+	var hb [rdInodeStart]byte
+	if size >= 4 {
+		if err := src.readAt(hb[:4], 0); err != nil {
+			return err
+		}
+		if m := le.Uint32(hb[0:]); m != rdHeaderMagic {
+			return fmt.Errorf("%w: bad composefs magic %#08x (not a composefs image)", ErrCorrupt, m)
+		}
+	}
 	if size < rdBlk {
 		return fmt.Errorf("%w: image is %d bytes, smaller than one block", ErrCorrupt, size)
 	}
-	var hb [rdInodeStart]byte
 	if err := src.readAt(hb[:], 0); err != nil {
 		return err
-	}
-	le := binary.LittleEndian
-	if m := le.Uint32(hb[0:]); m != rdHeaderMagic {
-		return fmt.Errorf("%w: bad composefs magic %#08x", ErrCorrupt, m)
 	}
 	if v := le.Uint32(hb[4:]); v != rdHeaderVersion {
 		return fmt.Errorf("%w: composefs header version %d, want %d", ErrUnsupported, v, rdHeaderVersion)
