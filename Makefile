@@ -42,5 +42,9 @@ test: deps
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
 
+# The README's main job: build the tool and an image from a sample tree.
+demo:
+	./hack/demo.sh
+
 clean:
-	rm -rf bin
+	rm -rf bin _output
