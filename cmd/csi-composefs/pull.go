@@ -1,0 +1,301 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"os"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/spf13/cobra"
+	"golang.org/x/sys/unix"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+)
+
+// sourceFlags are the flags that build an HTTP source.
+type sourceFlags struct {
+	repository   string
+	caFile       string
+	username     string
+	passwordFile string
+	tokenFile    string
+}
+
+func (f *sourceFlags) add(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.repository, "repository", "", "base URL of the HTTP repository (REPO/images/NAME, REPO/objects/xx/yyyy…)")
+	cmd.Flags().StringVar(&f.caFile, "ca-file", "", "PEM bundle of extra trusted CAs")
+	cmd.Flags().StringVar(&f.username, "username", "", "basic auth user")
+	cmd.Flags().StringVar(&f.passwordFile, "password-file", "", "file holding the basic auth password")
+	cmd.Flags().StringVar(&f.tokenFile, "token-file", "", "file holding a bearer token")
+}
+
+func (f *sourceFlags) source() (*fetch.HTTPSource, error) {
+	if f.repository == "" {
+		return nil, usageErrorf("--repository is required")
+	}
+	opts := fetch.HTTPOptions{CAFile: f.caFile, Username: f.username}
+	if f.passwordFile != "" {
+		b, err := os.ReadFile(f.passwordFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading the password: %w", err)
+		}
+		opts.Password = strings.TrimRight(string(b), "\r\n")
+	}
+	if f.tokenFile != "" {
+		b, err := os.ReadFile(f.tokenFile)
+		if err != nil {
+			return nil, fmt.Errorf("reading the token: %w", err)
+		}
+		opts.BearerToken = strings.TrimSpace(string(b))
+	}
+	src, err := fetch.NewHTTPSource(f.repository, opts)
+	if err != nil {
+		return nil, usageError{err}
+	}
+	return src, nil
+}
+
+// storeFlags are the flags that open a store.
+type storeFlags struct {
+	dir          string
+	extra        []string
+	parallel     int
+	maxImageSize string
+	maxSize      string
+	retries      int
+}
+
+func (f *storeFlags) add(cmd *cobra.Command, fetching bool) {
+	cmd.Flags().StringVar(&f.dir, "store", fetch.DefaultStoreDir, "the node store directory")
+	if fetching {
+		cmd.Flags().StringArrayVar(&f.extra, "extra-objects", nil, "read-only object directory whose objects need not be fetched (repeatable)")
+		cmd.Flags().IntVar(&f.parallel, "parallel", 16, "concurrent object downloads")
+		cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "1G", "largest image accepted (bytes, or with K/M/G/T)")
+		cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+	} else {
+		cmd.Flags().StringVar(&f.maxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
+	}
+}
+
+func (f *storeFlags) options() (fetch.Options, error) {
+	var o fetch.Options
+	o.ExtraObjectDirs = f.extra
+	o.Parallelism = f.parallel
+	if f.parallel < 0 {
+		return o, usageErrorf("--parallel must be positive")
+	}
+	o.Retries = f.retries
+	if f.retries == 0 {
+		o.Retries = -1
+	}
+	var err error
+	if f.maxImageSize != "" {
+		if o.MaxImageSize, err = parseSize(f.maxImageSize); err != nil {
+			return o, usageErrorf("--max-image-size: %v", err)
+		}
+	}
+	if f.maxSize == "" {
+		return o, nil
+	}
+	if o.MaxSize, err = parseSize(f.maxSize); err != nil {
+		return o, usageErrorf("--store-max-size: %v", err)
+	}
+	return o, nil
+}
+
+// parseSize parses "123", "10K", "512M", "1G", "2T" (powers of 1024).
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	mult := int64(1)
+	if s != "" {
+		switch strings.ToUpper(s[len(s)-1:]) {
+		case "K":
+			mult = 1 << 10
+		case "M":
+			mult = 1 << 20
+		case "G":
+			mult = 1 << 30
+		case "T":
+			mult = 1 << 40
+		}
+		if mult > 1 {
+			s = s[:len(s)-1]
+		}
+	}
+	n, err := strconv.ParseInt(s, 10, 64)
+	if err != nil || n < 0 || n > (1<<62)/mult {
+		return 0, fmt.Errorf("invalid size %q", s)
+	}
+	return n * mult, nil
+}
+
+func newPullCmd() *cobra.Command {
+	var (
+		sf     sourceFlags
+		stf    storeFlags
+		digest string
+		bar    string
+	)
+	cmd := &cobra.Command{
+		Use:   "pull --repository URL [--store DIR] [--digest D] NAME",
+		Short: "Fetch an image and the objects the store lacks into the node store",
+		Long: `Fetch the composefs image NAME from an HTTP repository into the node store,
+then every object it references that the store (or an --extra-objects
+directory) does not have yet, verifying each against its fs-verity digest.
+With --digest, an image of another digest is refused, and an image already in
+the store is used without asking the repository. Prints the image digest.
+A progress bar is shown on a terminal, plain progress lines otherwise.`,
+		Args: exactArgs(1),
+		RunE: func(cmd *cobra.Command, args []string) error {
+			ctx := cmd.Context()
+			ref := fetch.ImageRef{Name: args[0]}
+			if digest != "" {
+				d, err := cfs.ParseDigest(strings.TrimPrefix(digest, "sha256:"))
+				if err != nil {
+					return usageErrorf("--digest: %v", err)
+				}
+				ref.Digest = d
+			}
+			if err := fetch.ValidImageName(ref.Name); err != nil {
+				return usageError{err}
+			}
+			src, err := sf.source()
+			if err != nil {
+				return err
+			}
+			opts, err := stf.options()
+			if err != nil {
+				return err
+			}
+			mode, err := progressMode(bar, os.Stderr)
+			if err != nil {
+				return err
+			}
+			return pull(ctx, cmd.OutOrStdout(), os.Stderr, src, stf.dir, opts, ref, mode)
+		},
+	}
+	sf.add(cmd)
+	stf.add(cmd, true)
+	cmd.Flags().StringVar(&digest, "digest", "", "expected fs-verity digest of the image (64 hex)")
+	cmd.Flags().StringVar(&bar, "progress", "auto", "progress display: auto (bar on a terminal), bar, plain, none")
+	return cmd
+}
+
+type progressKind int
+
+const (
+	progressNone progressKind = iota
+	progressPlain
+	progressBar
+)
+
+func progressMode(s string, w *os.File) (progressKind, error) {
+	switch s {
+	case "auto":
+		if _, err := unix.IoctlGetTermios(int(w.Fd()), unix.TCGETS); err == nil {
+			return progressBar, nil
+		}
+		return progressPlain, nil
+	case "bar":
+		return progressBar, nil
+	case "plain":
+		return progressPlain, nil
+	case "none":
+		return progressNone, nil
+	}
+	return 0, usageErrorf("--progress: want auto, bar, plain or none, got %q", s)
+}
+
+func pull(ctx context.Context, stdout, stderr io.Writer, src fetch.Source, dir string, opts fetch.Options, ref fetch.ImageRef, mode progressKind) error {
+	s, err := fetch.Open(ctx, dir, opts)
+	if err != nil {
+		return err
+	}
+	defer s.Close()
+	start := time.Now()
+	d, err := s.EnsureImage(ctx, src, ref)
+	if err != nil {
+		return err
+	}
+	var p fetch.Progress
+	stop := make(chan struct{})
+	shown := make(chan struct{})
+	go func() {
+		defer close(shown)
+		showProgress(stderr, &p, mode, start, stop)
+	}()
+	st, err := s.EnsureObjects(ctx, src, d, fetch.WithProgress(&p))
+	close(stop)
+	<-shown
+	if err != nil {
+		return err
+	}
+	el := time.Since(start)
+	if mode != progressNone {
+		fmt.Fprintf(stderr, "pulled %s: %d objects (%s), fetched %d (%s) in %s, %s already on the node\n",
+			ref, st.Objects, human(int64(st.Bytes)), st.Fetched, human(int64(st.FetchedBytes)),
+			el.Round(time.Millisecond), human(int64(st.SavedBytes())))
+	}
+	fmt.Fprintln(stdout, d)
+	return nil
+}
+
+func showProgress(w io.Writer, p *fetch.Progress, mode progressKind, start time.Time, stop <-chan struct{}) {
+	if mode == progressNone {
+		<-stop
+		return
+	}
+	every := 5 * time.Second
+	if mode == progressBar {
+		every = 200 * time.Millisecond
+	}
+	t := time.NewTicker(every)
+	defer t.Stop()
+	line := func() string {
+		done, total := p.DoneObjects.Load(), p.Objects.Load()
+		got, want := p.Fetched.Load(), p.FetchBytes.Load()
+		el := time.Since(start).Seconds()
+		rate := float64(got) / max(el, 0.001)
+		eta := "--:--"
+		if rate > 0 && want > got {
+			eta = time.Duration(float64(want-got) / rate * float64(time.Second)).Round(time.Second).String()
+		}
+		return fmt.Sprintf("%d/%d objects  %s/%s  %s/s  ETA %s",
+			done, total, human(got), human(want), human(int64(rate)), eta)
+	}
+	for {
+		select {
+		case <-stop:
+			if mode == progressBar {
+				fmt.Fprintf(w, "\r\033[K%s\n", line())
+			}
+			return
+		case <-t.C:
+			if mode == progressBar {
+				total := max(p.FetchBytes.Load(), 1)
+				const width = 30
+				n := int(min(p.Fetched.Load()*width/total, width))
+				fmt.Fprintf(w, "\r\033[K[%s%s] %s", strings.Repeat("#", n), strings.Repeat(" ", width-n), line())
+			} else {
+				fmt.Fprintln(w, line())
+			}
+		}
+	}
+}
+
+func human(n int64) string {
+	const unit = 1024
+	if n < unit {
+		return fmt.Sprintf("%d B", n)
+	}
+	div, exp := int64(unit), 0
+	for m := n / unit; m >= unit; m /= unit {
+		div *= unit
+		exp++
+	}
+	return fmt.Sprintf("%.1f %ciB", float64(n)/float64(div), "KMGTPE"[exp])
+}
