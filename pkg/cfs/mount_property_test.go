@@ -30,8 +30,9 @@ var propIDs = []uint32{0, 1, 1000, 65534, 65535, 65536, 70000, 1 << 30}
 type propGen struct {
 	t       testing.TB
 	rng     *rand.Rand
-	files   []string // regular files, hardlink candidates
-	created []string // every path below the root, in creation order
+	bytes   *rand.ChaCha8 // file content and xattr values
+	files   []string      // regular files, hardlink candidates
+	created []string      // every path below the root, in creation order
 	entries int
 }
 
@@ -79,9 +80,7 @@ func (g *propGen) dir(dir string, depth int) {
 				size = propSizes[-1-k]
 			}
 			b := make([]byte, size)
-			for i := range b {
-				b[i] = byte(g.rng.Uint32())
-			}
+			g.bytes.Read(b)
 			err = os.WriteFile(p, b, 0o644)
 			g.files = append(g.files, p)
 		case k < 13 && depth < 3:
@@ -151,9 +150,7 @@ func (g *propGen) finish(root string) {
 				ns = append(ns, "user.", "user.")
 			}
 			v := make([]byte, g.rng.IntN(3)*g.rng.IntN(200))
-			for j := range v {
-				v[j] = byte(g.rng.Uint32())
-			}
+			g.bytes.Read(v)
 			key := fmt.Sprintf("%sk%d-%d", ns[g.rng.IntN(len(ns))], i, g.rng.IntN(100))
 			if err := unix.Lsetxattr(p, key, v, 0); err != nil {
 				g.t.Fatalf("setxattr %s %s: %v", p, key, err)
@@ -184,7 +181,9 @@ func TestMountPropertyRandomTrees(t *testing.T) {
 			if err := os.Mkdir(src, 0o755); err != nil {
 				t.Fatal(err)
 			}
-			g := &propGen{t: t, rng: rand.New(rand.NewPCG(seed, 0x636f6d706f7365))}
+			var key [32]byte
+			key[0] = byte(seed)
+			g := &propGen{t: t, rng: rand.New(rand.NewPCG(seed, 0x636f6d706f7365)), bytes: rand.NewChaCha8(key)}
 			g.dir(src, 0)
 			g.finish(src)
 			store := filepath.Join(dir, "objects")

@@ -3,6 +3,7 @@ package cfs
 import (
 	"bufio"
 	"bytes"
+	"encoding/binary"
 	"fmt"
 	"io"
 	"os"
@@ -131,8 +132,10 @@ func TestMountPageCacheSharing(t *testing.T) {
 	}
 	store := filepath.Join(dir, "objects")
 	content := make([]byte, size)
-	for i := range content {
-		content[i] = byte(i*7 + i>>12)
+	block := pattern(4096, 251)
+	for off := 0; off < size; off += len(block) {
+		copy(content[off:], block)
+		binary.LittleEndian.PutUint64(content[off:], uint64(off)) // every block distinct
 	}
 	d := writeObject(t, store, content)
 	object := filepath.Join(store, d.ObjectPath())
