@@ -104,14 +104,16 @@ const (
 // cannot use a detached mount as a layer, unmounted once the overlay holds
 // it), and file-backed unless the kernel needs a loop device.
 func Mount(ctx context.Context, image, target string, opts MountOptions) (MountResult, error) {
-	res, err := mount(ctx, image, target, opts)
+	res, err := mount(ctx, image, target, opts, false)
 	if err != nil {
 		return MountResult{}, fmt.Errorf("mounting composefs image %s on %s: %w", image, target, err)
 	}
 	return res, nil
 }
 
-func mount(ctx context.Context, image, target string, opts MountOptions) (MountResult, error) {
+// mount does Mount; privateDirLayer (for tests) takes the path of kernels
+// that cannot use a detached mount as an overlay layer.
+func mount(ctx context.Context, image, target string, opts MountOptions, privateDirLayer bool) (MountResult, error) {
 	if err := ctx.Err(); err != nil {
 		return MountResult{}, err
 	}
@@ -163,6 +165,8 @@ func mount(ctx context.Context, image, target string, opts MountOptions) (MountR
 		verity: mode == VerityRequire,
 		noexec: opts.NoExec,
 		source: MountSourcePrefix,
+
+		privateDirLayer: privateDirLayer,
 	}
 	if opts.ImageDigest != nil {
 		m.source = MountSourcePrefix + ":" + opts.ImageDigest.String()
@@ -265,7 +269,8 @@ type mounter struct {
 	noexec bool
 	source string
 
-	loopDev string
+	privateDirLayer bool // skip handing overlayfs the detached erofs by fd
+	loopDev         string
 }
 
 // errLegacy sends the mount to the mount(2) path.
@@ -408,7 +413,11 @@ func (m *mounter) newAPIOverlay(er *erofsMount) (MountPath, error) {
 		}
 	}
 	path := MountPathDetached
-	if err := unix.FsconfigSetFd(fsfd, "lowerdir+", er.fd); err != nil {
+	err = errLegacy
+	if !m.privateDirLayer {
+		err = unix.FsconfigSetFd(fsfd, "lowerdir+", er.fd)
+	}
+	if err != nil {
 		// Detached mounts as layers need ≥ 6.15: attach it privately.
 		drainFsLog(fsfd)
 		if err := er.attach(); err != nil {

@@ -564,3 +564,39 @@ func TestMountRejects(t *testing.T) {
 		t.Error("a rejected mount left something mounted")
 	}
 }
+
+// TestMountPrivateDirLayer takes the path of kernels 6.7 to 6.14, which
+// cannot use a detached erofs mount as a layer: the erofs is attached to a
+// private temporary directory until the overlay holds it.
+func TestMountPrivateDirLayer(t *testing.T) {
+	requireRoot(t)
+	tmp := t.TempDir()
+	t.Setenv("TMPDIR", tmp)
+	store := goldenStore(t)
+	want := modelFromNode(t, mountDumpFile(t, filepath.Join(goldenDir(t), "basic.dump")), store)
+	target := filepath.Join(t.TempDir(), "mnt")
+	if err := os.Mkdir(target, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	res, err := mount(context.Background(), filepath.Join(goldenDir(t), "basic.cfs"), target, MountOptions{ObjectDirs: []string{store}}, true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	cleanupMount(t, target)
+	if res.Path != MountPathPrivateDir {
+		t.Errorf("path %q, want %q", res.Path, MountPathPrivateDir)
+	}
+	compareMount(t, want, target)
+	if ents, _ := os.ReadDir(tmp); len(ents) != 0 {
+		t.Errorf("the private erofs directory was left behind: %v", ents)
+	}
+	all, err := ReadMountInfo()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, m := range all {
+		if m.FSType == "erofs" && strings.HasPrefix(m.MountPoint, tmp) {
+			t.Errorf("erofs mount left visible: %+v", m)
+		}
+	}
+}
