@@ -23,12 +23,14 @@ type buildFlags struct {
 	skipXattrs      bool
 	userXattrs      bool
 	threads         int
+	repo            string
+	name            string
 }
 
 func newImageBuildCmd() *cobra.Command {
 	var f buildFlags
 	cmd := &cobra.Command{
-		Use:   "build [flags] SRC OUT.cfs",
+		Use:   "build [flags] SRC OUT.cfs | build --repo REPO --name NAME SRC",
 		Short: "Build a composefs image from a directory or a dumpfile, like mkcomposefs",
 		Long: `Build a composefs image from the directory SRC (or, with --from-file, from the
 composefs dumpfile SRC; "-" reads standard input) and write it to OUT.cfs
@@ -39,7 +41,8 @@ From a directory, files of 1..64 bytes are stored inline and larger files
 are referenced by their fs-verity digest; --digest-store copies them into an
 object store laid out as xx/yyyy… (the layout volumes are served from).`,
 		Example: `  csi-composefs image build --digest-store objects --print-digest rootfs/ app.cfs
-  csi-composefs image build --from-file --print-digest app.dump app.cfs`,
+  csi-composefs image build --from-file --print-digest app.dump app.cfs
+  csi-composefs image build --repo /srv/repo --name app-1.2.cfs rootfs/   # publish to an HTTP repository`,
 	}
 	fl := cmd.Flags()
 	fl.StringVar(&f.digestStore, "digest-store", "", "copy external files into this object store (directory input only)")
@@ -53,8 +56,13 @@ object store laid out as xx/yyyy… (the layout volumes are served from).`,
 	fl.BoolVar(&f.skipXattrs, "skip-xattrs", false, "leave out all xattrs (directory input)")
 	fl.BoolVar(&f.userXattrs, "user-xattrs", false, "keep only user.* xattrs (directory input)")
 	fl.IntVar(&f.threads, "threads", 0, "files hashed in parallel (default: one per CPU); the output does not depend on it")
+	fl.StringVar(&f.repo, "repo", "", "publish into this HTTP repository directory (REPO/images/NAME and REPO/objects/); takes SRC only and prints the digest")
+	fl.StringVar(&f.name, "name", "", "image name in the repository, with --repo (for example app-1.2.cfs)")
 	// With --print-digest-only the output argument is optional.
 	cmd.Args = func(cmd *cobra.Command, args []string) error {
+		if f.repo != "" {
+			return exactArgs(1)(cmd, args)
+		}
 		if f.printDigestOnly {
 			return rangeArgs(1, 2)(cmd, args)
 		}
@@ -82,6 +90,12 @@ func (f buildFlags) validate(out string) error {
 	if f.skipXattrs && f.userXattrs {
 		return usageErrorf("--skip-xattrs and --user-xattrs exclude each other")
 	}
+	if (f.repo == "") != (f.name == "") {
+		return usageErrorf("--repo and --name go together")
+	}
+	if f.repo != "" && (f.fromFile || f.digestStore != "" || f.printDigestOnly) {
+		return usageErrorf("--repo publishes a directory; it does not combine with --from-file, --digest-store or --print-digest-only")
+	}
 	if out == "-" && f.printDigest {
 		return usageErrorf("--print-digest with OUT '-' would mix the digest into the image on standard output; write to a file or use --print-digest-only")
 	}
@@ -93,6 +107,19 @@ func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
 		return err
 	}
 	ctx := cmd.Context()
+	opts := cfs.WriteOptions{MinVersion: f.minVersion, MaxVersion: f.maxVersion}
+	dirOpts := cfs.DirOptions{
+		DigestStore: f.digestStore, UseEpoch: f.useEpoch, SkipDevices: f.skipDevices,
+		SkipXattrs: f.skipXattrs, UserXattrs: f.userXattrs, Threads: f.threads,
+	}
+	if f.repo != "" {
+		d, err := buildIntoRepo(ctx, src, f.repo, f.name, dirOpts, opts)
+		if err != nil {
+			return err
+		}
+		fmt.Fprintln(cmd.OutOrStdout(), d)
+		return nil
+	}
 	var root *cfs.Node
 	var err error
 	if f.fromFile {
@@ -110,15 +137,11 @@ func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
 			return fmt.Errorf("%s: %w", src, err)
 		}
 	} else {
-		root, err = cfs.BuildFromDir(ctx, src, cfs.DirOptions{
-			DigestStore: f.digestStore, UseEpoch: f.useEpoch, SkipDevices: f.skipDevices,
-			SkipXattrs: f.skipXattrs, UserXattrs: f.userXattrs, Threads: f.threads,
-		})
+		root, err = cfs.BuildFromDir(ctx, src, dirOpts)
 		if err != nil {
 			return err
 		}
 	}
-	opts := cfs.WriteOptions{MinVersion: f.minVersion, MaxVersion: f.maxVersion}
 	var digest cfs.Digest
 	switch {
 	case f.printDigestOnly || out == "":

@@ -124,3 +124,31 @@ func TestImageBuildErrors(t *testing.T) {
 		t.Errorf("a failed build left %s behind", out)
 	}
 }
+
+func TestImageBuildIntoRepo(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "big"), bytes.Repeat([]byte("y"), 9000), 0o644)
+	repo := t.TempDir()
+	code, stdout, stderr := runCmd(t, "image", "build", "--repo", repo, "--name", "app-1.cfs", src)
+	if code != exitOK {
+		t.Fatalf("exit %d: %s", code, stderr)
+	}
+	digest := strings.TrimSpace(stdout)
+	code, out, _ := runCmd(t, "image", "digest", filepath.Join(repo, "images", "app-1.cfs"))
+	if code != exitOK || !strings.HasPrefix(out, "sha256:"+digest) {
+		t.Errorf("published image digest %q, build printed %q", out, digest)
+	}
+	if objs, _ := filepath.Glob(filepath.Join(repo, "objects", "*", "*")); len(objs) != 1 {
+		t.Errorf("repository objects %v, want 1", objs)
+	}
+	for _, args := range [][]string{
+		{"image", "build", "--repo", repo, src},
+		{"image", "build", "--repo", repo, "--name", "x", src, "extra"},
+		{"image", "build", "--repo", repo, "--name", "x", "--from-file", src},
+		{"image", "build", "--repo", repo, "--name", "../escape", src},
+	} {
+		if code, _, _ := runCmd(t, args...); code != exitUsage {
+			t.Errorf("%q: exit %d, want %d", args, code, exitUsage)
+		}
+	}
+}
