@@ -1,0 +1,455 @@
+package driver
+
+import (
+	"crypto/sha256"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/base64"
+	"encoding/hex"
+	"encoding/json"
+	"fmt"
+	"net"
+	"net/http"
+	"net/url"
+	"path"
+	"sort"
+	"strings"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+)
+
+// Volume attributes (PV volumeAttributes, inline csi.volumeAttributes).
+const (
+	AttrRepository = "repository" // base URL of an HTTP repository
+	AttrImage      = "image"      // image name in the repository
+	AttrDigest     = "digest"     // expected fs-verity digest of the image (hex)
+	AttrPullPolicy = "pullPolicy" // IfNotPresent (default), Always, Never
+	AttrVerity     = "verity"     // require, userspace, off
+
+	// kubeletPrefix marks the keys kubelet adds with podInfoOnMount.
+	kubeletPrefix = "csi.storage.k8s.io/"
+	attrPodName   = kubeletPrefix + "pod.name"
+	attrPodNS     = kubeletPrefix + "pod.namespace"
+	attrPodUID    = kubeletPrefix + "pod.uid"
+	attrEphemeral = kubeletPrefix + "ephemeral"
+
+	// maxContextBytes is the CSI limit of a map<string,string> field.
+	maxContextBytes = 4096
+)
+
+// Keys of the nodePublishSecretRef secret.
+const (
+	SecretUsername     = "username"
+	SecretPassword     = "password"
+	SecretToken        = "token"
+	SecretCA           = "ca.crt"
+	SecretDockerConfig = ".dockerconfigjson"
+)
+
+// PullPolicy says when the image is fetched from the source.
+type PullPolicy string
+
+const (
+	// PullIfNotPresent uses an image the node has (by digest, or by a name
+	// it resolved before) and fetches it otherwise.
+	PullIfNotPresent PullPolicy = "IfNotPresent"
+	// PullAlways re-fetches the image by name on every publish; objects
+	// the node has are still not fetched again.
+	PullAlways PullPolicy = "Always"
+	// PullNever uses only what the node has.
+	PullNever PullPolicy = "Never"
+)
+
+// SourceKind names the kind of source a volume reads from.
+type SourceKind string
+
+// SourceHTTP is an HTTP repository (BASE/images/NAME, BASE/objects/xx/…).
+const SourceHTTP SourceKind = "http"
+
+// SourceSpec says where a volume's image comes from. URL is canonical: it
+// is what the allow-list is matched against and what keys shared fetches.
+type SourceSpec struct {
+	Kind SourceKind
+	URL  string
+}
+
+// PodInfo is what kubelet tells about the pod (podInfoOnMount).
+type PodInfo struct {
+	Name, Namespace, UID string
+	Ephemeral            bool
+}
+
+// VolumeSpec is a parsed, validated volume context.
+type VolumeSpec struct {
+	Source     SourceSpec
+	Ref        fetch.ImageRef
+	PullPolicy PullPolicy
+	// Verity is the mode the attribute asks for; "" lets the node decide.
+	Verity cfs.VerityMode
+	Pod    PodInfo
+}
+
+// Key identifies what the volume shows: the same key at a target means
+// the same content is (or will be) mounted there.
+func (s VolumeSpec) Key() string {
+	return string(s.Source.Kind) + " " + s.Source.URL + " " + s.Ref.String()
+}
+
+// Credentials come from the nodePublishSecretRef secret. They are never
+// logged, nor put in errors.
+type Credentials struct {
+	Username, Password string
+	Token              string
+	CA                 []byte // PEM
+	DockerConfig       []byte // .dockerconfigjson
+}
+
+// empty reports whether no credential is set.
+func (c Credentials) empty() bool {
+	return c.Username == "" && c.Password == "" && c.Token == "" && len(c.CA) == 0 && len(c.DockerConfig) == 0
+}
+
+// fingerprint is a hash of the credentials, to key cached sources
+// without keeping the secrets themselves as keys.
+func (c Credentials) fingerprint() string {
+	if c.empty() {
+		return ""
+	}
+	h := sha256.New()
+	for _, s := range [][]byte{[]byte(c.Username), []byte(c.Password), []byte(c.Token), c.CA, c.DockerConfig} {
+		fmt.Fprintf(h, "%d:", len(s))
+		h.Write(s)
+	}
+	return hex.EncodeToString(h.Sum(nil))
+}
+
+// invalidArg is an InvalidArgument status naming the field.
+func invalidArg(field, format string, args ...any) error {
+	return status.Errorf(codes.InvalidArgument, "%s: %s", field, fmt.Sprintf(format, args...))
+}
+
+// ParseVolumeContext validates the volume context and returns the volume
+// it describes. Errors are InvalidArgument statuses naming the key; values
+// are quoted only where they cannot carry a credential.
+func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
+	var spec VolumeSpec
+	total := 0
+	for k, v := range vc {
+		total += len(k) + len(v)
+	}
+	if total > maxContextBytes {
+		return spec, invalidArg("volume_context", "%d bytes, more than the %d bytes CSI allows", total, maxContextBytes)
+	}
+	keys := make([]string, 0, len(vc))
+	for k := range vc {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // report the same unknown key every time
+	for _, k := range keys {
+		switch k {
+		case AttrRepository, AttrImage, AttrDigest, AttrPullPolicy, AttrVerity:
+		default:
+			if !strings.HasPrefix(k, kubeletPrefix) {
+				return spec, invalidArg("volume_context", "unknown key %q (known: %s, %s, %s, %s, %s)",
+					k, AttrRepository, AttrImage, AttrDigest, AttrPullPolicy, AttrVerity)
+			}
+		}
+	}
+	src, err := parseSource(vc)
+	if err != nil {
+		return spec, err
+	}
+	spec.Source = src
+
+	if d := vc[AttrDigest]; d != "" {
+		d = strings.TrimPrefix(d, "sha256:")
+		dg, err := cfs.ParseDigest(d)
+		if err != nil {
+			return spec, invalidArg(AttrDigest, "want %d hex characters (the image's fs-verity digest)", 2*cfs.DigestSize)
+		}
+		spec.Ref.Digest = dg
+	}
+	if name, ok := vc[AttrImage]; ok {
+		if err := fetch.ValidImageName(name); err != nil {
+			return spec, invalidArg(AttrImage, "%v", err)
+		}
+		spec.Ref.Name = name
+	}
+	if spec.Ref.Name == "" && spec.Ref.Digest.IsZero() {
+		return spec, invalidArg(AttrImage, "%s or %s is required", AttrImage, AttrDigest)
+	}
+
+	switch p := PullPolicy(vc[AttrPullPolicy]); p {
+	case "":
+		spec.PullPolicy = PullIfNotPresent
+	case PullIfNotPresent, PullAlways, PullNever:
+		spec.PullPolicy = p
+	default:
+		return spec, invalidArg(AttrPullPolicy, "%q: want %s, %s or %s", vc[AttrPullPolicy], PullIfNotPresent, PullAlways, PullNever)
+	}
+	if spec.PullPolicy == PullNever && spec.Ref.Digest.IsZero() && spec.Ref.Name == "" {
+		return spec, invalidArg(AttrDigest, "required with %s=%s", AttrPullPolicy, PullNever)
+	}
+
+	if v, ok := vc[AttrVerity]; ok {
+		m, err := cfs.ParseVerityMode(v)
+		if err != nil || v == "" {
+			return spec, invalidArg(AttrVerity, "%q: want require, userspace or off", v)
+		}
+		spec.Verity = m
+	}
+	if spec.Verity == cfs.VerityRequire && spec.Ref.Digest.IsZero() {
+		return spec, invalidArg(AttrDigest, "required with %s=require (the kernel checks the image against it)", AttrVerity)
+	}
+
+	spec.Pod = PodInfo{
+		Name:      vc[attrPodName],
+		Namespace: vc[attrPodNS],
+		UID:       vc[attrPodUID],
+		Ephemeral: vc[attrEphemeral] == "true",
+	}
+	return spec, nil
+}
+
+// parseSource picks the source kind from the attributes. It is the one
+// place that knows which attributes name a source: an OCI form adds a case
+// here and a constructor in newSource, and no publish code changes.
+func parseSource(vc map[string]string) (SourceSpec, error) {
+	repo, ok := vc[AttrRepository]
+	if !ok || repo == "" {
+		return SourceSpec{}, invalidArg(AttrRepository, "required (the base URL of the HTTP repository)")
+	}
+	u, err := canonicalHTTPURL(repo)
+	if err != nil {
+		return SourceSpec{}, invalidArg(AttrRepository, "%v", err)
+	}
+	return SourceSpec{Kind: SourceHTTP, URL: u}, nil
+}
+
+// canonicalHTTPURL checks an HTTP repository URL and returns it with a
+// lower-case scheme and host, a clean path and no trailing slash.
+func canonicalHTTPURL(raw string) (string, error) {
+	u, err := url.Parse(raw)
+	if err != nil {
+		return "", fmt.Errorf("not a URL")
+	}
+	scheme := strings.ToLower(u.Scheme)
+	if scheme != "http" && scheme != "https" {
+		return "", fmt.Errorf("scheme must be http or https")
+	}
+	if u.User != nil {
+		return "", fmt.Errorf("credentials in the URL are not allowed; use nodePublishSecretRef")
+	}
+	if u.Host == "" {
+		return "", fmt.Errorf("no host")
+	}
+	if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
+		return "", fmt.Errorf("query and fragment are not allowed")
+	}
+	p := u.EscapedPath()
+	if p != "" {
+		p = path.Clean("/" + p)
+	}
+	p = strings.TrimSuffix(p, "/")
+	return scheme + "://" + strings.ToLower(u.Host) + p, nil
+}
+
+// ParseSecrets reads the nodePublishSecretRef secret. Errors name the key,
+// never the value.
+func ParseSecrets(secrets map[string]string) (Credentials, error) {
+	var c Credentials
+	keys := make([]string, 0, len(secrets))
+	for k := range secrets {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		v := secrets[k]
+		switch k {
+		case SecretUsername:
+			c.Username = v
+		case SecretPassword:
+			c.Password = v
+		case SecretToken:
+			c.Token = strings.TrimSpace(v)
+		case SecretCA:
+			c.CA = []byte(v)
+			if !x509.NewCertPool().AppendCertsFromPEM(c.CA) {
+				return c, invalidArg("secrets", "key %q: no PEM certificate found", k)
+			}
+		case SecretDockerConfig:
+			c.DockerConfig = []byte(v)
+			var dc dockerConfig
+			if err := json.Unmarshal(c.DockerConfig, &dc); err != nil {
+				return c, invalidArg("secrets", "key %q: not a docker config JSON", k)
+			}
+		default:
+			return c, invalidArg("secrets", "unknown key %q (known: %s, %s, %s, %s, %s)",
+				k, SecretUsername, SecretPassword, SecretToken, SecretCA, SecretDockerConfig)
+		}
+	}
+	if c.Password != "" && c.Username == "" {
+		return c, invalidArg("secrets", "key %q given without %q", SecretPassword, SecretUsername)
+	}
+	return c, nil
+}
+
+// AllowList holds the URL prefixes sources must start with.
+type AllowList []string
+
+// ParseAllowList splits a comma-separated list of URL prefixes.
+func ParseAllowList(s string) (AllowList, error) {
+	var out AllowList
+	for _, p := range strings.Split(s, ",") {
+		p = strings.TrimSpace(p)
+		if p == "" {
+			continue
+		}
+		u, err := url.Parse(p)
+		if err != nil || u.Scheme == "" || u.Host == "" {
+			return nil, fmt.Errorf("allowed source %q: want a URL prefix such as https://repo.example.com/", p)
+		}
+		out = append(out, strings.ToLower(u.Scheme)+"://"+strings.ToLower(u.Host)+u.EscapedPath())
+	}
+	return out, nil
+}
+
+// Allows reports whether the source may be used. An empty list allows all.
+// A prefix matches whole path elements: https://h/team/ allows
+// https://h/team/app but not https://h/teamx.
+func (a AllowList) Allows(src SourceSpec) bool {
+	if len(a) == 0 {
+		return true
+	}
+	u := src.URL + "/"
+	for _, p := range a {
+		if !strings.HasSuffix(p, "/") {
+			p += "/"
+		}
+		if strings.HasPrefix(u, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// SourceFactory makes the fetch.Source a volume reads from.
+type SourceFactory func(spec SourceSpec, creds Credentials) (fetch.Source, error)
+
+// NewSource is the production SourceFactory.
+func NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
+	switch spec.Kind {
+	case SourceHTTP:
+		return newHTTPSource(spec.URL, creds)
+	}
+	return nil, status.Errorf(codes.InvalidArgument, "source kind %q is not supported", spec.Kind)
+}
+
+func newHTTPSource(base string, creds Credentials) (fetch.Source, error) {
+	opts := fetch.HTTPOptions{Username: creds.Username, Password: creds.Password, BearerToken: creds.Token}
+	if opts.Username == "" && opts.BearerToken == "" && len(creds.DockerConfig) > 0 {
+		u, _ := url.Parse(base)
+		user, pass, ok := dockerConfigAuth(creds.DockerConfig, u.Host)
+		if ok {
+			opts.Username, opts.Password = user, pass
+		}
+	}
+	if len(creds.CA) > 0 {
+		t, err := transportWithCA(creds.CA)
+		if err != nil {
+			return nil, err
+		}
+		opts.Transport = t
+	}
+	src, err := fetch.NewHTTPSource(base, opts)
+	if err != nil {
+		return nil, invalidArg(AttrRepository, "%v", err)
+	}
+	return src, nil
+}
+
+// transportWithCA is an HTTPS transport trusting the system roots plus ca.
+func transportWithCA(ca []byte) (http.RoundTripper, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if !roots.AppendCertsFromPEM(ca) {
+		return nil, invalidArg("secrets", "key %q: no PEM certificate found", SecretCA)
+	}
+	return &http.Transport{
+		Proxy:                 http.ProxyFromEnvironment,
+		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2:     true,
+		MaxIdleConnsPerHost:   64,
+		MaxConnsPerHost:       64,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: 30 * time.Second,
+	}, nil
+}
+
+type dockerConfig struct {
+	Auths map[string]struct {
+		Auth     string `json:"auth"`
+		Username string `json:"username"`
+		Password string `json:"password"`
+	} `json:"auths"`
+}
+
+// dockerConfigAuth finds the credentials a .dockerconfigjson holds for
+// host (entries may be a bare host or a URL).
+func dockerConfigAuth(raw []byte, host string) (user, pass string, ok bool) {
+	var dc dockerConfig
+	if json.Unmarshal(raw, &dc) != nil {
+		return "", "", false
+	}
+	for k, e := range dc.Auths {
+		h := k
+		if u, err := url.Parse(k); err == nil && u.Host != "" {
+			h = u.Host
+		}
+		if !strings.EqualFold(h, host) {
+			continue
+		}
+		if e.Username != "" {
+			return e.Username, e.Password, true
+		}
+		b, err := base64.StdEncoding.DecodeString(e.Auth)
+		if err != nil {
+			return "", "", false
+		}
+		user, pass, ok = strings.Cut(string(b), ":")
+		return user, pass, ok
+	}
+	return "", "", false
+}
+
+// verityRank orders verity modes from weakest to strongest.
+func verityRank(m cfs.VerityMode) int {
+	switch m {
+	case cfs.VerityRequire:
+		return 2
+	case cfs.VerityUserspace:
+		return 1
+	}
+	return 0
+}
+
+// effectiveVerity is the mode a volume gets: what it asks for (userspace
+// when it does not say), raised to the node's floor.
+func effectiveVerity(asked, floor cfs.VerityMode) cfs.VerityMode {
+	if asked == "" {
+		asked = cfs.VerityUserspace
+	}
+	if verityRank(floor) > verityRank(asked) {
+		return floor
+	}
+	return asked
+}

@@ -1,0 +1,374 @@
+// Package driver implements the CSI Identity and Node services of
+// csi-composefs: it publishes composefs images fetched into the node store
+// (pkg/fetch) as read-only erofs+overlayfs mounts (pkg/cfs) at the target
+// paths kubelet asks for.
+package driver
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+)
+
+// DefaultDriverName is the CSI plugin name unless --driver-name says
+// otherwise.
+const DefaultDriverName = "composefs.csi.dev"
+
+// Store is what the driver needs of the node store (*fetch.Store).
+type Store interface {
+	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef) (cfs.Digest, error)
+	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
+	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
+	HasImage(d cfs.Digest) bool
+	ImagePath(d cfs.Digest) string
+	ObjectsDir() string
+	Pin(image cfs.Digest)
+	Unpin(image cfs.Digest)
+	GC(ctx context.Context) (fetch.GCStats, error)
+	VerityEnabled() bool
+	Counters() fetch.Counters
+	Root() string
+}
+
+var _ Store = (*fetch.Store)(nil)
+
+// Mounter mounts and finds composefs mounts (KernelMounter in production).
+type Mounter interface {
+	Mount(ctx context.Context, image, target string, opts cfs.MountOptions) (cfs.MountResult, error)
+	// Unmount unmounts target; nothing mounted is not an error.
+	Unmount(target string) error
+	// MountAt returns the topmost mount at target.
+	MountAt(target string) (cfs.MountInfo, bool, error)
+	// ComposefsMounts lists the composefs mounts of the namespace.
+	ComposefsMounts() ([]cfs.MountInfo, error)
+}
+
+// KernelMounter is the Mounter of pkg/cfs.
+type KernelMounter struct{}
+
+// Mount calls cfs.Mount.
+func (KernelMounter) Mount(ctx context.Context, image, target string, opts cfs.MountOptions) (cfs.MountResult, error) {
+	return cfs.Mount(ctx, image, target, opts)
+}
+
+// Unmount unmounts target, lazily when it is busy (a process still holds
+// a file: the mount goes away when it closes it).
+func (KernelMounter) Unmount(target string) error {
+	err := cfs.Unmount(target, false)
+	if err != nil && errors.Is(err, unix.EBUSY) {
+		return cfs.Unmount(target, true)
+	}
+	return err
+}
+
+// MountAt calls cfs.IsMounted.
+func (KernelMounter) MountAt(target string) (cfs.MountInfo, bool, error) {
+	return cfs.IsMounted(target)
+}
+
+// ComposefsMounts calls cfs.ComposefsMounts.
+func (KernelMounter) ComposefsMounts() ([]cfs.MountInfo, error) { return cfs.ComposefsMounts() }
+
+// Config is the driver's configuration (the serve flags).
+type Config struct {
+	DriverName string // default DefaultDriverName
+	Version    string
+	NodeID     string
+	// AllowedSources: sources must start with one of these URL prefixes;
+	// empty allows every source.
+	AllowedSources AllowList
+	// MinVerity is the node's floor: a volume cannot ask for less.
+	MinVerity cfs.VerityMode
+	// ExtraObjectDirs are mounted as further data-only layers, after the
+	// store's objects (the store must be opened with the same list).
+	ExtraObjectDirs []string
+	// StateDir holds the per-target records; default STORE/csi-state.
+	StateDir string
+	// GCInterval is how often the store is garbage collected once the
+	// state is recovered; 0 means never (tests), negative means 10m.
+	GCInterval time.Duration
+	// WaitMargin is how long before the caller's deadline a publish stops
+	// waiting for a fetch and answers Aborted; 0 means 2s.
+	WaitMargin time.Duration
+}
+
+// Driver is the CSI Identity and Node server.
+type Driver struct {
+	csi.UnimplementedIdentityServer
+	csi.UnimplementedNodeServer
+
+	cfg       Config
+	store     Store
+	mounter   Mounter
+	newSource SourceFactory
+	now       func() time.Time
+	metrics   *Metrics
+
+	state *stateStore
+	locks *targetLocks
+	ops   *fetchOps
+	ready atomic.Bool
+
+	mu       sync.Mutex
+	pinned   map[string]cfs.Digest  // target → image it pins
+	names    map[string]cfs.Digest  // source+name → digest last resolved
+	complete map[cfs.Digest]bool    // images whose objects were all ensured
+	checked  map[cfs.Digest]bool    // images whose file digest was checked
+	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
+	sources  map[string]fetch.Source
+
+	ctx    context.Context // lives as long as the driver: background fetches
+	cancel context.CancelFunc
+	wg     sync.WaitGroup
+}
+
+type imgRef struct{ stats cfs.ImageStats }
+
+// Option tunes New.
+type Option func(*Driver)
+
+// WithSourceFactory replaces NewSource (tests).
+func WithSourceFactory(f SourceFactory) Option { return func(d *Driver) { d.newSource = f } }
+
+// WithMounter replaces KernelMounter (tests).
+func WithMounter(m Mounter) Option { return func(d *Driver) { d.mounter = m } }
+
+// WithClock replaces time.Now.
+func WithClock(now func() time.Time) Option { return func(d *Driver) { d.now = now } }
+
+// WithMetrics makes the driver report to m.
+func WithMetrics(m *Metrics) Option { return func(d *Driver) { d.metrics = m } }
+
+// New makes a driver over an opened store. Call Recover before serving
+// requests that change anything; Probe answers not ready until then.
+func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
+	if cfg.DriverName == "" {
+		cfg.DriverName = DefaultDriverName
+	}
+	if cfg.NodeID == "" {
+		h, err := os.Hostname()
+		if err != nil {
+			return nil, fmt.Errorf("node id: %w", err)
+		}
+		cfg.NodeID = h
+	}
+	if cfg.MinVerity == "" {
+		cfg.MinVerity = cfs.VerityOff
+	}
+	if cfg.StateDir == "" {
+		cfg.StateDir = filepath.Join(store.Root(), "csi-state")
+	}
+	if cfg.GCInterval < 0 {
+		cfg.GCInterval = 10 * time.Minute
+	}
+	if cfg.WaitMargin <= 0 {
+		cfg.WaitMargin = 2 * time.Second
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	d := &Driver{
+		cfg:       cfg,
+		store:     store,
+		mounter:   KernelMounter{},
+		newSource: NewSource,
+		now:       time.Now,
+		locks:     newTargetLocks(),
+		ops:       newFetchOps(),
+		pinned:    make(map[string]cfs.Digest),
+		names:     make(map[string]cfs.Digest),
+		complete:  make(map[cfs.Digest]bool),
+		checked:   make(map[cfs.Digest]bool),
+		infos:     make(map[cfs.Digest]*imgRef),
+		sources:   make(map[string]fetch.Source),
+		ctx:       ctx,
+		cancel:    cancel,
+	}
+	for _, o := range opts {
+		o(d)
+	}
+	if d.metrics == nil {
+		d.metrics = NewMetrics(nil)
+	}
+	d.metrics.attach(d)
+	return d, nil
+}
+
+// Config returns the configuration in effect (defaults filled in).
+func (d *Driver) Config() Config { return d.cfg }
+
+// Ready reports whether the state has been recovered.
+func (d *Driver) Ready() bool { return d.ready.Load() }
+
+// Recover loads the per-target state and reconciles it with the mount
+// table: a record whose mount is still there (kernel mounts outlive the
+// plugin) pins its image again; a record whose mount is gone (node
+// reboot, manual unmount) is dropped. Pins are restored before the first
+// GC can run. It then starts the periodic GC and marks the driver ready.
+func (d *Driver) Recover(ctx context.Context) error {
+	log := klog.FromContext(ctx)
+	st, bad, err := openState(d.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	for _, e := range bad {
+		log.Error(e, "Ignoring unreadable volume record")
+	}
+	d.state = st
+	mounts, err := d.mounter.ComposefsMounts()
+	if err != nil {
+		return fmt.Errorf("recovering state: %w", err)
+	}
+	byPath := make(map[string]cfs.MountInfo, len(mounts))
+	for _, m := range mounts {
+		byPath[m.MountPoint] = m
+	}
+	kept, dropped := 0, 0
+	for _, r := range st.all() {
+		dg, _ := r.digest()
+		path := r.Target
+		if p, err := filepath.EvalSymlinks(r.Target); err == nil {
+			path = p
+		}
+		m, ok := byPath[path]
+		if md, hasDigest := m.ImageDigest(); ok && (!hasDigest || md == dg) {
+			d.pin(r.Target, dg)
+			d.mu.Lock()
+			if r.Name != "" {
+				d.names[r.Source+" "+r.Name] = dg
+			}
+			d.mu.Unlock()
+			kept++
+			log.V(2).Info("Volume recovered", "target", r.Target, "volumeID", r.VolumeID, "image", r.Image)
+			continue
+		}
+		log.Info("Volume no longer mounted; forgetting it", "target", r.Target, "volumeID", r.VolumeID, "image", r.Image)
+		if err := st.remove(r.Target); err != nil {
+			return fmt.Errorf("recovering state: %w", err)
+		}
+		dropped++
+	}
+	log.Info("Driver state recovered", "volumes", kept, "dropped", dropped, "composefsMounts", len(mounts))
+	d.metrics.setVolumes(st.len())
+	d.ready.Store(true)
+	if d.cfg.GCInterval > 0 {
+		d.wg.Add(1)
+		go func() {
+			defer d.wg.Done()
+			d.gcLoop(klog.NewContext(d.ctx, log))
+		}()
+	}
+	return nil
+}
+
+// Close stops background work (fetches in flight are cancelled; their
+// partial downloads are cleared when the store is opened next).
+func (d *Driver) Close() {
+	d.cancel()
+	d.wg.Wait()
+}
+
+func (d *Driver) gcLoop(ctx context.Context) {
+	t := time.NewTicker(d.cfg.GCInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if _, err := d.RunGC(ctx); err != nil && ctx.Err() == nil {
+				klog.FromContext(ctx).Error(err, "Store GC failed")
+			}
+		}
+	}
+}
+
+// RunGC garbage collects the store. Images of published volumes are
+// pinned and keep their objects; others may lose theirs, so they must be
+// checked again at their next publish.
+func (d *Driver) RunGC(ctx context.Context) (fetch.GCStats, error) {
+	if !d.ready.Load() {
+		return fetch.GCStats{}, errors.New("store GC: driver state not recovered yet")
+	}
+	st, err := d.store.GC(ctx)
+	d.mu.Lock()
+	pinned := make(map[cfs.Digest]bool, len(d.pinned))
+	for _, dg := range d.pinned {
+		pinned[dg] = true
+	}
+	for dg := range d.complete {
+		if !pinned[dg] {
+			delete(d.complete, dg)
+		}
+	}
+	d.mu.Unlock()
+	d.metrics.observeGC(st, err)
+	if err != nil {
+		return st, fmt.Errorf("store GC: %w", err)
+	}
+	klog.FromContext(ctx).V(2).Info("Store GC done", "imagesRemoved", st.ImagesRemoved,
+		"objectsRemoved", st.ObjectsRemoved, "bytesFreed", st.BytesFreed, "bytesInUse", st.BytesInUse)
+	return st, nil
+}
+
+// pin pins dg for target (once per target).
+func (d *Driver) pin(target string, dg cfs.Digest) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if old, ok := d.pinned[target]; ok {
+		if old == dg {
+			return
+		}
+		d.store.Unpin(old)
+	}
+	d.pinned[target] = dg
+	d.store.Pin(dg)
+}
+
+// unpin releases target's pin, if it has one.
+func (d *Driver) unpin(target string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if dg, ok := d.pinned[target]; ok {
+		delete(d.pinned, target)
+		d.store.Unpin(dg)
+	}
+}
+
+// source returns a (cached) source for spec and creds, so that volumes of
+// one repository share connections.
+func (d *Driver) source(spec SourceSpec, creds Credentials) (fetch.Source, error) {
+	key := string(spec.Kind) + " " + spec.URL + " " + creds.fingerprint()
+	d.mu.Lock()
+	src, ok := d.sources[key]
+	d.mu.Unlock()
+	if ok {
+		return src, nil
+	}
+	src, err := d.newSource(spec, creds)
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.sources) >= 256 { // bound the cache; sources are cheap to make
+		for k, s := range d.sources {
+			if c, ok := s.(interface{ CloseIdleConnections() }); ok {
+				c.CloseIdleConnections()
+			}
+			delete(d.sources, k)
+		}
+	}
+	d.sources[key] = src
+	return src, nil
+}

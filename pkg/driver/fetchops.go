@@ -1,0 +1,179 @@
+package driver
+
+import (
+	"context"
+	"fmt"
+	"io"
+	"sync"
+	"time"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+)
+
+// fetchOps runs at most one fetch per key (the volume's content and pull
+// policy). A fetch runs under the driver's context, not the caller's: when
+// kubelet's deadline comes first the caller answers Aborted and the fetch
+// goes on; kubelet's retry joins it or finds it done.
+type fetchOps struct {
+	mu sync.Mutex
+	m  map[string]*fetchOp
+}
+
+type fetchOp struct {
+	key      string
+	started  time.Time
+	progress fetch.Progress
+	done     chan struct{}
+	digest   cfs.Digest
+	stats    fetch.Stats
+	err      error
+}
+
+func newFetchOps() *fetchOps { return &fetchOps{m: make(map[string]*fetchOp)} }
+
+// inFlight returns how many fetches run.
+func (g *fetchOps) inFlight() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	return len(g.m)
+}
+
+// join returns the fetch running for key, or starts one with run. The
+// result stays available to every holder of the op; the op leaves the
+// map when run returns, so a later call starts afresh (and finds the
+// work done).
+func (g *fetchOps) join(key string, now time.Time, start func(op *fetchOp)) (*fetchOp, bool) {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	if op, ok := g.m[key]; ok {
+		return op, false
+	}
+	op := &fetchOp{key: key, started: now, done: make(chan struct{})}
+	g.m[key] = op
+	start(op)
+	return op, true
+}
+
+func (g *fetchOps) finish(op *fetchOp) {
+	g.mu.Lock()
+	if g.m[op.key] == op {
+		delete(g.m, op.key)
+	}
+	g.mu.Unlock()
+	close(op.done)
+}
+
+// ensure makes sure the image of spec and all its objects are in the
+// store and returns its digest. It waits for the fetch until shortly
+// before ctx's deadline; if the fetch is still running then, it answers
+// Aborted (non-final: kubelet retries) and the fetch goes on.
+func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source) (cfs.Digest, error) {
+	key := spec.Key() + " " + string(spec.PullPolicy)
+	log := klog.FromContext(ctx)
+	op, started := d.ops.join(key, d.now(), func(op *fetchOp) {
+		d.wg.Add(1)
+		// The fetch keeps the caller's logger but not its deadline.
+		fctx := klog.NewContext(d.ctx, log)
+		go func() {
+			defer d.wg.Done()
+			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, &op.progress)
+			d.metrics.observeFetch(op.stats, op.err)
+			if op.err != nil && fctx.Err() == nil {
+				log.Error(op.err, "Fetch failed", "source", spec.Source.URL, "image", spec.Ref.String())
+			}
+			d.ops.finish(op)
+		}()
+	})
+	if !started {
+		log.V(2).Info("Joining a fetch in progress", "image", spec.Ref.String(), "since", op.started)
+	}
+	wctx := ctx
+	if dl, ok := ctx.Deadline(); ok {
+		var cancel context.CancelFunc
+		wctx, cancel = context.WithDeadline(ctx, dl.Add(-d.cfg.WaitMargin))
+		defer cancel()
+	}
+	select {
+	case <-op.done:
+		return op.digest, op.err
+	case <-wctx.Done():
+		p := &op.progress
+		return cfs.Digest{}, status.Errorf(codes.Aborted,
+			"fetching image %s from %s is still in progress (%d of %d objects, %d of %d bytes downloaded); it goes on in the background",
+			spec.Ref, spec.Source.URL, p.DoneObjects.Load(), p.Objects.Load(), p.Fetched.Load(), p.FetchBytes.Load())
+	}
+}
+
+// fetch brings the image and its objects into the store.
+func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
+	ref := spec.Ref
+	nameKey := spec.Source.URL + " " + ref.Name
+	switch spec.PullPolicy {
+	case PullAlways:
+		// Ask the source again, by name when there is one; the digest, if
+		// given, is checked against what the source serves.
+		if ref.Name != "" {
+			ref.Digest = cfs.Digest{}
+		}
+	case PullNever:
+		src = neverSource{}
+		fallthrough
+	default:
+		if ref.Digest.IsZero() {
+			d.mu.Lock()
+			dg, ok := d.names[nameKey]
+			d.mu.Unlock()
+			if ok && d.store.HasImage(dg) {
+				ref.Digest = dg
+			}
+		}
+	}
+	if spec.PullPolicy == PullNever && (ref.Digest.IsZero() || !d.store.HasImage(ref.Digest)) {
+		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
+	}
+	dg, err := d.store.EnsureImage(ctx, src, ref)
+	if err != nil {
+		return cfs.Digest{}, fetch.Stats{}, err
+	}
+	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
+		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
+	}
+	if ref.Name != "" {
+		d.mu.Lock()
+		d.names[nameKey] = dg
+		d.mu.Unlock()
+	}
+	d.mu.Lock()
+	done := d.complete[dg]
+	d.mu.Unlock()
+	if done {
+		return dg, fetch.Stats{}, nil
+	}
+	st, err := d.store.EnsureObjects(ctx, src, dg, fetch.WithProgress(p))
+	if err != nil {
+		return dg, st, err
+	}
+	d.mu.Lock()
+	d.complete[dg] = true
+	d.mu.Unlock()
+	return dg, st, nil
+}
+
+// neverSource serves nothing: with pullPolicy Never, what the node lacks
+// is an error.
+type neverSource struct{}
+
+func (neverSource) String() string { return "nothing (pullPolicy Never)" }
+
+func (neverSource) OpenImage(context.Context, fetch.ImageRef) (io.ReadCloser, int64, error) {
+	return nil, 0, fmt.Errorf("image: %w", errNotOnNode)
+}
+
+func (neverSource) OpenObject(_ context.Context, dg cfs.Digest, _ uint64) (io.ReadCloser, error) {
+	return nil, fmt.Errorf("object %s: %w", dg, errNotOnNode)
+}
