@@ -1,0 +1,345 @@
+package driver
+
+import (
+	"context"
+	"errors"
+	"io/fs"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// assertClean checks that nothing of a failed publish is left behind.
+func assertClean(t *testing.T, e *testEnv, target string) {
+	t.Helper()
+	if _, err := os.Lstat(target); !errors.Is(err, fs.ErrNotExist) {
+		t.Errorf("target %s left behind (err %v)", target, err)
+	}
+	if _, mounted, _ := cfs.IsMounted(target); mounted {
+		t.Errorf("mount left at %s", target)
+	}
+	if p := e.store.Pinned(); len(p) != 0 {
+		t.Errorf("pins left: %v", p)
+	}
+	if _, ok := e.d.state.get(target); ok {
+		t.Errorf("state left for %s", target)
+	}
+}
+
+func TestPublishUnpublish(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	d1 := repo.publish(t, "app-1", sampleFiles(1))
+	d2 := repo.publish(t, "app-2", sampleFiles(2))
+	e := newTestEnv(t, Config{})
+	ctx := context.Background()
+	pods := t.TempDir()
+	target := filepath.Join(pods, "pod1", "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "image": "app-1", "digest": d1.String()}
+
+	if _, err := e.d.NodePublishVolume(ctx, publishReq("vol-1", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	got, err := os.ReadFile(filepath.Join(target, "bin/app"))
+	if err != nil || string(got) != sampleFiles(1)["bin/app"] {
+		t.Fatalf("reading through the mount: %v", err)
+	}
+	mi, mounted, err := cfs.IsMounted(target)
+	if err != nil || !mounted || !mi.IsComposefs() || !mi.HasOption("ro") || !mi.HasOption("nodev") || !mi.HasOption("nosuid") {
+		t.Fatalf("mount at target: %+v %v %v", mi, mounted, err)
+	}
+	if p := e.store.Pinned(); p[d1] != 1 {
+		t.Fatalf("pins %v, want %s once", p, d1)
+	}
+
+	// Idempotent: the same volume again is OK and fetches nothing.
+	before := repo.requests("/")
+	for i := 0; i < 3; i++ {
+		if _, err := e.d.NodePublishVolume(ctx, publishReq("vol-1", target, vc)); err != nil {
+			t.Fatalf("repeat %d: %v", i, err)
+		}
+	}
+	if n := repo.requests("/"); n != before {
+		t.Errorf("repeated publish made %d requests", n-before)
+	}
+	// Another image at the same target: AlreadyExists.
+	vc2 := map[string]string{"repository": repo.srv.URL, "digest": d2.String()}
+	if _, err := e.d.NodePublishVolume(ctx, publishReq("vol-2", target, vc2)); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("other image at the same target: %v, want AlreadyExists", err)
+	}
+
+	// A second target of the same PV shares the image and its pin.
+	target2 := filepath.Join(pods, "pod2", "vol")
+	cleanupMounts(t, target2)
+	if _, err := e.d.NodePublishVolume(ctx, publishReq("vol-1", target2, vc)); err != nil {
+		t.Fatal(err)
+	}
+	if p := e.store.Pinned(); p[d1] != 2 {
+		t.Fatalf("pins %v, want %s twice", p, d1)
+	}
+
+	// Stats and condition.
+	sresp, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "vol-1", VolumePath: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if c := sresp.GetVolumeCondition(); c == nil || c.Abnormal {
+		t.Fatalf("condition %+v, want normal", c)
+	}
+	if u := sresp.GetUsage(); len(u) != 2 || u[0].Used <= 0 || u[1].Used <= 0 {
+		t.Fatalf("usage %+v", u)
+	}
+	if _, err := e.d.NodeGetVolumeStats(ctx, &csi.NodeGetVolumeStatsRequest{VolumeId: "vol-9", VolumePath: target}); status.Code(err) != codes.NotFound {
+		t.Fatalf("stats of another volume: %v, want NotFound", err)
+	}
+
+	for _, tg := range []string{target, target2} {
+		if _, err := e.d.NodeUnpublishVolume(ctx, unpublishReq("vol-1", tg)); err != nil {
+			t.Fatal(err)
+		}
+		// Again: already done is OK.
+		if _, err := e.d.NodeUnpublishVolume(ctx, unpublishReq("vol-1", tg)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	assertClean(t, e, target)
+	assertClean(t, e, target2)
+}
+
+func TestPublishErrors(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(1))
+	// An image whose object is missing from the repository.
+	dm := repo.publish(t, "broken", map[string]string{"only": strings.Repeat("unique object ", 100)})
+	objs := objectsOf(t, filepath.Join(repo.dir, "images", "broken"))
+	if err := os.Remove(filepath.Join(repo.dir, "objects", objs[0].Digest.ObjectPath())); err != nil {
+		t.Fatal(err)
+	}
+	al, _ := ParseAllowList(repo.srv.URL + "/")
+	e := newTestEnv(t, Config{AllowedSources: al})
+	wrong := cfs.Digest{1, 2, 3}
+	for _, tt := range []struct {
+		name string
+		vc   map[string]string
+		req  func(*csi.NodePublishVolumeRequest)
+		code codes.Code
+		has  string
+	}{
+		{"unknown attribute", map[string]string{"repository": repo.srv.URL, "image": "app", "imgae": "x"}, nil, codes.InvalidArgument, "imgae"},
+		{"no capability", map[string]string{"repository": repo.srv.URL, "image": "app"}, func(r *csi.NodePublishVolumeRequest) { r.VolumeCapability = nil }, codes.InvalidArgument, "volume_capability"},
+		{"block", map[string]string{"repository": repo.srv.URL, "image": "app"}, func(r *csi.NodePublishVolumeRequest) {
+			r.VolumeCapability.AccessType = &csi.VolumeCapability_Block{Block: &csi.VolumeCapability_BlockVolume{}}
+		}, codes.InvalidArgument, "block"},
+		{"writer mode", map[string]string{"repository": repo.srv.URL, "image": "app"}, func(r *csi.NodePublishVolumeRequest) {
+			r.VolumeCapability.AccessMode.Mode = csi.VolumeCapability_AccessMode_MULTI_NODE_MULTI_WRITER
+		}, codes.InvalidArgument, "access_mode"},
+		{"image not found", map[string]string{"repository": repo.srv.URL, "image": "nope"}, nil, codes.NotFound, "nope"},
+		{"wrong digest", map[string]string{"repository": repo.srv.URL, "image": "app", "digest": wrong.String()}, nil, codes.FailedPrecondition, "digest"},
+		{"missing object", map[string]string{"repository": repo.srv.URL, "image": "broken", "digest": dm.String()}, nil, codes.NotFound, objs[0].Digest.String()},
+		{"source not allowed", map[string]string{"repository": "http://127.0.0.1:1/other", "image": "app"}, nil, codes.PermissionDenied, "allowed"},
+		{"verity require without fs-verity", map[string]string{"repository": repo.srv.URL, "digest": dg.String(), "verity": "require"}, nil, codes.FailedPrecondition, "fs-verity"},
+		{"never pulled", map[string]string{"repository": repo.srv.URL, "digest": dg.String(), "pullPolicy": "Never"}, nil, codes.FailedPrecondition, "Never"},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			if tt.code == codes.FailedPrecondition && strings.Contains(tt.name, "verity") && e.store.VerityEnabled() {
+				t.Skip("this node has fs-verity")
+			}
+			target := filepath.Join(t.TempDir(), "pod", "vol")
+			cleanupMounts(t, target)
+			req := publishReq("v", target, tt.vc)
+			if tt.req != nil {
+				tt.req(req)
+			}
+			_, err := e.d.NodePublishVolume(context.Background(), req)
+			if status.Code(err) != tt.code || !strings.Contains(err.Error(), tt.has) {
+				t.Fatalf("got %v, want %v naming %q", err, tt.code, tt.has)
+			}
+			assertClean(t, e, target)
+		})
+	}
+}
+
+func objectsOf(t *testing.T, image string) []cfs.Object {
+	t.Helper()
+	f, err := os.Open(image)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	fi, _ := f.Stat()
+	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img.Objects()
+}
+
+// A fetch that outlives the call's deadline goes on in the background;
+// the call answers Aborted and leaves nothing; calls meanwhile join it
+// (one download); the retry after it ends succeeds.
+func TestLongFetchContinues(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "big", sampleFiles(7))
+	e := newTestEnv(t, Config{WaitMargin: time.Millisecond})
+	release, seen := repo.holdPrefix("/objects/")
+	defer release()
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "image": "big", "digest": dg.String()}
+
+	// The first call: cancelled once the fetch is downloading objects.
+	ctx, cancel := context.WithCancel(context.Background())
+	go func() { <-seen; cancel() }()
+	_, err := e.d.NodePublishVolume(ctx, publishReq("v", target, vc))
+	if status.Code(err) != codes.Aborted || !strings.Contains(err.Error(), "in progress") {
+		t.Fatalf("first call: %v, want Aborted (in progress)", err)
+	}
+	assertClean(t, e, target)
+	if e.d.ops.inFlight() != 1 {
+		t.Fatalf("%d fetches in flight, want 1", e.d.ops.inFlight())
+	}
+	// A second call while it runs joins it: no second image download.
+	ctx2, cancel2 := context.WithCancel(context.Background())
+	cancel2()
+	if _, err := e.d.NodePublishVolume(ctx2, publishReq("v", target, vc)); status.Code(err) != codes.Aborted {
+		t.Fatalf("second call: %v, want Aborted", err)
+	}
+	release()
+	// The retry waits for the running fetch and mounts.
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatalf("retry: %v", err)
+	}
+	if n := repo.requests("/images/"); n != 1 {
+		t.Errorf("image requested %d times, want 1", n)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+	assertClean(t, e, target)
+}
+
+// A call on a target another call is working on answers Aborted.
+func TestSameTargetAborted(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(3))
+	e := newTestEnv(t, Config{})
+	release, seen := repo.holdPrefix("/images/")
+	defer release()
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	var wg sync.WaitGroup
+	var firstErr error
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		_, firstErr = e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc))
+	}()
+	<-seen
+	_, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc))
+	if status.Code(err) != codes.Aborted {
+		t.Errorf("concurrent publish: %v, want Aborted", err)
+	}
+	_, err = e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target))
+	if status.Code(err) != codes.Aborted {
+		t.Errorf("concurrent unpublish: %v, want Aborted", err)
+	}
+	release()
+	wg.Wait()
+	if firstErr != nil {
+		t.Fatal(firstErr)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// Mounts outlive the plugin: a new driver on the same store finds them,
+// pins their images again, drops records whose mount went away, and
+// unpublishes normally.
+func TestRestartRecovery(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(4))
+	e := newTestEnv(t, Config{})
+	dir := t.TempDir()
+	kept, gone := filepath.Join(dir, "kept"), filepath.Join(dir, "gone")
+	cleanupMounts(t, kept)
+	cleanupMounts(t, gone)
+	vc := map[string]string{"repository": repo.srv.URL, "image": "app"}
+	for _, tg := range []string{kept, gone} {
+		if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", tg, vc)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e.close()
+	if err := cfs.Unmount(gone, false); err != nil { // e.g. a node reboot
+		t.Fatal(err)
+	}
+	e.open(Config{})
+	if p := e.store.Pinned(); p[dg] != 1 {
+		t.Fatalf("pins after restart %v, want %s once", p, dg)
+	}
+	if _, ok := e.d.state.get(gone); ok {
+		t.Error("the record of an unmounted volume survived recovery")
+	}
+	// GC with the volume pinned removes nothing it needs.
+	if _, err := e.d.RunGC(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.ReadFile(filepath.Join(kept, "lib/shared0.so")); err != nil {
+		t.Fatal(err)
+	}
+	// A repeat publish after the restart is recognised (name-only volume).
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", kept, vc)); err != nil {
+		t.Fatal(err)
+	}
+	for _, tg := range []string{kept, gone} {
+		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", tg)); err != nil {
+			t.Fatal(err)
+		}
+		assertClean(t, e, tg)
+	}
+}
+
+// An object missing from the store makes the volume abnormal.
+func TestVolumeConditionAbnormal(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(5))
+	e := newTestEnv(t, Config{})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	objs := objectsOf(t, e.store.ImagePath(dg))
+	if err := os.Remove(filepath.Join(e.store.ObjectsDir(), objs[0].Digest.ObjectPath())); err != nil {
+		t.Fatal(err)
+	}
+	resp, err := e.d.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	c := resp.GetVolumeCondition()
+	if !c.GetAbnormal() || !strings.Contains(c.GetMessage(), objs[0].Digest.String()) {
+		t.Fatalf("condition %+v, want abnormal naming the object", c)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+}
