@@ -43,7 +43,7 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newImageCmd(), newPullCmd(), newStoreCmd())
+	root.AddCommand(newImageCmd(), newPullCmd(), newStoreCmd(), newServeCmd())
 	return root
 }
 
