@@ -122,6 +122,8 @@ type Store struct {
 	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
 	gen     uint64                      // bumped when pins or busy gain an image
 
+	bufs sync.Pool // *[]byte copy buffers
+
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
 
@@ -163,6 +165,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
 	}
+	s.bufs.New = func() any { b := make([]byte, 128<<10); return &b }
 	if err := s.clearTmp(); err != nil {
 		s.Close()
 		return nil, err
@@ -353,7 +356,7 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 		}
 	}()
 	h := cfs.NewVerityHash()
-	n, err := copyBody(io.MultiWriter(f, h), stallReader{body, rearm}, s.opts.MaxImageSize+1)
+	n, err := s.copyBody(io.MultiWriter(f, h), stallReader{body, rearm}, s.opts.MaxImageSize+1)
 	if err != nil {
 		return cfs.Digest{}, s.stallError(ctx, actx, err)
 	}
@@ -711,7 +714,7 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 	}()
 	h := cfs.NewVerityHash()
 	w := io.MultiWriter(f, h, progressWriter{&p.Fetched})
-	n, err := copyBody(w, stallReader{body, rearm}, int64(o.Size)+1)
+	n, err := s.copyBody(w, stallReader{body, rearm}, int64(o.Size)+1)
 	if err != nil {
 		p.Fetched.Add(-n)
 		return objectResult{}, s.stallError(ctx, actx, err)
@@ -746,8 +749,10 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 
 // copyBody copies at most limit bytes. Read errors are transient (resets,
 // truncation); write errors (disk full) are not.
-func copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
-	buf := make([]byte, 256<<10)
+func (s *Store) copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
+	bp := s.bufs.Get().(*[]byte)
+	defer s.bufs.Put(bp)
+	buf := *bp
 	var n int64
 	for n < limit {
 		want := int64(len(buf))
