@@ -207,6 +207,12 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string) (*http.Response
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
+		var certErr *tls.CertificateVerificationError
+		var unknownCA x509.UnknownAuthorityError
+		var hostErr x509.HostnameError
+		if errors.As(err, &certErr) || errors.As(err, &unknownCA) || errors.As(err, &hostErr) {
+			return nil, &SourceError{Op: op, URL: rawURL, Err: err} // retrying will not help
+		}
 		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(err)}
 	}
 	if resp.StatusCode == http.StatusOK {

@@ -1,0 +1,96 @@
+package fetch
+
+import (
+	"context"
+	"encoding/pem"
+	"errors"
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync/atomic"
+	"testing"
+)
+
+// TestHTTPSWithCABundleAndHTTP2: a server with a private CA is trusted only
+// through --ca-file, is spoken to over HTTP/2, and an untrusted certificate
+// fails at once (no retries).
+func TestHTTPSWithCABundleAndHTTP2(t *testing.T) {
+	repo := t.TempDir()
+	files := makeFiles("f", 81, 3, 20000)
+	d := writeRepoImage(t, repo, "img.cfs", files)
+	var h2, requests atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		requests.Add(1)
+		if r.ProtoMajor == 2 {
+			h2.Add(1)
+		}
+		if r.Header.Get("Authorization") != "Bearer s3cret" {
+			http.Error(w, "no", http.StatusUnauthorized)
+			return
+		}
+		http.ServeFile(w, r, filepath.Join(repo, filepath.FromSlash(r.URL.Path)))
+	}))
+	srv.EnableHTTP2 = true
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	pemBytes := pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw})
+	if err := os.WriteFile(ca, pemBytes, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	ctx := context.Background()
+
+	s := openStore(t, t.TempDir(), testOptions())
+	untrusted := newSource(t, srv.URL, HTTPOptions{BearerToken: "s3cret"})
+	if _, err := s.EnsureImage(ctx, untrusted, ImageRef{Name: "img.cfs"}); err == nil || IsTransient(err) {
+		t.Fatalf("untrusted certificate: got %v", err)
+	}
+	if requests.Load() != 0 {
+		t.Errorf("a request got through an untrusted handshake")
+	}
+	if s.Counters().Retries != 0 {
+		t.Errorf("an untrusted certificate was retried")
+	}
+
+	src := newSource(t, srv.URL, HTTPOptions{CAFile: ca, BearerToken: "s3cret"})
+	got, err := s.EnsureImage(ctx, src, ImageRef{Name: "img.cfs", Digest: d})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnsureObjects(ctx, src, got); err != nil {
+		t.Fatal(err)
+	}
+	if h2.Load() != requests.Load() || h2.Load() == 0 {
+		t.Errorf("%d of %d requests over HTTP/2", h2.Load(), requests.Load())
+	}
+	noToken := newSource(t, srv.URL, HTTPOptions{CAFile: ca})
+	_, err = s.EnsureImage(ctx, noToken, ImageRef{Name: "img.cfs"})
+	if !errors.Is(err, ErrUnauthorized) {
+		t.Fatalf("without the token: %v", err)
+	}
+}
+
+func TestHTTPSourceURLs(t *testing.T) {
+	src, err := NewHTTPSource("http://user:pw@example.invalid/base/", HTTPOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if src.String() != "http://example.invalid/base" || src.opts.Username != "user" || src.opts.Password != "pw" {
+		t.Errorf("credentials not moved out of the URL: %s %+v", src, src.opts)
+	}
+	var d [32]byte
+	d[0] = 0xab
+	if got := src.ObjectLocation(d); !strings.HasSuffix(got, "/base/objects/ab/"+strings.Repeat("0", 62)) {
+		t.Errorf("object URL %s", got)
+	}
+	for _, bad := range []string{"", ".", "..", "a/b", "a b", "x%2f"} {
+		if ValidImageName(bad) == nil {
+			t.Errorf("image name %q accepted", bad)
+		}
+	}
+	if _, err := NewHTTPSource("ftp://x/", HTTPOptions{}); err == nil {
+		t.Error("ftp accepted")
+	}
+}
