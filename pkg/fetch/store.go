@@ -539,12 +539,14 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		p = new(Progress)
 	}
 	var st Stats
+	// Hold the image before looking at anything, so that GC keeps it and
+	// every object it references from now on.
+	release := s.hold(image)
+	defer release()
 	objs, err := s.Objects(ctx, image)
 	if err != nil {
 		return st, err
 	}
-	release := s.hold(image)
-	defer release()
 
 	st.Objects = len(objs)
 	for _, o := range objs {
