@@ -171,11 +171,11 @@ A progress bar is shown on a terminal, plain progress lines otherwise.`,
 			if err != nil {
 				return err
 			}
-			mode, err := progressMode(bar, os.Stderr)
+			mode, err := progressMode(bar, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
-			return pull(ctx, cmd.OutOrStdout(), os.Stderr, src, stf.dir, opts, ref, mode)
+			return pull(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), src, stf.dir, opts, ref, mode)
 		},
 	}
 	sf.add(cmd)
@@ -193,11 +193,13 @@ const (
 	progressBar
 )
 
-func progressMode(s string, w *os.File) (progressKind, error) {
+func progressMode(s string, w io.Writer) (progressKind, error) {
 	switch s {
 	case "auto":
-		if _, err := unix.IoctlGetTermios(int(w.Fd()), unix.TCGETS); err == nil {
-			return progressBar, nil
+		if f, ok := w.(*os.File); ok {
+			if _, err := unix.IoctlGetTermios(int(f.Fd()), unix.TCGETS); err == nil {
+				return progressBar, nil
+			}
 		}
 		return progressPlain, nil
 	case "bar":

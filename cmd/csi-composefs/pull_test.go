@@ -1,0 +1,84 @@
+package main
+
+import (
+	"net/http"
+	"net/http/httptest"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+// TestPullAndStoreCommands publishes a directory with image build --repo,
+// serves it, pulls it twice, and runs store du, verify and gc.
+func TestPullAndStoreCommands(t *testing.T) {
+	src := t.TempDir()
+	for i, size := range []int{100, 5000, 70000} {
+		b := make([]byte, size)
+		for j := range b {
+			b[j] = byte(j*7 + i)
+		}
+		os.WriteFile(filepath.Join(src, "f"+string(rune('a'+i))), b, 0o644)
+	}
+	repo := t.TempDir()
+	code, stdout, stderr := runCmd(t, "image", "build", "--repo", repo, "--name", "app.cfs", src)
+	if code != exitOK {
+		t.Fatalf("image build --repo: %d %s", code, stderr)
+	}
+	digest := strings.TrimSpace(stdout)
+	srv := httptest.NewServer(http.FileServer(http.Dir(repo)))
+	t.Cleanup(srv.Close)
+	store := t.TempDir()
+
+	code, stdout, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--progress", "plain", "--digest", digest, "app.cfs")
+	if code != exitOK || !strings.Contains(stdout, digest) {
+		t.Fatalf("pull: %d %q %s", code, stdout, stderr)
+	}
+	if !strings.Contains(stderr, "fetched 3") {
+		t.Errorf("pull summary: %s", stderr)
+	}
+	code, _, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--progress", "plain", "app.cfs")
+	if code != exitOK || !strings.Contains(stderr, "fetched 0") {
+		t.Fatalf("second pull: %d %s", code, stderr)
+	}
+	code, stdout, _ = runCmd(t, "store", "du", "--store", store)
+	if code != exitOK || !strings.Contains(stdout, "objects") {
+		t.Errorf("store du: %d %s", code, stdout)
+	}
+	code, stdout, _ = runCmd(t, "store", "verify", "--store", store)
+	if code != exitOK || !strings.Contains(stdout, "3 objects and 1 images") {
+		t.Errorf("store verify: %d %s", code, stdout)
+	}
+	code, stdout, _ = runCmd(t, "store", "gc", "--store", store, "--store-max-size", "1")
+	if code != exitOK || !strings.Contains(stdout, "removed 1 images and 3 objects") {
+		t.Errorf("store gc: %d %s", code, stdout)
+	}
+
+	// Failures: 404 is exit 1, usage errors exit 2.
+	if code, _, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--retries", "0", "missing.cfs"); code != exitFailure {
+		t.Errorf("pull of a missing image: exit %d %s", code, stderr)
+	}
+	for _, args := range [][]string{
+		{"pull", "--store", store, "app.cfs"},
+		{"pull", "--store", store, "--repository", srv.URL, "a/b"},
+		{"pull", "--store", store, "--repository", srv.URL, "--digest", "xyz", "app.cfs"},
+		{"store", "gc", "--store", store, "--store-max-size", "lots"},
+	} {
+		if code, _, _ := runCmd(t, args...); code != exitUsage {
+			t.Errorf("%v: exit %d, want %d", args, code, exitUsage)
+		}
+	}
+}
+
+func TestParseSize(t *testing.T) {
+	for in, want := range map[string]int64{"0": 0, "10": 10, "2K": 2048, "3m": 3 << 20, "1G": 1 << 30, "2T": 2 << 40} {
+		if got, err := parseSize(in); err != nil || got != want {
+			t.Errorf("parseSize(%q) = %d, %v", in, got, err)
+		}
+	}
+	for _, bad := range []string{"", "-1", "1.5G", "G"} {
+		if _, err := parseSize(bad); err == nil {
+			t.Errorf("parseSize(%q) accepted", bad)
+		}
+	}
+}
