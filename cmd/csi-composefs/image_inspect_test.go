@@ -1,30 +1,15 @@
 package main
 
 import (
-	"bytes"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
 )
 
-// inspectRun runs the CLI in-process and returns exit code, stdout, stderr.
-func inspectRun(t *testing.T, args ...string) (int, string, string) {
-	t.Helper()
-	root := newRootCmd()
-	var out, errOut bytes.Buffer
-	root.SetOut(&out)
-	root.SetErr(&errOut)
-	code := runWith(root, args, &errOut)
-	return code, out.String(), errOut.String()
-}
-
-func inspectGolden(name string) string {
-	return filepath.Join("..", "..", "testdata", "composefs", name)
-}
 
 func inspectGoldenNames(t *testing.T) []string {
-	m, err := filepath.Glob(inspectGolden("*.cfs"))
+	m, err := filepath.Glob(golden("*.cfs"))
 	if err != nil || len(m) == 0 {
 		t.Fatalf("no golden images: %v", err)
 	}
@@ -38,21 +23,21 @@ func inspectGoldenNames(t *testing.T) []string {
 func TestImageDumpAndObjectsMatchComposefsInfo(t *testing.T) {
 	for _, name := range inspectGoldenNames(t) {
 		t.Run(name, func(t *testing.T) {
-			img := inspectGolden(name + ".cfs")
-			code, out, stderr := inspectRun(t, "image", "dump", img)
-			want, _ := os.ReadFile(inspectGolden(name + ".info.dump"))
+			img := golden(name + ".cfs")
+			code, out, stderr := runCmd(t, "image", "dump", img)
+			want, _ := os.ReadFile(golden(name + ".info.dump"))
 			// No golden vector has a redirect whose length is a multiple
 			// of 4, so composefs-info's off-by-one (format notes §2.15)
 			// does not show and the dumps must be identical.
 			if code != exitOK || out != string(want) {
 				t.Errorf("dump: exit %d, stderr %q, output equal: %v", code, stderr, out == string(want))
 			}
-			code, out, stderr = inspectRun(t, "image", "objects", img)
-			want, _ = os.ReadFile(inspectGolden(name + ".objects"))
+			code, out, stderr = runCmd(t, "image", "objects", img)
+			want, _ = os.ReadFile(golden(name + ".objects"))
 			if code != exitOK || out != string(want) {
 				t.Errorf("objects: exit %d, stderr %q\n%s\nwant\n%s", code, stderr, out, want)
 			}
-			code, _, stderr = inspectRun(t, "image", "objects", "--strict", img)
+			code, _, stderr = runCmd(t, "image", "objects", "--strict", img)
 			if name == "inline-tail" {
 				if code != exitFailure || !strings.Contains(stderr, "redirect") || !strings.Contains(stderr, "/meta-") {
 					t.Errorf("--strict on inline-tail: exit %d, %q", code, stderr)
@@ -65,9 +50,9 @@ func TestImageDumpAndObjectsMatchComposefsInfo(t *testing.T) {
 }
 
 func TestImageObjectsUnionAndBasedir(t *testing.T) {
-	a, b := inspectGolden("basic.cfs"), inspectGolden("hardlink-whiteout.cfs")
-	code, out, stderr := inspectRun(t, "image", "objects", a, b)
-	want, _ := os.ReadFile(inspectGolden("basic.objects")) // hardlink-whiteout's one object is in basic too
+	a, b := golden("basic.cfs"), golden("hardlink-whiteout.cfs")
+	code, out, stderr := runCmd(t, "image", "objects", a, b)
+	want, _ := os.ReadFile(golden("basic.objects")) // hardlink-whiteout's one object is in basic too
 	if code != exitOK || out != string(want) {
 		t.Fatalf("exit %d %q:\n%s", code, stderr, out)
 	}
@@ -80,15 +65,15 @@ func TestImageObjectsUnionAndBasedir(t *testing.T) {
 	if err := os.WriteFile(filepath.Join(store, present), nil, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	code, out, stderr = inspectRun(t, "image", "objects", "--basedir", store, a)
+	code, out, stderr = runCmd(t, "image", "objects", "--basedir", store, a)
 	if code != exitOK || out != strings.Join(lines[1:], "\n")+"\n" {
 		t.Fatalf("--basedir: exit %d %q:\n%s", code, stderr, out)
 	}
 }
 
 func TestImageLs(t *testing.T) {
-	img := inspectGolden("basic.cfs")
-	code, out, stderr := inspectRun(t, "image", "ls", img)
+	img := golden("basic.cfs")
+	code, out, stderr := runCmd(t, "image", "ls", img)
 	want := "/bigdev\n" +
 		"/bigid\t@ 13/e9b8848ae484a36acb3f3cac0ceb2f7601e96633d15c92f9bd3dd44e492157\n" +
 		"/blk\n/chr\n" +
@@ -118,25 +103,25 @@ func TestImageLs(t *testing.T) {
 		{"/symlink", "/symlink\t-> inline\n"},
 		{"/", want},
 	} {
-		code, out, stderr := inspectRun(t, "image", "ls", img, tc.path)
+		code, out, stderr := runCmd(t, "image", "ls", img, tc.path)
 		if code != exitOK || out != tc.want {
 			t.Errorf("ls %s: exit %d %q:\n%s", tc.path, code, stderr, out)
 		}
 	}
-	code, out, _ = inspectRun(t, "image", "ls", "--filter", "symlink", "--filter", "dir", img)
+	code, out, _ = runCmd(t, "image", "ls", "--filter", "symlink", "--filter", "dir", img)
 	if code != exitOK || !strings.HasPrefix(out, "/dir/\t\n") || !strings.HasSuffix(out, "/dir/sock\n/symlink\t-> inline\n") {
 		t.Errorf("--filter: exit %d:\n%s", code, out)
 	}
 	// Spaces stay literal in ls paths; other bytes are escaped.
-	code, out, _ = inspectRun(t, "image", "ls", inspectGolden("longnames-bigdir.cfs"))
+	code, out, _ = runCmd(t, "image", "ls", golden("longnames-bigdir.cfs"))
 	if code != exitOK || !strings.Contains(out, "\n/a b\n") || !strings.Contains(out, "\n/tab\\there\n") || !strings.Contains(out, "\n/\\xff\\xfe-binary\n") {
 		t.Errorf("escaping: exit %d", code)
 	}
 }
 
 func TestImageInspectErrors(t *testing.T) {
-	img := inspectGolden("basic.cfs")
-	notImage := inspectGolden("basic.dump")
+	img := golden("basic.cfs")
+	notImage := golden("basic.dump")
 	tests := []struct {
 		args []string
 		code int
@@ -155,13 +140,13 @@ func TestImageInspectErrors(t *testing.T) {
 		{[]string{"image", "ls", img, "/nope"}, exitFailure, "does not exist"},
 	}
 	for _, tc := range tests {
-		code, _, stderr := inspectRun(t, tc.args...)
+		code, _, stderr := runCmd(t, tc.args...)
 		if code != tc.code || !strings.Contains(stderr, tc.msg) {
 			t.Errorf("%v: exit %d, stderr %q; want exit %d mentioning %q", tc.args, code, stderr, tc.code, tc.msg)
 		}
 	}
 	for _, sub := range []string{"dump", "ls", "objects"} {
-		code, out, _ := inspectRun(t, "image", sub, "--help")
+		code, out, _ := runCmd(t, "image", sub, "--help")
 		if code != exitOK || !strings.Contains(out, "composefs-info") || !strings.Contains(out, "--strict") {
 			t.Errorf("%s --help: exit %d:\n%s", sub, code, out)
 		}
