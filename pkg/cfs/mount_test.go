@@ -15,11 +15,12 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-// requireRoot skips a test that mounts filesystems when not run as root.
+// requireRoot skips a test that needs root (real mounts, device nodes,
+// chown, trusted.* xattrs) when not run as root.
 func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
-		t.Skip("skipped: needs root to mount erofs and overlayfs for real (CI runs as root)")
+		t.Skip("skipped: needs root for real mounts, device nodes and trusted.* xattrs (CI runs as root)")
 	}
 }
 

@@ -14,13 +14,6 @@ import (
 	"golang.org/x/sys/unix"
 )
 
-func needRoot(t testing.TB) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root for device nodes, chown and trusted.* xattrs; CI runs as root")
-	}
-}
-
 // makeRealdirTree recreates under dir the source tree of the realdir golden
 // vectors, following the recipe in testdata/composefs/README.md.
 func makeRealdirTree(t testing.TB, dir string) {
@@ -95,7 +88,7 @@ func makeRealdirTree(t testing.TB, dir string) {
 }
 
 func TestWriterGoldenFromDirectory(t *testing.T) {
-	needRoot(t)
+	requireRoot(t)
 	for _, g := range goldenImages(t) {
 		if !g.fromDir {
 			continue
