@@ -115,6 +115,7 @@ type Driver struct {
 	newSource SourceFactory
 	now       func() time.Time
 	metrics   *Metrics
+	events    EventRecorder
 
 	state *stateStore
 	locks *targetLocks
@@ -182,6 +183,7 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 		store:     store,
 		mounter:   KernelMounter{},
 		newSource: NewSource,
+		events:    logRecorder{},
 		now:       time.Now,
 		locks:     newTargetLocks(),
 		ops:       newFetchOps(),

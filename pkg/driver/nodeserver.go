@@ -157,6 +157,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	}
 	dg, err := d.ensure(ctx, spec, src)
 	if err != nil {
+		d.reportFailure(ctx, spec.Pod, err)
 		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, spec.Source.URL), err)
 	}
 	newRec := Record{
@@ -207,6 +208,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		}
 	}()
 	if err := d.mount(ctx, dg, target, mode); err != nil {
+		d.reportFailure(ctx, spec.Pod, err)
 		return toStatus("mounting", err)
 	}
 	if err := d.state.put(newRec); err != nil {

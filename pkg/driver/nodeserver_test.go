@@ -343,3 +343,56 @@ func TestVolumeConditionAbnormal(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+type recordedEvent struct {
+	pod     PodInfo
+	warning bool
+	reason  string
+	message string
+}
+
+type fakeRecorder struct {
+	mu     sync.Mutex
+	events []recordedEvent
+}
+
+func (f *fakeRecorder) PodEvent(_ context.Context, pod PodInfo, warning bool, reason, message string) {
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	f.events = append(f.events, recordedEvent{pod, warning, reason, message})
+}
+
+// Final fetch failures become warning events on the pod.
+func TestPodEvents(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	repo.publish(t, "app", sampleFiles(8))
+	rec := &fakeRecorder{}
+	e := newTestEnv(t, Config{}, WithEventRecorder(rec))
+	pod := map[string]string{"csi.storage.k8s.io/pod.name": "web-0", "csi.storage.k8s.io/pod.namespace": "shop"}
+	for _, tt := range []struct {
+		extra  map[string]string
+		reason string
+	}{
+		{map[string]string{"image": "missing"}, ReasonFetchFailed},
+		{map[string]string{"image": "app", "digest": (cfs.Digest{9}).String()}, ReasonVerificationFailed},
+	} {
+		vc := map[string]string{"repository": repo.srv.URL}
+		for k, v := range pod {
+			vc[k] = v
+		}
+		for k, v := range tt.extra {
+			vc[k] = v
+		}
+		target := filepath.Join(t.TempDir(), "vol")
+		if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err == nil {
+			t.Fatal("publish succeeded")
+		}
+		rec.mu.Lock()
+		last := rec.events[len(rec.events)-1]
+		rec.mu.Unlock()
+		if last.pod.Name != "web-0" || last.pod.Namespace != "shop" || !last.warning || last.reason != tt.reason {
+			t.Errorf("event %+v, want a %s warning on shop/web-0", last, tt.reason)
+		}
+	}
+}
