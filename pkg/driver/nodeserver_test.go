@@ -396,3 +396,42 @@ func TestPodEvents(t *testing.T) {
 		}
 	}
 }
+
+// A crash between the mount and its record leaves a composefs mount
+// without state: the retried publish adopts it instead of failing.
+func TestPublishAdoptsUnrecordedMount(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(10))
+	e := newTestEnv(t, Config{})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	// Forget the record, as if the plugin died before writing it.
+	if err := e.d.state.remove(target); err != nil {
+		t.Fatal(err)
+	}
+	e.close()
+	e.open(Config{})
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatalf("retry over an unrecorded mount: %v", err)
+	}
+	if p := e.store.Pinned(); p[dg] != 1 {
+		t.Fatalf("pins %v, want the adopted image once", p)
+	}
+	if _, ok := e.d.state.get(target); !ok {
+		t.Fatal("adopted mount not recorded")
+	}
+	// Another image over it is refused.
+	d2 := repo.publish(t, "other", sampleFiles(11))
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v2", target, map[string]string{"repository": repo.srv.URL, "digest": d2.String()})); status.Code(err) != codes.AlreadyExists {
+		t.Fatalf("other image over the volume: %v, want AlreadyExists", err)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+	assertClean(t, e, target)
+}
