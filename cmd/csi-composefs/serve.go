@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -97,7 +98,22 @@ func serve(ctx context.Context, c serveConfig) error {
 		return err
 	}
 	defer st.Close()
-	d, err := driver.New(c.driver, st)
+	if c.driver.NodeID == "" {
+		if c.driver.NodeID, err = os.Hostname(); err != nil {
+			return fmt.Errorf("node id: %w", err)
+		}
+	}
+	var dopts []driver.Option
+	switch rec, err := driver.NewInClusterRecorder(c.driver.DriverName, c.driver.NodeID); {
+	case err == nil:
+		dopts = append(dopts, driver.WithEventRecorder(rec))
+		log.Info("Posting pod events to the API server")
+	case errors.Is(err, driver.ErrNotInCluster):
+		log.Info("Pod events go to the log only", "reason", err.Error())
+	default:
+		log.Error(err, "Pod events go to the log only")
+	}
+	d, err := driver.New(c.driver, st, dopts...)
 	if err != nil {
 		return err
 	}
