@@ -130,9 +130,11 @@ type Driver struct {
 	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
 	sources  map[string]fetch.Source
 
-	ctx    context.Context // lives as long as the driver: background fetches
-	cancel context.CancelFunc
-	wg     sync.WaitGroup
+	ctx     context.Context // lives as long as the driver: background fetches
+	cancel  context.CancelFunc
+	wg      sync.WaitGroup
+	closeMu sync.RWMutex // held for reading while starting background work
+	closed  bool
 }
 
 type imgRef struct{ stats cfs.ImageStats }
@@ -264,11 +266,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 	d.metrics.setVolumes(st.len())
 	d.ready.Store(true)
 	if d.cfg.GCInterval > 0 {
-		d.wg.Add(1)
-		go func() {
-			defer d.wg.Done()
-			d.gcLoop(klog.NewContext(d.ctx, log))
-		}()
+		d.goBackground(func() { d.gcLoop(klog.NewContext(d.ctx, log)) })
 	}
 	return nil
 }
@@ -276,8 +274,27 @@ func (d *Driver) Recover(ctx context.Context) error {
 // Close stops background work (fetches in flight are cancelled; their
 // partial downloads are cleared when the store is opened next).
 func (d *Driver) Close() {
+	d.closeMu.Lock()
+	d.closed = true
+	d.closeMu.Unlock()
 	d.cancel()
 	d.wg.Wait()
+}
+
+// goBackground runs fn in a goroutine Close waits for, unless the driver
+// is closing.
+func (d *Driver) goBackground(fn func()) bool {
+	d.closeMu.RLock()
+	defer d.closeMu.RUnlock()
+	if d.closed {
+		return false
+	}
+	d.wg.Add(1)
+	go func() {
+		defer d.wg.Done()
+		fn()
+	}()
+	return true
 }
 
 func (d *Driver) gcLoop(ctx context.Context) {

@@ -76,18 +76,20 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source) 
 	key := spec.Key() + " " + string(spec.PullPolicy)
 	log := klog.FromContext(ctx)
 	op, started := d.ops.join(key, d.now(), func(op *fetchOp) {
-		d.wg.Add(1)
 		// The fetch keeps the caller's logger but not its deadline.
 		fctx := klog.NewContext(d.ctx, log)
-		go func() {
-			defer d.wg.Done()
+		ok := d.goBackground(func() {
 			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, &op.progress)
 			d.metrics.observeFetch(op.stats, op.err)
 			if op.err != nil && fctx.Err() == nil {
 				log.Error(op.err, "Fetch failed", "source", spec.Source.URL, "image", spec.Ref.String())
 			}
 			d.ops.finish(op)
-		}()
+		})
+		if !ok {
+			op.err = status.Error(codes.Unavailable, "the plugin is shutting down")
+			go d.ops.finish(op) // finish takes the lock join holds
+		}
 	})
 	if !started {
 		log.V(2).Info("Joining a fetch in progress", "image", spec.Ref.String(), "since", op.started)
