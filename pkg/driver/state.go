@@ -160,18 +160,14 @@ func (s *stateStore) put(r Record) error {
 	return nil
 }
 
-// remove forgets target durably. Forgetting an unknown target is not an
-// error.
+// remove forgets target. Forgetting an unknown target is not an error.
 func (s *stateStore) remove(target string) error {
 	err := os.Remove(filepath.Join(s.dir, stateFile(target)))
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return fmt.Errorf("removing state of %s: %w", target, err)
 	}
-	if err == nil {
-		if err := syncDir(s.dir); err != nil {
-			return fmt.Errorf("removing state of %s: %w", target, err)
-		}
-	}
+	// No fsync of the directory: if a crash brings the record back, its
+	// mount is gone and recovery drops it.
 	s.mu.Lock()
 	delete(s.recs, target)
 	s.mu.Unlock()
