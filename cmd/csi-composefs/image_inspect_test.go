@@ -7,7 +7,6 @@ import (
 	"testing"
 )
 
-
 func inspectGoldenNames(t *testing.T) []string {
 	m, err := filepath.Glob(golden("*.cfs"))
 	if err != nil || len(m) == 0 {
