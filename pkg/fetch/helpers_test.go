@@ -231,12 +231,17 @@ func checkInvariant(t testing.TB, root string) {
 		}
 		checkDigestFile(t, filepath.Join(root, "images", e.Name()), want)
 	}
-	tmp, err := os.ReadDir(filepath.Join(root, "tmp"))
+	err = filepath.WalkDir(filepath.Join(root, "tmp"), func(path string, e fs.DirEntry, err error) error {
+		if err != nil {
+			return err
+		}
+		if !e.IsDir() {
+			t.Errorf("tmp/ not empty: %s", path)
+		}
+		return nil
+	})
 	if err != nil {
 		t.Fatal(err)
-	}
-	for _, e := range tmp {
-		t.Errorf("tmp/ not empty: %s", e.Name())
 	}
 }
 

@@ -170,6 +170,12 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	for _, c := range "0123456789abcdef" {
+		if err := os.Mkdir(filepath.Join(root, tmpDir, string(c)), 0o755); err != nil {
+			s.Close()
+			return nil, fmt.Errorf("opening store %s: %w", root, err)
+		}
+	}
 	if !opts.DisableVerity {
 		ok, err := cfs.VeritySupport(filepath.Join(root, tmpDir))
 		if err != nil {
@@ -704,7 +710,9 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 		return objectResult{}, s.stallError(ctx, actx, err)
 	}
 	defer body.Close()
-	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "object-"+o.Digest.String()[:16]+"-*")
+	// Temporary files are spread over 16 directories: one directory for
+	// all would serialise every create and rename on its lock.
+	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return objectResult{}, fmt.Errorf("creating temporary file: %w", err)
 	}
