@@ -114,7 +114,22 @@ elapsed() { python3 -c "print(f'{$2 - $1:.3f}')"; }
 
 sync
 t0=$(now); curl -sf -o "$T/blob.out" "$base/blob"; t1=$(now)
-t_curl=$(elapsed "$t0" "$t1"); rm -f "$T/blob.out"; sync
+t_curl=$(elapsed "$t0" "$t1")
+t0=$(now); sync "$T/blob.out"; t1=$(now)
+t_fsync=$(elapsed "$t0" "$t1"); rm -f "$T/blob.out"; sync
+
+# What creating one file costs on this filesystem (a pull creates one per
+# object, like tar; curl creates one in all).
+t_create=$(python3 - "$T" <<'EOF2'
+import os, sys, time
+d = os.path.join(sys.argv[1], "createprobe"); os.mkdir(d)
+t = time.time()
+for i in range(2000):
+    os.close(os.open(f"{d}/f{i}", os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+print(f"{(time.time() - t) / 2000 * 1e6:.0f}")
+EOF2
+)
+rm -rf "$T/createprobe"
 
 mkdir -p "$T/extract"
 t0=$(now); curl -sf "$base/tree.tar.gz" | tar -xzf - -C "$T/extract"; t1=$(now)
@@ -162,6 +177,7 @@ print(f"tree: {$FILES} files, {tree/2**20:.0f} MiB; image 1 {$(stat -c %s "$www/
 print(f"curl one file:        {curl:8.2f} s  ({tree/2**20/curl:.0f} MiB/s)")
 print(f"curl | tar xz:        {tar:8.2f} s")
 print(f"cold pull (p={$PARALLEL}):     {pull:8.2f} s  ({tree/2**20/pull:.0f} MiB/s)")
+print(f"(curl one file + fsync:  {curl + $t_fsync:8.2f} s; creating one file here costs {$t_create} us, x {$FILES} files = {$t_create*$FILES/1e6:.2f} s)")
 print(f"cold pull / curl one file      = {pull/curl:.2f}  (goal <= 1.25)")
 print(f"cold pull / curl | tar xz      = {pull/tar:.2f}  (goal <= 0.5)")
 new, img2, sent = $new_bytes, $img2, $sent
