@@ -2,6 +2,7 @@ package fetch
 
 import (
 	"context"
+	"errors"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -205,5 +206,80 @@ func TestStoreLockAndTmpCleared(t *testing.T) {
 	s.Close()
 	os.WriteFile(filepath.Join(root, "tmp", "object-leftover"), []byte("partial"), 0o644)
 	openStore(t, root, testOptions())
+	checkInvariant(t, root)
+}
+
+// TestGCStress runs GC in a loop with a 1-byte budget and no grace while
+// workers pin images, pull them and check that every object is there.
+func TestGCStress(t *testing.T) {
+	repo := t.TempDir()
+	common := makeFiles("c", 141, 10, 8000)
+	var imgs []cfs.Digest
+	var sets [][]testFile
+	for i := range 6 {
+		files := append(append([]testFile{}, common...), makeFiles("u", uint64(150+i), 4, 8000)...)
+		sets = append(sets, files)
+		imgs = append(imgs, writeRepoImage(t, repo, "img"+string(rune('0'+i))+".cfs", files))
+	}
+	ts := newTestServer(t, repo)
+	root := t.TempDir()
+	opts := testOptions()
+	opts.MaxSize = 1
+	opts.GCGrace = time.Nanosecond
+	s := openStore(t, root, opts)
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+
+	stop := make(chan struct{})
+	gcDone := make(chan error, 1)
+	var gcRuns atomic.Int32
+	go func() {
+		for {
+			select {
+			case <-stop:
+				gcDone <- nil
+				return
+			default:
+			}
+			if _, err := s.GC(ctx); err != nil {
+				gcDone <- err
+				return
+			}
+			gcRuns.Add(1)
+		}
+	}()
+	errs := make(chan error, 8)
+	for w := range 8 {
+		go func() {
+			for k := range 6 {
+				i := (w + k) % 6
+				d := imgs[i]
+				s.Pin(d) // the digest is known: pin before fetching
+				_, err := s.EnsureImage(ctx, src, ImageRef{Name: "img" + string(rune('0'+i)) + ".cfs", Digest: d})
+				if err == nil {
+					_, err = s.EnsureObjects(ctx, src, d)
+				}
+				if err == nil && !hasObjects(t, root, sets[i]) {
+					err = errors.New("objects of a pinned image missing after EnsureObjects")
+				}
+				s.Unpin(d)
+				if err != nil {
+					errs <- err
+					return
+				}
+			}
+			errs <- nil
+		}()
+	}
+	for range 8 {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+	close(stop)
+	if err := <-gcDone; err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("%d GC runs during the pulls removed %d images and %d objects", gcRuns.Load(), s.Counters().GCImagesRemoved, s.Counters().GCObjectsRemoved)
 	checkInvariant(t, root)
 }
