@@ -124,6 +124,8 @@ type Store struct {
 
 	bufs sync.Pool // *[]byte copy buffers
 
+	durable *groupSync // makes downloaded objects durable in groups
+
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
 
@@ -165,7 +167,11 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
 	}
-	s.bufs.New = func() any { b := make([]byte, 128<<10); return &b }
+	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
+	if s.durable, err = newGroupSync(root); err != nil {
+		s.Close()
+		return nil, fmt.Errorf("opening store %s: %w", root, err)
+	}
 	if err := s.clearTmp(); err != nil {
 		s.Close()
 		return nil, err
@@ -191,6 +197,9 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 func (s *Store) Close() error {
 	if s.lock == nil {
 		return nil
+	}
+	if s.durable != nil {
+		s.durable.close()
 	}
 	err := s.lock.Close()
 	s.lock = nil
@@ -404,12 +413,20 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 // finishFile makes a complete, verified temporary file ready to be renamed
 // into the store: mode 0644, fsynced, closed, fs-verity enabled where the
 // filesystem supports it. f is closed.
-func (s *Store) finishFile(f *os.File) error {
+func (s *Store) finishFile(f *os.File) error { return s.prepareFile(f, true) }
+
+// prepareFile makes a complete, verified temporary file ready to be
+// renamed into the store: mode 0644, fsynced when sync is set (otherwise
+// the caller makes it durable), closed, fs-verity enabled where the
+// filesystem supports it. f is closed.
+func (s *Store) prepareFile(f *os.File, sync bool) error {
 	if err := f.Chmod(0o644); err != nil {
 		return fmt.Errorf("finishing %s: %w", f.Name(), err)
 	}
-	if err := f.Sync(); err != nil {
-		return fmt.Errorf("syncing %s: %w", f.Name(), err)
+	if sync {
+		if err := f.Sync(); err != nil {
+			return fmt.Errorf("syncing %s: %w", f.Name(), err)
+		}
 	}
 	if err := f.Close(); err != nil {
 		return fmt.Errorf("closing %s: %w", f.Name(), err)
@@ -597,7 +614,11 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		wg       sync.WaitGroup
 		next     atomic.Int64
 	)
-	workers := min(s.opts.Parallelism, len(missing))
+	// At most Parallelism downloads run at once (slots); more workers than
+	// that keep the slots busy while finished downloads wait for the group
+	// sync that makes them durable before they are renamed into place.
+	slots := make(chan struct{}, s.opts.Parallelism)
+	workers := min(waitersPerSlot*s.opts.Parallelism, len(missing))
 	for range workers {
 		wg.Add(1)
 		go func() {
@@ -609,7 +630,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 				}
 				o := missing[i]
 				res, shared, err := s.objects.do(wctx, o.Digest.String(), func(fctx context.Context) (objectResult, error) {
-					return s.fetchObject(fctx, src, o, p)
+					return s.fetchObject(fctx, src, o, p, slots)
 				})
 				mu.Lock()
 				if err != nil {
@@ -647,9 +668,11 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		}
 		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, firstErr)
 	}
-	for dir := range dirs {
-		if err := syncDir(dir); err != nil {
-			return st, err
+	if len(dirs) > 0 {
+		// One more group sync makes the renames durable (rather than one
+		// fsync per object directory).
+		if err := s.durable.wait(ctx); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 		}
 	}
 	s.c.objectsDeduplicated.Add(uint64(st.Shared))
@@ -686,14 +709,20 @@ func (s *Store) locate(ctx context.Context, o cfs.Object) location {
 	return missingObject
 }
 
-func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress) (objectResult, error) {
+// waitersPerSlot is how many objects per download slot an EnsureObjects
+// call works on at once: downloading, or waiting to be made durable.
+const waitersPerSlot = 4
+
+// fetchObject downloads o into the store, holding one of slots while it
+// downloads.
+func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (objectResult, error) {
 	if s.locate(ctx, o) != missingObject { // arrived while we queued
 		return objectResult{}, nil
 	}
 	var res objectResult
 	err := s.retry(ctx, "object "+o.Digest.String(), func(ctx context.Context) error {
 		var err error
-		res, err = s.fetchObjectOnce(ctx, src, o, p)
+		res, err = s.fetchObjectOnce(ctx, src, o, p, slots)
 		return err
 	})
 	if err != nil {
@@ -702,19 +731,10 @@ func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Pr
 	return res, nil
 }
 
-func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p *Progress) (objectResult, error) {
-	actx, rearm, stop := s.stallContext(ctx)
-	defer stop()
-	body, err := src.OpenObject(actx, o.Digest, o.Size)
+func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (objectResult, error) {
+	f, err := s.downloadObject(ctx, src, o, p, slots)
 	if err != nil {
-		return objectResult{}, s.stallError(ctx, actx, err)
-	}
-	defer body.Close()
-	// Temporary files are spread over 16 directories: one directory for
-	// all would serialise every create and rename on its lock.
-	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
-	if err != nil {
-		return objectResult{}, fmt.Errorf("creating temporary file: %w", err)
+		return objectResult{}, err
 	}
 	defer func() {
 		if f != nil {
@@ -722,39 +742,79 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 			os.Remove(f.Name())
 		}
 	}()
-	h := cfs.NewVerityHash()
-	w := io.MultiWriter(f, h, progressWriter{&p.Fetched})
-	n, err := s.copyBody(w, stallReader{body, rearm}, int64(o.Size)+1)
-	if err != nil {
-		p.Fetched.Add(-n)
-		return objectResult{}, s.stallError(ctx, actx, err)
-	}
-	if uint64(n) != o.Size {
-		p.Fetched.Add(-n)
-		if uint64(n) < o.Size {
-			return objectResult{}, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", objectLocation(src, o.Digest), n, o.Size))
-		}
-		return objectResult{}, fmt.Errorf("%s: more than the %d bytes the image records: %w", objectLocation(src, o.Digest), o.Size, ErrSizeMismatch)
-	}
-	if got := h.Digest(); got != o.Digest {
-		p.Fetched.Add(-n)
-		return objectResult{}, fmt.Errorf("%s: content has digest %s: %w", objectLocation(src, o.Digest), got, ErrDigestMismatch)
-	}
-	if err := s.finishFile(f); err != nil {
+	// Complete and verified: make it durable, then publish it.
+	if err := s.prepareFile(f, false); err != nil {
 		return objectResult{}, err
+	}
+	if err := s.durable.wait(ctx); err != nil {
+		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	final := s.objectPath(o.Digest)
 	dir := filepath.Dir(final)
-	if err := os.Mkdir(dir, 0o755); err != nil && !errors.Is(err, fs.ErrExist) {
-		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+	err = os.Rename(f.Name(), final)
+	if errors.Is(err, fs.ErrNotExist) { // first object of its xx/ directory
+		if err = os.Mkdir(dir, 0o755); err == nil || errors.Is(err, fs.ErrExist) {
+			err = os.Rename(f.Name(), final)
+		}
 	}
-	if err := os.Rename(f.Name(), final); err != nil {
+	if err != nil {
 		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	f = nil
 	s.c.objectsFetched.Add(1)
-	s.c.objectBytesFetched.Add(uint64(n))
-	return objectResult{fetched: uint64(n), dir: dir}, nil
+	s.c.objectBytesFetched.Add(o.Size)
+	return objectResult{fetched: o.Size, dir: dir}, nil
+}
+
+// downloadObject streams o into a new file under tmp/ through the fs-verity
+// hasher, holding one of slots meanwhile, and checks its size and digest.
+// The returned file is complete and verified but not yet durable; on error
+// nothing is left behind.
+func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (_ *os.File, err error) {
+	select {
+	case slots <- struct{}{}:
+		defer func() { <-slots }()
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+	actx, rearm, stop := s.stallContext(ctx)
+	defer stop()
+	body, err := src.OpenObject(actx, o.Digest, o.Size)
+	if err != nil {
+		return nil, s.stallError(ctx, actx, err)
+	}
+	defer body.Close()
+	// Temporary files are spread over 16 directories: one directory for
+	// all would serialise every create and rename on its lock.
+	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	if err != nil {
+		return nil, fmt.Errorf("creating temporary file: %w", err)
+	}
+	var n int64
+	defer func() {
+		if err != nil {
+			p.Fetched.Add(-n)
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	h := cfs.NewVerityHash()
+	wf := &writebackFile{f: f}
+	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), stallReader{body, rearm}, int64(o.Size)+1)
+	if err != nil {
+		return nil, s.stallError(ctx, actx, err)
+	}
+	if uint64(n) != o.Size {
+		if uint64(n) < o.Size {
+			return nil, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", objectLocation(src, o.Digest), n, o.Size))
+		}
+		return nil, fmt.Errorf("%s: more than the %d bytes the image records: %w", objectLocation(src, o.Digest), o.Size, ErrSizeMismatch)
+	}
+	if got := h.Digest(); got != o.Digest {
+		return nil, fmt.Errorf("%s: content has digest %s: %w", objectLocation(src, o.Digest), got, ErrDigestMismatch)
+	}
+	wf.startWriteback()
+	return f, nil
 }
 
 // copyBody copies at most limit bytes. Read errors are transient (resets,
