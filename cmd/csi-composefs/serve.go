@@ -30,7 +30,14 @@ func newServeCmd() *cobra.Command {
 	cmd := &cobra.Command{
 		Use:   "serve",
 		Short: "Run the CSI node plugin (Identity and Node services) on a unix socket",
-		Args:  exactArgs(0),
+		Long: `Run the CSI node plugin (Identity and Node services) on a unix socket.
+
+Fetch and verification failures are posted as Kubernetes events on the pod
+(the CSIDriver needs podInfoOnMount: true) when the plugin runs with an
+in-cluster config; the service account then needs RBAC verbs create and
+patch on events (core API group). Without an in-cluster config events go
+to the log only.`,
+		Args: exactArgs(0),
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if _, _, err := driver.ParseEndpoint(endpoint); err != nil {
 				return usageErrorf("--endpoint: %v", err)
@@ -104,10 +111,12 @@ func serve(ctx context.Context, c serveConfig) error {
 		}
 	}
 	var dopts []driver.Option
-	switch rec, err := driver.NewInClusterRecorder(c.driver.DriverName, c.driver.NodeID); {
+	// Pod events: through client-go with the in-cluster config, or to the
+	// log only. The driver owns the recorder and shuts it down on Close.
+	switch rec, err := driver.NewInClusterRecorder(ctx, c.driver.DriverName, c.driver.NodeID); {
 	case err == nil:
 		dopts = append(dopts, driver.WithEventRecorder(rec))
-		log.Info("Posting pod events to the API server")
+		log.Info("Posting pod events to the API server (RBAC: create and patch on events)")
 	case errors.Is(err, driver.ErrNotInCluster):
 		log.Info("Pod events go to the log only", "reason", err.Error())
 	default:

@@ -279,6 +279,7 @@ func (d *Driver) Close() {
 	d.closeMu.Unlock()
 	d.cancel()
 	d.wg.Wait()
+	d.closeEvents()
 }
 
 // goBackground runs fn in a goroutine Close waits for, unless the driver

@@ -23,7 +23,8 @@ type EventRecorder interface {
 	PodEvent(ctx context.Context, pod PodInfo, warning bool, reason, message string)
 }
 
-// WithEventRecorder sets where pod events go.
+// WithEventRecorder sets where pod events go. The driver owns r: when r
+// has a Close method, Driver.Close calls it.
 func WithEventRecorder(r EventRecorder) Option { return func(d *Driver) { d.events = r } }
 
 // logRecorder writes pod events to the log.
