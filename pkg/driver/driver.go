@@ -37,6 +37,7 @@ type Store interface {
 	Pin(image cfs.Digest)
 	Unpin(image cfs.Digest)
 	GC(ctx context.Context) (fetch.GCStats, error)
+	Verify(ctx context.Context) (fetch.VerifyReport, error)
 	VerityEnabled() bool
 	Counters() fetch.Counters
 	Root() string
@@ -99,6 +100,10 @@ type Config struct {
 	// GCInterval is how often the store is garbage collected once the
 	// state is recovered; 0 means never (tests), negative means 10m.
 	GCInterval time.Duration
+	// VerifyInterval is how often every object and image of the store is
+	// re-hashed (corrupt files go to quarantine/, and volumes that use them
+	// report an abnormal condition); 0 means never, negative means 24h.
+	VerifyInterval time.Duration
 	// WaitMargin is how long before the caller's deadline a publish stops
 	// waiting for a fetch and answers Aborted; 0 means 2s.
 	WaitMargin time.Duration
@@ -175,6 +180,9 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	}
 	if cfg.GCInterval < 0 {
 		cfg.GCInterval = 10 * time.Minute
+	}
+	if cfg.VerifyInterval < 0 {
+		cfg.VerifyInterval = 24 * time.Hour
 	}
 	if cfg.WaitMargin <= 0 {
 		cfg.WaitMargin = 2 * time.Second
@@ -266,7 +274,10 @@ func (d *Driver) Recover(ctx context.Context) error {
 	d.metrics.setVolumes(st.len())
 	d.ready.Store(true)
 	if d.cfg.GCInterval > 0 {
-		d.goBackground(func() { d.gcLoop(klog.NewContext(d.ctx, log)) })
+		d.goBackground(func() { every(klog.NewContext(d.ctx, log), d.cfg.GCInterval, "Store GC", d.RunGC) })
+	}
+	if d.cfg.VerifyInterval > 0 {
+		d.goBackground(func() { every(klog.NewContext(d.ctx, log), d.cfg.VerifyInterval, "Store verification", d.RunVerify) })
 	}
 	return nil
 }
@@ -298,19 +309,46 @@ func (d *Driver) goBackground(fn func()) bool {
 	return true
 }
 
-func (d *Driver) gcLoop(ctx context.Context) {
-	t := time.NewTicker(d.cfg.GCInterval)
+// every runs fn each interval until the driver closes.
+func every[T any](ctx context.Context, interval time.Duration, what string, fn func(context.Context) (T, error)) {
+	t := time.NewTicker(interval)
 	defer t.Stop()
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
-			if _, err := d.RunGC(ctx); err != nil && ctx.Err() == nil {
-				klog.FromContext(ctx).Error(err, "Store GC failed")
+			if _, err := fn(ctx); err != nil && ctx.Err() == nil {
+				klog.FromContext(ctx).Error(err, what+" failed")
 			}
 		}
 	}
+}
+
+// RunVerify re-hashes the store. Corrupt files are moved to quarantine/
+// and counted as verification failures; images are checked again at their
+// next publish, and published volumes whose objects were quarantined
+// report an abnormal volume condition.
+func (d *Driver) RunVerify(ctx context.Context) (fetch.VerifyReport, error) {
+	if !d.ready.Load() {
+		return fetch.VerifyReport{}, errors.New("store verification: driver state not recovered yet")
+	}
+	rep, err := d.store.Verify(ctx)
+	log := klog.FromContext(ctx)
+	for _, c := range rep.Corrupt {
+		d.metrics.verificationFailure()
+		log.Error(nil, "Corrupt file moved to quarantine", "path", c.Path, "reason", c.Reason, "movedTo", c.MovedTo)
+	}
+	if len(rep.Corrupt) > 0 {
+		d.mu.Lock()
+		clear(d.complete)
+		d.mu.Unlock()
+	}
+	if err != nil {
+		return rep, fmt.Errorf("store verification: %w", err)
+	}
+	log.V(2).Info("Store verification done", "objects", rep.Objects, "images", rep.Images, "bytes", rep.Bytes, "corrupt", len(rep.Corrupt))
+	return rep, nil
 }
 
 // RunGC garbage collects the store. Images of published volumes are

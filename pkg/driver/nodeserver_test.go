@@ -435,3 +435,49 @@ func TestPublishAdoptsUnrecordedMount(t *testing.T) {
 	}
 	assertClean(t, e, target)
 }
+
+// TestVerifyQuarantinesCorruptObject corrupts an object of a published
+// volume in place (same size, other bytes): the periodic verification moves
+// it to quarantine and the volume then reports an abnormal condition.
+func TestVerifyQuarantinesCorruptObject(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(5))
+	e := newTestEnv(t, Config{})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	objs := objectsOf(t, e.store.ImagePath(dg))
+	p := filepath.Join(e.store.ObjectsDir(), objs[0].Digest.ObjectPath())
+	b, err := os.ReadFile(p)
+	if err != nil {
+		t.Fatal(err)
+	}
+	b[0] ^= 0xff
+	if err := os.WriteFile(p, b, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	stats := func() *csi.VolumeCondition {
+		resp, err := e.d.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: target})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return resp.GetVolumeCondition()
+	}
+	rep, err := e.d.RunVerify(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rep.Corrupt) != 1 || !strings.Contains(rep.Corrupt[0].Path, objs[0].Digest.String()[2:]) {
+		t.Fatalf("verification found %+v, want the corrupted object", rep.Corrupt)
+	}
+	if c := stats(); !c.GetAbnormal() || !strings.Contains(c.GetMessage(), objs[0].Digest.String()) {
+		t.Fatalf("condition %+v, want abnormal naming the object", c)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+}
