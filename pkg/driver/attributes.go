@@ -252,6 +252,16 @@ func canonicalHTTPURL(raw string) (string, error) {
 		return "", fmt.Errorf("query and fragment are not allowed")
 	}
 	p := u.EscapedPath()
+	for _, seg := range strings.Split(p, "/") {
+		dec, err := url.PathUnescape(seg)
+		if err != nil {
+			return "", fmt.Errorf("bad escape in the path")
+		}
+		// Checked decoded, so %2e%2e cannot climb out of an allowed prefix.
+		if dec == "." || dec == ".." || strings.ContainsAny(dec, "/\\") {
+			return "", fmt.Errorf("the path must not contain . or .. segments or encoded slashes")
+		}
+	}
 	if p != "" {
 		p = path.Clean("/" + p)
 	}
@@ -341,17 +351,35 @@ func (a AllowList) Allows(src SourceSpec) bool {
 // SourceFactory makes the fetch.Source a volume reads from.
 type SourceFactory func(spec SourceSpec, creds Credentials) (fetch.Source, error)
 
-// NewSource is the production SourceFactory.
+// NewSource is the SourceFactory of a node without an allow-list.
 func NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
+	return AllowList(nil).NewSource(spec, creds)
+}
+
+// NewSource is the production SourceFactory: every redirect the source
+// follows must lead to an allowed source too.
+func (a AllowList) NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
 	switch spec.Kind {
 	case SourceHTTP:
-		return newHTTPSource(spec.URL, creds)
+		return newHTTPSource(spec.URL, creds, a.allowsURL)
 	}
 	return nil, status.Errorf(codes.InvalidArgument, "source kind %q is not supported", spec.Kind)
 }
 
-func newHTTPSource(base string, creds Credentials) (fetch.Source, error) {
-	opts := fetch.HTTPOptions{Username: creds.Username, Password: creds.Password, BearerToken: creds.Token}
+// allowsURL applies the allow-list to a URL a redirect leads to (its query,
+// as in a pre-signed link, does not matter).
+func (a AllowList) allowsURL(u *url.URL) bool {
+	c := *u
+	c.User, c.RawQuery, c.Fragment, c.ForceQuery = nil, "", "", false
+	canon, err := canonicalHTTPURL(c.String())
+	if err != nil {
+		return false
+	}
+	return a.Allows(SourceSpec{Kind: SourceHTTP, URL: canon})
+}
+
+func newHTTPSource(base string, creds Credentials, allowRedirect func(*url.URL) bool) (fetch.Source, error) {
+	opts := fetch.HTTPOptions{Username: creds.Username, Password: creds.Password, BearerToken: creds.Token, AllowRedirect: allowRedirect}
 	if opts.Username == "" && opts.BearerToken == "" && len(creds.DockerConfig) > 0 {
 		u, _ := url.Parse(base)
 		user, pass, ok := dockerConfigAuth(creds.DockerConfig, u.Host)

@@ -4,6 +4,8 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"net/http"
+	"net/http/httptest"
 	"strings"
 	"syscall"
 	"testing"
@@ -246,4 +248,59 @@ func TestRedactRequest(t *testing.T) {
 	if len(req.Secrets) != 1 || len(req.VolumeContext) != 2 {
 		t.Error("redactRequest modified the request")
 	}
+}
+
+// TestRepositoryPathCannotClimb refuses dot segments, also percent-encoded,
+// which a server would resolve after the allow-list had said yes.
+func TestRepositoryPathCannotClimb(t *testing.T) {
+	al, err := ParseAllowList("https://h/team/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, repo := range []string{
+		"https://h/team/%2e%2e/other", "https://h/team/%2E%2E/%2e%2e/x", "https://h/team/../other",
+		"https://h/team/./x", "https://h/team/a%2fb", "https://h/team/a%5cb",
+	} {
+		spec, err := ParseVolumeContext(map[string]string{"repository": repo, "image": "a.cfs"})
+		if err == nil {
+			t.Errorf("%s accepted as %s (allowed: %v)", repo, spec.Source.URL, al.Allows(spec.Source))
+			continue
+		}
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "repository") {
+			t.Errorf("%s: %v, want InvalidArgument naming repository", repo, err)
+		}
+	}
+}
+
+// TestRedirectsStayInsideTheAllowList follows a redirect only to an allowed
+// source, and never from https to http.
+func TestRedirectsStayInsideTheAllowList(t *testing.T) {
+	other := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Write([]byte("not a composefs image"))
+	}))
+	defer other.Close()
+	repo := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		http.Redirect(w, r, other.URL+"/elsewhere"+r.URL.Path, http.StatusFound)
+	}))
+	defer repo.Close()
+	al, err := ParseAllowList(repo.URL + "/")
+	if err != nil {
+		t.Fatal(err)
+	}
+	src, err := al.NewSource(SourceSpec{Kind: SourceHTTP, URL: repo.URL}, Credentials{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, _, err = src.OpenImage(context.Background(), fetch.ImageRef{Name: "a.cfs"})
+	if err == nil || !strings.Contains(err.Error(), "not an allowed source") {
+		t.Fatalf("redirect to another host: %v, want it refused", err)
+	}
+	// With the target allowed too, the redirect is followed.
+	al2, _ := ParseAllowList(repo.URL + "/," + other.URL + "/elsewhere/")
+	src2, _ := al2.NewSource(SourceSpec{Kind: SourceHTTP, URL: repo.URL}, Credentials{})
+	rc, _, err := src2.OpenImage(context.Background(), fetch.ImageRef{Name: "a.cfs"})
+	if err != nil {
+		t.Fatalf("allowed redirect: %v", err)
+	}
+	rc.Close()
 }

@@ -192,7 +192,7 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 		cfg:       cfg,
 		store:     store,
 		mounter:   KernelMounter{},
-		newSource: NewSource,
+		newSource: cfg.AllowedSources.NewSource,
 		events:    logRecorder{},
 		now:       time.Now,
 		locks:     newTargetLocks(),

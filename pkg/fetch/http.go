@@ -34,6 +34,10 @@ type HTTPOptions struct {
 	UserAgent string
 	// Transport replaces the transport built from the options above (tests).
 	Transport http.RoundTripper
+	// AllowRedirect, when set, must accept every URL a redirect leads to
+	// (the driver re-applies its allow-list). Redirects from https to http
+	// and chains longer than 10 are always refused.
+	AllowRedirect func(*url.URL) bool
 }
 
 // HTTPSource reads an HTTP repository: BASE/images/NAME and
@@ -86,7 +90,19 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 		}
 		rt = t
 	}
-	return &HTTPSource{base: u, client: &http.Client{Transport: rt}, opts: opts}, nil
+	client := &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
+		if len(via) >= 10 {
+			return fmt.Errorf("stopped after 10 redirects")
+		}
+		if via[0].URL.Scheme == "https" && req.URL.Scheme != "https" {
+			return fmt.Errorf("refusing a redirect from https to %s", redactURL(req.URL))
+		}
+		if opts.AllowRedirect != nil && !opts.AllowRedirect(req.URL) {
+			return fmt.Errorf("redirect to %s is not an allowed source", redactURL(req.URL))
+		}
+		return nil
+	}}
+	return &HTTPSource{base: u, client: client, opts: opts}, nil
 }
 
 func newTransport(opts HTTPOptions) (*http.Transport, error) {

@@ -315,7 +315,10 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef) (cfs.
 		}
 		// Unreadable or gone meanwhile: fetch it again.
 	}
-	key := src.String() + "\x00" + ref.String()
+	// Downloads are shared only by callers holding the same Source value:
+	// a caller never rides on a download made with someone else's
+	// credentials (the driver keeps one Source per URL and credentials).
+	key := fmt.Sprintf("%s\x00%p\x00%s", src.String(), src, ref.String())
 	d, _, err := s.images.do(ctx, key, func(ctx context.Context) (cfs.Digest, error) {
 		return s.fetchImage(ctx, src, ref)
 	})
