@@ -586,7 +586,11 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		if err := ctx.Err(); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s: %w", image, context.Cause(ctx))
 		}
-		switch where := s.locate(ctx, o); where {
+		where, err := s.locate(o)
+		if err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
+		}
+		switch where {
 		case inStore:
 			st.Present++
 			st.PresentBytes += o.Size
@@ -632,7 +636,10 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 					return
 				}
 				o := missing[i]
-				res, shared, err := s.objects.do(wctx, o.Digest.String(), func(fctx context.Context) (objectResult, error) {
+				// Keyed by digest and size: a request recording a wrong
+				// size fails alone rather than failing its sharers.
+				key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
+				res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
 					return s.fetchObject(fctx, src, o, p, slots)
 				})
 				mu.Lock()
@@ -693,23 +700,32 @@ const (
 	inExtra
 )
 
-// locate finds an object in the store (a regular file of the right size; a
-// file of another size is corrupt and is quarantined) or in an extra dir.
-func (s *Store) locate(ctx context.Context, o cfs.Object) location {
+// locate finds an object in the store or in an extra dir. It never moves
+// or removes anything: the size an image records is the claim of a request
+// (of a possibly hostile image), while a stored object's name is its
+// fs-verity digest, which pins its content and so its size. A stored
+// object of another size than the image records therefore means the image
+// is wrong, and the call fails with ErrSizeMismatch and ErrInvalidImage.
+// Only Verify, which re-hashes, quarantines corrupt objects.
+func (s *Store) locate(o cfs.Object) (location, error) {
 	path := s.objectPath(o.Digest)
 	if fi, err := os.Lstat(path); err == nil {
-		if fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
-			return inStore
+		if !fi.Mode().IsRegular() {
+			return missingObject, fmt.Errorf("object %s: %s is not a regular file (the store is damaged; verification quarantines it)", o.Digest, path)
 		}
-		s.quarantine(ctx, path, fmt.Sprintf("size %d, the image records %d", fi.Size(), o.Size))
+		if uint64(fi.Size()) != o.Size {
+			return missingObject, fmt.Errorf("object %s: the image records %d bytes but the object with that digest has %d: %w: %w",
+				o.Digest, o.Size, fi.Size(), ErrSizeMismatch, ErrInvalidImage)
+		}
+		return inStore, nil
 	}
 	for _, dir := range s.opts.ExtraObjectDirs {
 		fi, err := os.Stat(filepath.Join(dir, o.Digest.ObjectPath()))
 		if err == nil && fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
-			return inExtra
+			return inExtra, nil
 		}
 	}
-	return missingObject
+	return missingObject, nil
 }
 
 // waitersPerSlot is how many objects per download slot an EnsureObjects
@@ -719,7 +735,9 @@ const waitersPerSlot = 4
 // fetchObject downloads o into the store, holding one of slots while it
 // downloads.
 func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (objectResult, error) {
-	if s.locate(ctx, o) != missingObject { // arrived while we queued
+	if where, err := s.locate(o); err != nil {
+		return objectResult{}, err
+	} else if where != missingObject { // arrived while we queued
 		return objectResult{}, nil
 	}
 	var res objectResult
