@@ -160,7 +160,7 @@ func BenchmarkMountDesign(b *testing.B) {
 		b.Fatal(err)
 	}
 	if _, _, err := e.d.fetch(context.Background(), VolumeSpec{Source: spec, Ref: fetch.ImageRef{Name: "img", Digest: dg},
-		PullPolicy: PullIfNotPresent}, src, new(fetch.Progress)); err != nil {
+		PullPolicy: PullIfNotPresent}, src, "", new(fetch.Progress)); err != nil {
 		b.Fatal(err)
 	}
 	image := e.store.ImagePath(dg)

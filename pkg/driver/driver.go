@@ -128,12 +128,15 @@ type Driver struct {
 	ready atomic.Bool
 
 	mu       sync.Mutex
-	pinned   map[string]cfs.Digest  // target → image it pins
-	names    map[string]cfs.Digest  // source+name → digest last resolved
-	complete map[cfs.Digest]bool    // images whose objects were all ensured
-	checked  map[cfs.Digest]bool    // images whose file digest was checked
-	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
-	sources  map[string]fetch.Source
+	pinned   map[string]cfs.Digest // target → image it pins
+	names    map[string]cfs.Digest // source+name → digest last resolved
+	complete map[cfs.Digest]bool   // images whose objects were all ensured
+	// authorized holds source, image and credential fingerprints the
+	// source has accepted since start (see fetch).
+	authorized map[string]bool
+	checked    map[cfs.Digest]bool    // images whose file digest was checked
+	infos      map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
+	sources    map[string]fetch.Source
 
 	ctx     context.Context // lives as long as the driver: background fetches
 	cancel  context.CancelFunc
@@ -189,22 +192,23 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &Driver{
-		cfg:       cfg,
-		store:     store,
-		mounter:   KernelMounter{},
-		newSource: cfg.AllowedSources.NewSource,
-		events:    logRecorder{},
-		now:       time.Now,
-		locks:     newTargetLocks(),
-		ops:       newFetchOps(),
-		pinned:    make(map[string]cfs.Digest),
-		names:     make(map[string]cfs.Digest),
-		complete:  make(map[cfs.Digest]bool),
-		checked:   make(map[cfs.Digest]bool),
-		infos:     make(map[cfs.Digest]*imgRef),
-		sources:   make(map[string]fetch.Source),
-		ctx:       ctx,
-		cancel:    cancel,
+		cfg:        cfg,
+		store:      store,
+		mounter:    KernelMounter{},
+		newSource:  cfg.AllowedSources.NewSource,
+		events:     logRecorder{},
+		now:        time.Now,
+		locks:      newTargetLocks(),
+		ops:        newFetchOps(),
+		pinned:     make(map[string]cfs.Digest),
+		names:      make(map[string]cfs.Digest),
+		complete:   make(map[cfs.Digest]bool),
+		authorized: make(map[string]bool),
+		checked:    make(map[cfs.Digest]bool),
+		infos:      make(map[cfs.Digest]*imgRef),
+		sources:    make(map[string]fetch.Source),
+		ctx:        ctx,
+		cancel:     cancel,
 	}
 	for _, o := range opts {
 		o(d)
@@ -358,7 +362,8 @@ func (d *Driver) RunGC(ctx context.Context) (fetch.GCStats, error) {
 	if !d.ready.Load() {
 		return fetch.GCStats{}, errors.New("store GC: driver state not recovered yet")
 	}
-	st, err := d.store.GC(ctx)
+	// Forget "all objects present" for every image GC may touch before it
+	// starts, so a publish during the sweep checks its objects again.
 	d.mu.Lock()
 	pinned := make(map[cfs.Digest]bool, len(d.pinned))
 	for _, dg := range d.pinned {
@@ -370,6 +375,7 @@ func (d *Driver) RunGC(ctx context.Context) (fetch.GCStats, error) {
 		}
 	}
 	d.mu.Unlock()
+	st, err := d.store.GC(ctx)
 	d.metrics.observeGC(st, err)
 	if err != nil {
 		return st, fmt.Errorf("store GC: %w", err)

@@ -15,6 +15,10 @@ import (
 // errNotOnNode: pullPolicy Never and the node lacks the image or an object.
 var errNotOnNode = errors.New("not on this node and pullPolicy is Never")
 
+// errNotAuthorized: pullPolicy Never and this node has not yet seen the
+// source grant the volume's credentials this image.
+var errNotAuthorized = errors.New("this node has not yet confirmed with the source that the volume's credentials may read the image, and pullPolicy Never forbids asking; publish it once with IfNotPresent")
+
 // errorCode maps an error of a publish step to the gRPC code kubelet acts
 // on. Final codes (InvalidArgument, NotFound, PermissionDenied,
 // FailedPrecondition, Internal) make kubelet show the error on the pod and
@@ -30,7 +34,7 @@ func errorCode(err error) codes.Code {
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return codes.Aborted
-	case errors.Is(err, errNotOnNode):
+	case errors.Is(err, errNotOnNode), errors.Is(err, errNotAuthorized):
 		return codes.FailedPrecondition
 	case errors.Is(err, fetch.ErrNotFound):
 		return codes.NotFound

@@ -72,14 +72,17 @@ func (g *fetchOps) finish(op *fetchOp) {
 // store and returns its digest. It waits for the fetch until shortly
 // before ctx's deadline; if the fetch is still running then, it answers
 // Aborted (non-final: kubelet retries) and the fetch goes on.
-func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source) (cfs.Digest, error) {
-	key := spec.Key() + " " + string(spec.PullPolicy)
+//
+// Callers share a fetch only when they also present the same credentials,
+// so a volume never rides on a fetch made with another volume's secrets.
+func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string) (cfs.Digest, error) {
+	key := spec.Key() + " " + string(spec.PullPolicy) + " " + credFP
 	log := klog.FromContext(ctx)
 	op, started := d.ops.join(key, d.now(), func(op *fetchOp) {
 		// The fetch keeps the caller's logger but not its deadline.
 		fctx := klog.NewContext(d.ctx, log)
 		ok := d.goBackground(func() {
-			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, &op.progress)
+			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, credFP, &op.progress)
 			d.metrics.observeFetch(op.stats, op.err)
 			if op.err != nil && fctx.Err() == nil {
 				log.Error(op.err, "Fetch failed", "source", spec.Source.URL, "image", spec.Ref.String())
@@ -112,8 +115,14 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source) 
 }
 
 // fetch brings the image and its objects into the store.
-func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
+//
+// Content on the node is not proof that a volume may read it: an image is
+// served from the store only for source, image and credentials that the
+// source has accepted since the plugin started (as kubelet re-checks
+// credentials for images, KEP-2535). Otherwise the source is asked once.
+func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
+	authKey := spec.Source.URL + "\x00" + spec.Ref.String() + "\x00" + credFP
 	nameKey := spec.Source.URL + " " + ref.Name
 	switch spec.PullPolicy {
 	case PullAlways:
@@ -138,9 +147,22 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, p
 	if spec.PullPolicy == PullNever && (ref.Digest.IsZero() || !d.store.HasImage(ref.Digest)) {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
 	}
+	fromStore := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
+	if fromStore && !d.isAuthorized(authKey) {
+		if spec.PullPolicy == PullNever {
+			return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s from %s: %w", spec.Ref, spec.Source.URL, errNotAuthorized)
+		}
+		if err := checkAccess(ctx, src, spec.Ref); err != nil {
+			return cfs.Digest{}, fetch.Stats{}, err
+		}
+	}
 	dg, err := d.store.EnsureImage(ctx, src, ref)
 	if err != nil {
 		return cfs.Digest{}, fetch.Stats{}, err
+	}
+	// The source served the image or accepted the check above.
+	if spec.PullPolicy != PullNever {
+		d.setAuthorized(authKey)
 	}
 	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
@@ -150,8 +172,11 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, p
 		d.names[nameKey] = dg
 		d.mu.Unlock()
 	}
+	// Skip the per-object check only for an image that stayed in the store
+	// since its objects were last ensured (GC clears the mark of images it
+	// may have touched, and a fetched image is checked again).
 	d.mu.Lock()
-	done := d.complete[dg]
+	done := fromStore && d.complete[dg]
 	d.mu.Unlock()
 	if done {
 		return dg, fetch.Stats{}, nil
@@ -164,6 +189,31 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, p
 	d.complete[dg] = true
 	d.mu.Unlock()
 	return dg, st, nil
+}
+
+// checkAccess asks the source for the image with the volume's credentials
+// and reads nothing of it: a refusal (401/403, 404) is the answer.
+func checkAccess(ctx context.Context, src fetch.Source, ref fetch.ImageRef) error {
+	rc, _, err := src.OpenImage(ctx, ref)
+	if err != nil {
+		return fmt.Errorf("checking access to image %s at %s: %w", ref, src, err)
+	}
+	return rc.Close()
+}
+
+func (d *Driver) isAuthorized(key string) bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.authorized[key]
+}
+
+func (d *Driver) setAuthorized(key string) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.authorized) >= 100000 { // bound it; entries are cheap to earn again
+		clear(d.authorized)
+	}
+	d.authorized[key] = true
 }
 
 // neverSource serves nothing: with pullPolicy Never, what the node lacks

@@ -37,6 +37,7 @@ type testRepo struct {
 	hold  map[string]chan struct{} // requests of paths with a prefix wait on the channel
 	fail  map[string]int           // path prefix → status to answer
 	seen  map[string]chan struct{} // closed at the first request of a path prefix
+	token string                   // when set, requests need "Authorization: Bearer <token>"
 }
 
 func newTestRepo(t testing.TB) *testRepo {
@@ -58,6 +59,9 @@ func newTestRepo(t testing.TB) *testRepo {
 			if strings.HasPrefix(req.URL.Path, p) {
 				code = c
 			}
+		}
+		if r.token != "" && req.Header.Get("Authorization") != "Bearer "+r.token {
+			code = http.StatusUnauthorized
 		}
 		for p, ch := range r.seen {
 			if strings.HasPrefix(req.URL.Path, p) {
@@ -148,11 +152,12 @@ func sampleFiles(i int) map[string]string {
 
 // testEnv is a driver over a fresh store.
 type testEnv struct {
-	t       testing.TB
-	root    string // store dir
-	store   *fetch.Store
-	d       *Driver
-	metrics *Metrics
+	t         testing.TB
+	storeOpts fetch.Options // options of the store, besides those the driver's Config sets
+	root      string        // store dir
+	store     *fetch.Store
+	d         *Driver
+	metrics   *Metrics
 }
 
 func newTestEnv(t testing.TB, cfg Config, opts ...Option) *testEnv {
@@ -165,7 +170,9 @@ func newTestEnv(t testing.TB, cfg Config, opts ...Option) *testEnv {
 func (e *testEnv) open(cfg Config, opts ...Option) {
 	e.t.Helper()
 	ctx := klog.NewContext(context.Background(), klog.Background())
-	st, err := fetch.Open(ctx, e.root, fetch.Options{ExtraObjectDirs: cfg.ExtraObjectDirs, Retries: -1})
+	so := e.storeOpts
+	so.ExtraObjectDirs, so.Retries = cfg.ExtraObjectDirs, -1
+	st, err := fetch.Open(ctx, e.root, so)
 	if err != nil {
 		e.t.Fatal(err)
 	}

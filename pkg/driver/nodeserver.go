@@ -155,7 +155,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	if err != nil {
 		return toStatus("making the source", err)
 	}
-	dg, err := d.ensure(ctx, spec, src)
+	dg, err := d.ensure(ctx, spec, src, creds.fingerprint())
 	if err != nil {
 		d.reportFailure(ctx, spec.Pod, err)
 		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, spec.Source.URL), err)

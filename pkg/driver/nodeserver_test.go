@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"io/fs"
+	"maps"
 	"os"
 	"path/filepath"
 	"strings"
@@ -16,6 +17,7 @@ import (
 	"google.golang.org/grpc/status"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
 // assertClean checks that nothing of a failed publish is left behind.
@@ -289,6 +291,9 @@ func TestRestartRecovery(t *testing.T) {
 	if err := cfs.Unmount(gone, false); err != nil { // e.g. a node reboot
 		t.Fatal(err)
 	}
+	// Restart with a store that GC empties of everything not pinned, so
+	// only restored pins can keep the volume's content.
+	e.storeOpts = fetch.Options{MaxSize: 1, GCGrace: time.Nanosecond}
 	e.open(Config{})
 	if p := e.store.Pinned(); p[dg] != 1 {
 		t.Fatalf("pins after restart %v, want %s once", p, dg)
@@ -300,8 +305,10 @@ func TestRestartRecovery(t *testing.T) {
 	if _, err := e.d.RunGC(context.Background()); err != nil {
 		t.Fatal(err)
 	}
-	if _, err := os.ReadFile(filepath.Join(kept, "lib/shared0.so")); err != nil {
-		t.Fatal(err)
+	for name := range sampleFiles(0) {
+		if _, err := os.ReadFile(filepath.Join(kept, name)); err != nil {
+			t.Fatalf("after GC: %v", err)
+		}
 	}
 	// A repeat publish after the restart is recognised (name-only volume).
 	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", kept, vc)); err != nil {
@@ -479,5 +486,106 @@ func TestVerifyQuarantinesCorruptObject(t *testing.T) {
 	}
 	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// TestGCThenRepublishRefetches: the store's GC removes an unpublished image
+// and its objects (here called directly, as when a publish lands in the
+// middle of a sweep, before the driver has forgotten its marks); publishing
+// it again must fetch them again, not trust the "all objects present" mark.
+func TestGCThenRepublishRefetches(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(3))
+	e := &testEnv{t: t, root: t.TempDir(), storeOpts: fetch.Options{MaxSize: 1, GCGrace: time.Nanosecond}}
+	e.open(Config{})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "image": "app", "digest": dg.String()}
+	for round := 0; round < 2; round++ {
+		if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		for name, content := range sampleFiles(3) {
+			got, err := os.ReadFile(filepath.Join(target, name))
+			if err != nil || string(got) != content {
+				t.Fatalf("round %d: %s: %v", round, name, err)
+			}
+		}
+		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+			t.Fatal(err)
+		}
+		st, err := e.store.GC(context.Background())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if st.ObjectsRemoved == 0 {
+			t.Fatalf("round %d: GC removed no object (%+v); the test needs it to", round, st)
+		}
+	}
+}
+
+// TestCredentialsAreCheckedForStoredContent: content fetched with one
+// volume's token is not served to a volume without it, and pullPolicy
+// Never does not bypass the check.
+func TestCredentialsAreCheckedForStoredContent(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "private", sampleFiles(4))
+	repo.token = "s3cret"
+	e := newTestEnv(t, Config{})
+	vc := map[string]string{"repository": repo.srv.URL, "image": "private", "digest": dg.String()}
+	good := filepath.Join(t.TempDir(), "good")
+	cleanupMounts(t, good)
+	req := publishReq("v1", good, vc)
+	req.Secrets = map[string]string{"token": "s3cret"}
+	if _, err := e.d.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatalf("with the token: %v", err)
+	}
+	for _, tt := range []struct {
+		name    string
+		secrets map[string]string
+		policy  string
+		code    codes.Code
+	}{
+		{"no token", nil, "", codes.PermissionDenied},
+		{"wrong token", map[string]string{"token": "guess"}, "", codes.PermissionDenied},
+		{"no token, Never", nil, "Never", codes.FailedPrecondition},
+	} {
+		target := filepath.Join(t.TempDir(), "other")
+		cleanupMounts(t, target)
+		vc2 := maps.Clone(vc)
+		if tt.policy != "" {
+			vc2["pullPolicy"] = tt.policy
+		}
+		r := publishReq("v2", target, vc2)
+		r.Secrets = tt.secrets
+		_, err := e.d.NodePublishVolume(context.Background(), r)
+		if status.Code(err) != tt.code {
+			t.Errorf("%s: %v, want %v", tt.name, err, tt.code)
+		}
+		if _, mounted, _ := cfs.IsMounted(target); mounted {
+			t.Errorf("%s: mounted anyway", tt.name)
+		}
+		if p := e.store.Pinned(); p[dg] != 1 {
+			t.Errorf("%s: pins %v, want only the first volume's", tt.name, p)
+		}
+	}
+	// The same token again is served from the store without a download.
+	before := repo.requests("/objects/")
+	again := filepath.Join(t.TempDir(), "again")
+	cleanupMounts(t, again)
+	req2 := publishReq("v3", again, vc)
+	req2.Secrets = map[string]string{"token": "s3cret"}
+	if _, err := e.d.NodePublishVolume(context.Background(), req2); err != nil {
+		t.Fatal(err)
+	}
+	if n := repo.requests("/objects/") - before; n != 0 {
+		t.Errorf("%d object requests for content already on the node", n)
+	}
+	for _, tg := range []string{good, again} {
+		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", tg)); err != nil {
+			t.Fatal(err)
+		}
 	}
 }
