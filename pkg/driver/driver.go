@@ -274,7 +274,27 @@ func (d *Driver) Recover(ctx context.Context) error {
 		}
 		dropped++
 	}
-	log.Info("Driver state recovered", "volumes", kept, "dropped", dropped, "composefsMounts", len(mounts))
+	// A mount made just before a crash may have no record yet: keep its
+	// image pinned until kubelet's retry adopts it or unpublishes it.
+	recorded := make(map[string]bool, st.len())
+	for _, r := range st.all() {
+		recorded[r.Target] = true
+		if p, err := filepath.EvalSymlinks(r.Target); err == nil {
+			recorded[p] = true
+		}
+	}
+	unrecorded := 0
+	for _, m := range mounts {
+		dg, ok := m.ImageDigest()
+		if recorded[m.MountPoint] || !ok || !d.store.HasImage(dg) {
+			continue
+		}
+		d.pin(m.MountPoint, dg)
+		unrecorded++
+		log.Info("Composefs mount without a volume record; its image stays pinned until it is published again or unpublished",
+			"target", m.MountPoint, "image", dg.String())
+	}
+	log.Info("Driver state recovered", "volumes", kept, "dropped", dropped, "unrecordedMounts", unrecorded, "composefsMounts", len(mounts))
 	d.metrics.setVolumes(st.len())
 	d.ready.Store(true)
 	if d.cfg.GCInterval > 0 {

@@ -423,6 +423,9 @@ func TestPublishAdoptsUnrecordedMount(t *testing.T) {
 	}
 	e.close()
 	e.open(Config{})
+	if p := e.store.Pinned(); p[dg] != 1 {
+		t.Fatalf("after the restart, pins %v: the unrecorded mount's image must stay pinned", p)
+	}
 	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
 		t.Fatalf("retry over an unrecorded mount: %v", err)
 	}
