@@ -65,7 +65,25 @@ func checkCapability(vc *csi.VolumeCapability) error {
 	if !allowedModes[m] {
 		return status.Errorf(codes.InvalidArgument, "volume_capability.access_mode %s is not supported: composefs volumes are read-only (use a *_READER_ONLY mode)", m)
 	}
-	return nil
+	_, err := mountFlags(vc)
+	return err
+}
+
+// mountFlags reads volume_capability.mount.mount_flags (a PV's
+// mountOptions). Composefs volumes are always ro, nodev and nosuid; noexec
+// may be added. Anything else is refused rather than silently ignored.
+func mountFlags(vc *csi.VolumeCapability) (noexec bool, err error) {
+	for _, f := range vc.GetMount().GetMountFlags() {
+		switch f {
+		case "ro", "nodev", "nosuid":
+		case "noexec":
+			noexec = true
+		default:
+			return false, status.Errorf(codes.InvalidArgument,
+				"volume_capability.mount.mount_flags: %q is not supported (composefs volumes are always ro,nodev,nosuid and accept noexec)", f)
+		}
+	}
+	return noexec, nil
 }
 
 // NodePublishVolume mounts the volume's image read-only at the target.
@@ -207,7 +225,8 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 			d.unpin(target)
 		}
 	}()
-	if err := d.mount(ctx, dg, target, mode); err != nil {
+	noexec, _ := mountFlags(req.GetVolumeCapability()) // checked above
+	if err := d.mount(ctx, dg, target, mode, noexec); err != nil {
 		d.reportFailure(ctx, spec.Pod, err)
 		return toStatus("mounting", err)
 	}
@@ -251,7 +270,7 @@ func makeTarget(target string) (bool, error) {
 // digest when the image entered it; in userspace mode the file is checked
 // once more the first time this process mounts it, not on every publish
 // (a warm publish must not re-read a large image).
-func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode cfs.VerityMode) error {
+func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode cfs.VerityMode, noexec bool) error {
 	mountMode := mode
 	if mode == cfs.VerityUserspace {
 		d.mu.Lock()
@@ -265,6 +284,7 @@ func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode c
 		ObjectDirs:  dirs,
 		Verity:      mountMode,
 		ImageDigest: &dg,
+		NoExec:      noexec,
 	})
 	if err != nil {
 		if errors.Is(err, cfs.ErrImageDigestMismatch) {

@@ -592,3 +592,38 @@ func TestCredentialsAreCheckedForStoredContent(t *testing.T) {
 		}
 	}
 }
+
+// TestMountFlags: noexec from a PV's mountOptions reaches the mount; flags
+// a read-only composefs volume cannot honour are refused, naming the field.
+func TestMountFlags(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(6))
+	e := newTestEnv(t, Config{})
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	withFlags := func(target string, flags ...string) *csi.NodePublishVolumeRequest {
+		r := publishReq("v", target, vc)
+		r.VolumeCapability.GetMount().MountFlags = flags
+		return r
+	}
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	if _, err := e.d.NodePublishVolume(context.Background(), withFlags(target, "ro", "noexec")); err != nil {
+		t.Fatal(err)
+	}
+	mi, mounted, err := cfs.IsMounted(target)
+	if err != nil || !mounted || !mi.HasOption("noexec") || !mi.HasOption("nodev") || !mi.HasOption("nosuid") {
+		t.Fatalf("mount %+v (mounted %v, err %v), want noexec,nodev,nosuid", mi, mounted, err)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+	for _, flags := range [][]string{{"rw"}, {"nosuid", "exec"}, {"uid=1000"}} {
+		other := filepath.Join(t.TempDir(), "vol")
+		_, err := e.d.NodePublishVolume(context.Background(), withFlags(other, flags...))
+		if status.Code(err) != codes.InvalidArgument || !strings.Contains(err.Error(), "mount_flags") {
+			t.Errorf("flags %q: %v, want InvalidArgument naming mount_flags", flags, err)
+		}
+		assertClean(t, e, other)
+	}
+}
