@@ -44,8 +44,10 @@ const (
 	rdDefaultMaxDepth = 1024
 	rdMaxMaxDepth     = 1 << 16
 	rdMaxChunks       = 1024
-	rdNullAddr        = 0xffffffff
-	rdIncompatChunked = 0x4
+	// rdDefaultMaxInodes is OpenOptions.MaxInodes's default.
+	rdDefaultMaxInodes = 4_000_000
+	rdNullAddr         = 0xffffffff
+	rdIncompatChunked  = 0x4
 
 	rdLayoutPlain  = 0
 	rdLayoutInline = 2
@@ -89,6 +91,10 @@ type OpenOptions struct {
 	// MaxDepth limits directory nesting; 0 means 1024. Values above 65536
 	// are lowered to 65536.
 	MaxDepth int
+	// MaxInodes limits the number of inodes an image may have (the count
+	// its superblock claims and the count the walk finds), bounding the
+	// memory Open spends on an untrusted image; 0 means 4,000,000.
+	MaxInodes int
 }
 
 // Object is a backing object an image needs.
@@ -216,10 +222,16 @@ func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Image, error) {
 	if opts.MaxDepth > rdMaxMaxDepth {
 		opts.MaxDepth = rdMaxMaxDepth
 	}
+	if opts.MaxInodes <= 0 {
+		opts.MaxInodes = rdDefaultMaxInodes
+	}
 	img := &Image{r: r, opts: opts}
 	src := &rdSource{r: r, size: size}
 	if err := img.readHeaders(src, size); err != nil {
 		return nil, err
+	}
+	if img.sb.inos > uint64(opts.MaxInodes) {
+		return nil, fmt.Errorf("%w: superblock claims %d inodes, more than the limit of %d (OpenOptions.MaxInodes)", ErrUnsupported, img.sb.inos, opts.MaxInodes)
 	}
 	src.size = img.size
 	b := &rdBuilder{
@@ -1144,6 +1156,9 @@ func (b *rdBuilder) node(ri *RawInode, name string, parent *Node) (*Node, error)
 	st := &img.stats
 	st.Entries++
 	st.Inodes++
+	if st.Inodes > uint64(img.opts.MaxInodes) {
+		return nil, fmt.Errorf("%w: more than the limit of %d inodes (OpenOptions.MaxInodes)", ErrUnsupported, img.opts.MaxInodes)
+	}
 	img.nids[n] = ri.Nid
 	switch typ {
 	case ModeSymlink:

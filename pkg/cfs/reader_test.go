@@ -553,3 +553,31 @@ func TestWriteDumpEscaping(t *testing.T) {
 		t.Errorf("ls got:\n%q\nwant:\n%q", buf.String(), wantLs)
 	}
 }
+
+// MaxInodes bounds both the inode count the superblock claims and the count
+// the walk finds (a superblock may understate it).
+func TestReaderMaxInodes(t *testing.T) {
+	b := readGolden(t, "realdir.cfs")
+	img := rdMustOpen(t, b, OpenOptions{})
+	st := img.Stats()
+	if st.SuperblockInodes <= st.Inodes || st.Inodes < 2 {
+		t.Fatalf("unexpected stats %+v", st)
+	}
+	if _, err := rdOpenBytes(b, OpenOptions{MaxInodes: int(st.SuperblockInodes)}); err != nil {
+		t.Fatalf("at the limit: %v", err)
+	}
+	_, err := rdOpenBytes(b, OpenOptions{MaxInodes: int(st.SuperblockInodes) - 1})
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "limit") {
+		t.Fatalf("superblock over the limit: %v", err)
+	}
+	// A superblock understating the count: the walk still stops.
+	lie := append([]byte(nil), b...)
+	binary.LittleEndian.PutUint64(lie[1024+16:], 1)
+	if _, err := rdOpenBytes(lie, OpenOptions{MaxInodes: int(st.Inodes)}); err != nil {
+		t.Fatalf("understated superblock, walk at the limit: %v", err)
+	}
+	_, err = rdOpenBytes(lie, OpenOptions{MaxInodes: int(st.Inodes) - 1})
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "limit") {
+		t.Fatalf("walk over the limit: %v", err)
+	}
+}
