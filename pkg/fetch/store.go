@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"io"
 	"io/fs"
+	"math"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -43,8 +44,16 @@ type Options struct {
 	// Parallelism bounds concurrent object downloads per EnsureObjects
 	// call; 0 means 16.
 	Parallelism int
-	// MaxImageSize bounds an image download; 0 means 1 GiB.
+	// MaxConcurrentDownloads bounds concurrent object downloads across all
+	// EnsureObjects calls of the store (node-wide, on top of Parallelism
+	// per call); 0 means 64.
+	MaxConcurrentDownloads int
+	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
+	// image takes about ten times its size in memory.
 	MaxImageSize int64
+	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
+	// MaxInodes); 0 means the reader's default (4,000,000).
+	MaxImageInodes int
 	// MaxSize is the store's size budget for GC (bytes allocated under
 	// objects/ and images/); 0 means no budget (GC then only removes
 	// objects no image references).
@@ -56,8 +65,15 @@ type Options struct {
 	// RetryMaxDelay); 0 means 250ms and 10s.
 	RetryBaseDelay, RetryMaxDelay time.Duration
 	// StallTimeout fails an attempt (transiently) when a response sends no
-	// byte for that long; 0 means 60s.
+	// byte for that long, and is the sliding window over which MinRate is
+	// measured; 0 means 60s.
 	StallTimeout time.Duration
+	// MinRate fails an attempt (transiently) whose throughput over the last
+	// StallTimeout is under that many bytes per second, so that a server
+	// trickling bytes cannot keep a download alive forever (retries stay
+	// bounded by Retries); 0 means 16 KiB/s, negative means only the stall
+	// check.
+	MinRate int64
 	// GCGrace keeps images used within that long from GC even when not
 	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m.
 	GCGrace time.Duration
@@ -70,8 +86,11 @@ func (o *Options) setDefaults() {
 	if o.Parallelism <= 0 {
 		o.Parallelism = 16
 	}
+	if o.MaxConcurrentDownloads <= 0 {
+		o.MaxConcurrentDownloads = 64
+	}
 	if o.MaxImageSize <= 0 {
-		o.MaxImageSize = 1 << 30
+		o.MaxImageSize = 128 << 20
 	}
 	if o.Retries == 0 {
 		o.Retries = 5
@@ -86,6 +105,11 @@ func (o *Options) setDefaults() {
 	}
 	if o.StallTimeout <= 0 {
 		o.StallTimeout = 60 * time.Second
+	}
+	if o.MinRate == 0 {
+		o.MinRate = 16 << 10
+	} else if o.MinRate < 0 {
+		o.MinRate = 0
 	}
 	if o.GCGrace <= 0 {
 		o.GCGrace = 10 * time.Minute
@@ -125,6 +149,8 @@ type Store struct {
 	bufs sync.Pool // *[]byte copy buffers
 
 	durable *groupSync // makes downloaded objects durable in groups
+
+	downloads chan struct{} // node-wide object download slots
 
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
@@ -166,6 +192,8 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		busy:    make(map[cfs.Digest]int),
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
+
+		downloads: make(chan struct{}, opts.MaxConcurrentDownloads),
 	}
 	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	if s.durable, err = newGroupSync(root); err != nil {
@@ -353,7 +381,7 @@ func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef) (cfs.D
 }
 
 func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
-	actx, rearm, stop := s.stallContext(ctx)
+	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, size, err := src.OpenImage(actx, ref)
 	if err != nil {
@@ -374,7 +402,7 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 		}
 	}()
 	h := cfs.NewVerityHash()
-	n, err := s.copyBody(io.MultiWriter(f, h), stallReader{body, rearm}, s.opts.MaxImageSize+1)
+	n, err := s.copyBody(io.MultiWriter(f, h), meterReader{body, meter}, s.opts.MaxImageSize+1)
 	if err != nil {
 		return cfs.Digest{}, s.stallError(ctx, actx, err)
 	}
@@ -388,7 +416,7 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 	if !ref.Digest.IsZero() && d != ref.Digest {
 		return cfs.Digest{}, fmt.Errorf("image has digest %s, want %s: %w", d, ref.Digest, ErrDigestMismatch)
 	}
-	objs, err := parseImage(f, n)
+	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
@@ -487,17 +515,21 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 	if err != nil {
 		return nil, fmt.Errorf("reading image %s: %w", image, err)
 	}
-	objs, err := parseImage(f, fi.Size())
+	// No inode limit here: the image passed the limit in force when it was
+	// downloaded, and failing it now would make GC quarantine an image
+	// volumes use (and remove its objects).
+	objs, err := parseImage(f, fi.Size(), math.MaxInt)
 	if err != nil {
 		return nil, fmt.Errorf("image %s in the store: %w: %w", image, ErrInvalidImage, err)
 	}
 	return objs, nil
 }
 
-// parseImage validates an image with the strict reader and returns its
-// objects, each named by digest.
-func parseImage(r io.ReaderAt, size int64) ([]cfs.Object, error) {
-	img, err := cfs.Open(r, size, cfs.OpenOptions{})
+// parseImage validates an image with the strict reader (at most maxInodes
+// inodes, 0 meaning the reader's default) and returns its objects, each
+// named by digest.
+func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) {
+	img, err := cfs.Open(r, size, cfs.OpenOptions{MaxInodes: maxInodes})
 	if err != nil {
 		return nil, err
 	}
@@ -798,7 +830,14 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}
-	actx, rearm, stop := s.stallContext(ctx)
+	// Then one of the node-wide slots, shared by all calls.
+	select {
+	case s.downloads <- struct{}{}:
+		defer func() { <-s.downloads }()
+	case <-ctx.Done():
+		return nil, context.Cause(ctx)
+	}
+	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, err := src.OpenObject(actx, o.Digest, o.Size)
 	if err != nil {
@@ -821,7 +860,7 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	}()
 	h := cfs.NewVerityHash()
 	wf := &writebackFile{f: f}
-	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), stallReader{body, rearm}, int64(o.Size)+1)
+	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), meterReader{body, meter}, int64(o.Size)+1)
 	if err != nil {
 		return nil, s.stallError(ctx, actx, err)
 	}
@@ -877,40 +916,140 @@ func (w progressWriter) Write(p []byte) (int, error) {
 	return len(p), nil
 }
 
-var errStalled = errors.New("stalled")
+var (
+	errStalled = errors.New("stalled")
+	errTooSlow = errors.New("too slow")
+)
 
-// stallContext returns a context for one attempt that is cancelled when the
-// response sends no byte for StallTimeout, a func re-arming that timer, and
-// a func to call when the attempt is over.
-func (s *Store) stallContext(ctx context.Context) (context.Context, func(), func()) {
-	actx, cancel := context.WithCancelCause(ctx)
-	d := s.opts.StallTimeout
-	t := time.AfterFunc(d, func() { cancel(errStalled) })
-	return actx, func() { t.Reset(d) }, func() { t.Stop(); cancel(nil) }
+// rateSlots is how many slots the sliding window of a rateMeter has.
+const rateSlots = 4
+
+// rateMeter measures the bytes an attempt received over a sliding window
+// (in rateSlots slots) and judges whether the attempt is too slow: fewer
+// than minRate bytes per second over the last window, or none at all.
+// Times are passed in, so that tests can use a fake clock.
+type rateMeter struct {
+	mu      sync.Mutex
+	start   time.Time
+	window  time.Duration
+	slot    time.Duration
+	minRate int64 // bytes per second; 0: only a window without any byte is too slow
+	cur     int64 // slot number (since start) of counts[cur%len]
+	counts  [rateSlots + 1]int64
 }
 
-// stallError turns the error of an attempt cut by the stall timer into a
-// transient one (the caller's own deadline or cancellation is not).
+func newRateMeter(now time.Time, window time.Duration, minRate int64) *rateMeter {
+	slot := max(window/rateSlots, 1)
+	return &rateMeter{start: now, window: slot * rateSlots, slot: slot, minRate: minRate}
+}
+
+// advance moves the current slot to the one now is in, clearing the slots
+// passed over.
+func (m *rateMeter) advance(now time.Time) {
+	idx := int64(max(now.Sub(m.start), 0) / m.slot)
+	if idx-m.cur >= int64(len(m.counts)) {
+		m.counts = [len(m.counts)]int64{}
+		m.cur = idx
+		return
+	}
+	for m.cur < idx {
+		m.cur++
+		m.counts[m.cur%int64(len(m.counts))] = 0
+	}
+}
+
+// add records n bytes received at now.
+func (m *rateMeter) add(now time.Time, n int) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	m.advance(now)
+	m.counts[m.cur%int64(len(m.counts))] += int64(n)
+}
+
+// check reports whether the attempt is too slow at now (never before a
+// whole window has passed), with the bytes and span it judged on.
+func (m *rateMeter) check(now time.Time) (slow bool, got int64, span time.Duration) {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	elapsed := now.Sub(m.start)
+	if elapsed < m.window {
+		return false, 0, 0
+	}
+	m.advance(now)
+	for _, c := range m.counts {
+		got += c
+	}
+	// The counts cover the rateSlots whole slots before the current one
+	// and the current one so far.
+	span = m.window + elapsed - time.Duration(m.cur)*m.slot
+	want := max(int64(float64(m.minRate)*span.Seconds()), 1)
+	return got < want, got, span
+}
+
+// stallContext returns a context for one attempt, cancelled when the
+// response sends no byte over StallTimeout or less than MinRate bytes per
+// second over the last StallTimeout, the meter to report received bytes
+// to, and a func to call when the attempt is over.
+func (s *Store) stallContext(ctx context.Context) (context.Context, *rateMeter, func()) {
+	actx, cancel := context.WithCancelCause(ctx)
+	m := newRateMeter(time.Now(), s.opts.StallTimeout, s.opts.MinRate)
+	var (
+		mu      sync.Mutex
+		stopped bool
+		t       *time.Timer
+	)
+	var tick func()
+	tick = func() {
+		slow, got, span := m.check(time.Now())
+		mu.Lock()
+		defer mu.Unlock()
+		if stopped {
+			return
+		}
+		if slow {
+			if got == 0 {
+				cancel(fmt.Errorf("%w: no data for %v", errStalled, span.Round(time.Millisecond)))
+			} else {
+				cancel(fmt.Errorf("%w: %d bytes in %v, less than %d bytes/s", errTooSlow, got, span.Round(time.Millisecond), s.opts.MinRate))
+			}
+			return
+		}
+		t.Reset(m.slot)
+	}
+	mu.Lock()
+	t = time.AfterFunc(m.slot, tick)
+	mu.Unlock()
+	return actx, m, func() {
+		mu.Lock()
+		stopped = true
+		t.Stop()
+		mu.Unlock()
+		cancel(nil)
+	}
+}
+
+// stallError turns the error of an attempt cut by the stall or rate check
+// into a transient one (the caller's own deadline or cancellation is not).
 func (s *Store) stallError(ctx, actx context.Context, err error) error {
 	if ctx.Err() != nil {
 		return fmt.Errorf("%w: %w", context.Cause(ctx), err)
 	}
-	if errors.Is(context.Cause(actx), errStalled) {
-		return Transient(fmt.Errorf("no data for %v: %v", s.opts.StallTimeout, err))
+	if c := context.Cause(actx); errors.Is(c, errStalled) || errors.Is(c, errTooSlow) {
+		return Transient(fmt.Errorf("%v: %v", c, err))
 	}
 	return err
 }
 
-// stallReader re-arms the stall timer on every read that returns bytes.
-type stallReader struct {
-	r     io.Reader
-	rearm func()
+// meterReader reports the bytes every read returns to the attempt's meter.
+type meterReader struct {
+	r io.Reader
+	m *rateMeter
 }
 
-func (r stallReader) Read(p []byte) (int, error) {
+func (r meterReader) Read(p []byte) (int, error) {
 	n, err := r.r.Read(p)
 	if n > 0 {
-		r.rearm()
+		r.m.add(time.Now(), n)
 	}
 	return n, err
 }
