@@ -582,7 +582,10 @@ func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.p
 
 // EnsureObjects makes sure every object the stored image references is in
 // the store or in an extra object directory, downloading only the missing
-// ones from src, at most Parallelism at a time. Each download is streamed to
+// ones from src, at most Parallelism at a time (and at most
+// MaxConcurrentDownloads across all calls). A stored object of another size
+// than the image records fails the call (the image is wrong: the object's
+// name is its digest) and is left in place. Each download is streamed to
 // tmp/ through the fs-verity hasher, must have the size the image records
 // and the digest its name says, is fsynced, gets fs-verity where supported
 // and is then renamed into objects/. The first permanent failure (or
