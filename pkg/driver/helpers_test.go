@@ -231,3 +231,29 @@ func publishReq(volID, target string, vc map[string]string) *csi.NodePublishVolu
 func unpublishReq(volID, target string) *csi.NodeUnpublishVolumeRequest {
 	return &csi.NodeUnpublishVolumeRequest{VolumeId: volID, TargetPath: target}
 }
+
+// publishSample publishes the sample image n from a fresh repository as
+// volume "v" at a fresh target of a fresh environment.
+func publishSample(t *testing.T, n int) (e *testEnv, repo *testRepo, target string, dg cfs.Digest) {
+	t.Helper()
+	repo = newTestRepo(t)
+	dg = repo.publish(t, "app", sampleFiles(n))
+	e = newTestEnv(t, Config{})
+	target = filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	return e, repo, target, dg
+}
+
+// volumeCondition is the condition NodeGetVolumeStats reports for volume "v".
+func (e *testEnv) volumeCondition(t *testing.T, target string) *csi.VolumeCondition {
+	t.Helper()
+	resp, err := e.d.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: target})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return resp.GetVolumeCondition()
+}

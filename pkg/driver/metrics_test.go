@@ -5,7 +5,6 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
-	"path/filepath"
 	"strings"
 	"testing"
 
@@ -56,15 +55,7 @@ func TestHealthAndReadiness(t *testing.T) {
 
 func TestMetricsAfterPublish(t *testing.T) {
 	needRoot(t)
-	repo := newTestRepo(t)
-	dg := repo.publish(t, "app", sampleFiles(6))
-	e := newTestEnv(t, Config{})
-	target := filepath.Join(t.TempDir(), "vol")
-	cleanupMounts(t, target)
-	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
-	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
-		t.Fatal(err)
-	}
+	e, repo, target, _ := publishSample(t, 6)
 	_, _ = e.d.NodePublishVolume(context.Background(), publishReq("v", target, map[string]string{"repository": repo.srv.URL, "imgae": "x"}))
 	_, body := get(t, e.d.HTTPHandler(), "/metrics")
 	for _, want := range []string{

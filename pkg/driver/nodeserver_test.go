@@ -325,24 +325,12 @@ func TestRestartRecovery(t *testing.T) {
 // An object missing from the store makes the volume abnormal.
 func TestVolumeConditionAbnormal(t *testing.T) {
 	needRoot(t)
-	repo := newTestRepo(t)
-	dg := repo.publish(t, "app", sampleFiles(5))
-	e := newTestEnv(t, Config{})
-	target := filepath.Join(t.TempDir(), "vol")
-	cleanupMounts(t, target)
-	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
-	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
-		t.Fatal(err)
-	}
+	e, _, target, dg := publishSample(t, 5)
 	objs := objectsOf(t, e.store.ImagePath(dg))
 	if err := os.Remove(filepath.Join(e.store.ObjectsDir(), objs[0].Digest.ObjectPath())); err != nil {
 		t.Fatal(err)
 	}
-	resp, err := e.d.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: target})
-	if err != nil {
-		t.Fatal(err)
-	}
-	c := resp.GetVolumeCondition()
+	c := e.volumeCondition(t, target)
 	if !c.GetAbnormal() || !strings.Contains(c.GetMessage(), objs[0].Digest.String()) {
 		t.Fatalf("condition %+v, want abnormal naming the object", c)
 	}
@@ -451,15 +439,7 @@ func TestPublishAdoptsUnrecordedMount(t *testing.T) {
 // it to quarantine and the volume then reports an abnormal condition.
 func TestVerifyQuarantinesCorruptObject(t *testing.T) {
 	needRoot(t)
-	repo := newTestRepo(t)
-	dg := repo.publish(t, "app", sampleFiles(5))
-	e := newTestEnv(t, Config{})
-	target := filepath.Join(t.TempDir(), "vol")
-	cleanupMounts(t, target)
-	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
-	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
-		t.Fatal(err)
-	}
+	e, _, target, dg := publishSample(t, 5)
 	objs := objectsOf(t, e.store.ImagePath(dg))
 	p := filepath.Join(e.store.ObjectsDir(), objs[0].Digest.ObjectPath())
 	b, err := os.ReadFile(p)
@@ -470,13 +450,6 @@ func TestVerifyQuarantinesCorruptObject(t *testing.T) {
 	if err := os.WriteFile(p, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
-	stats := func() *csi.VolumeCondition {
-		resp, err := e.d.NodeGetVolumeStats(context.Background(), &csi.NodeGetVolumeStatsRequest{VolumeId: "v", VolumePath: target})
-		if err != nil {
-			t.Fatal(err)
-		}
-		return resp.GetVolumeCondition()
-	}
 	rep, err := e.d.RunVerify(context.Background())
 	if err != nil {
 		t.Fatal(err)
@@ -484,7 +457,7 @@ func TestVerifyQuarantinesCorruptObject(t *testing.T) {
 	if len(rep.Corrupt) != 1 || !strings.Contains(rep.Corrupt[0].Path, objs[0].Digest.String()[2:]) {
 		t.Fatalf("verification found %+v, want the corrupted object", rep.Corrupt)
 	}
-	if c := stats(); !c.GetAbnormal() || !strings.Contains(c.GetMessage(), objs[0].Digest.String()) {
+	if c := e.volumeCondition(t, target); !c.GetAbnormal() || !strings.Contains(c.GetMessage(), objs[0].Digest.String()) {
 		t.Fatalf("condition %+v, want abnormal naming the object", c)
 	}
 	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
