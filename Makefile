@@ -1,6 +1,5 @@
 # csi-composefs: build, test, fuzz, benchmark.
 SHELL := /bin/bash
-export PATH := /usr/local/go/bin:$(PATH)
 GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
@@ -15,7 +14,7 @@ FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
 all: build
 
 deps:
-	@eval "$$(./hack/install-deps.sh)"; $(GO) version
+	@eval "$$(./hack/install-deps.sh)" && $(GO) version
 
 build:
 	$(GO) build -trimpath -ldflags "$(LDFLAGS)" -o $(BIN) ./cmd/csi-composefs
@@ -37,8 +36,8 @@ fuzz:
 # The test command of the README and of CI: installs what it needs, then
 # checks formatting, vets, runs every test with the race detector, and fuzzes
 # each parser of untrusted bytes for a bounded time.
-test: deps
-	@eval "$$(./hack/install-deps.sh)"; $(MAKE) --no-print-directory fmt-check vet unit fuzz
+test:
+	@eval "$$(./hack/install-deps.sh)" && $(GO) version && $(MAKE) --no-print-directory fmt-check vet unit fuzz
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/

@@ -4,7 +4,6 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 eval "$(./hack/install-deps.sh)"
-export PATH=/usr/local/go/bin:$PATH
 make --no-print-directory build
 
 out=_output/demo
