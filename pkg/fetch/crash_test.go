@@ -73,7 +73,9 @@ func TestCrashSafety(t *testing.T) {
 	t.Logf("build took %v; a pull takes %v; seed %d", start.Sub(buildStart), full, seed)
 	rng := rand.New(rand.NewPCG(seed, 7))
 
-	midDownload := 0 // rounds killed with a partial download in tmp/
+	// Rounds killed with a partial download in tmp/ (none where the store
+	// uses anonymous O_TMPFILE files, which vanish with the process).
+	midDownload := 0
 	for i := range 50 {
 		// Every 5th round starts from an empty objects/ (as after a GC) so
 		// that kills keep landing in the middle of downloads.

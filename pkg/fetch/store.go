@@ -123,9 +123,10 @@ func (o *Options) setDefaults() {
 //	ROOT/tmp/               partial downloads (cleared by Open)
 //	ROOT/quarantine/        corrupt files found by Verify
 //
-// Only complete, verified, fsynced files are renamed into objects/ and
-// images/, so every file there has the digest its name says, whatever
-// crashes. One process at a time opens a store (an flock on ROOT/.lock).
+// Only complete, verified, durable files are renamed (images, and objects
+// where O_TMPFILE is not available) or linked (anonymous O_TMPFILE objects)
+// into objects/ and images/, so every file there has the digest its name
+// says, whatever crashes. One process at a time opens a store (an flock on ROOT/.lock).
 // A Store is safe for concurrent use; concurrent requests for the same image
 // or object share one download.
 //
@@ -480,6 +481,33 @@ func (s *Store) prepareFile(f *os.File, sync bool) error {
 	return nil
 }
 
+// prepareTemp makes a complete, verified temporary object file ready to be
+// published once the group sync has made it durable: mode 0644, fs-verity
+// enabled where the filesystem supports it. It stays open (an anonymous
+// file lives only as long as a descriptor on it).
+func (s *Store) prepareTemp(t *tempFile) error {
+	if !t.anon {
+		return s.prepareFile(t.File, false)
+	}
+	if err := t.Chmod(0o644); err != nil {
+		return fmt.Errorf("finishing %s: %w", t.Name(), err)
+	}
+	if !s.verity.Load() {
+		return nil
+	}
+	if err := t.reopenReadOnly(); err != nil {
+		return fmt.Errorf("enabling fs-verity: %w", err)
+	}
+	if err := cfs.EnableVerity(t.File); err != nil {
+		if errors.Is(err, cfs.ErrVerityUnsupported) {
+			s.verity.Store(false)
+			return nil
+		}
+		return err
+	}
+	return nil
+}
+
 // Objects returns the objects the stored image references (parsed once and
 // cached: images are immutable).
 func (s *Store) Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error) {
@@ -586,9 +614,11 @@ func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.p
 // MaxConcurrentDownloads across all calls). A stored object of another size
 // than the image records fails the call (the image is wrong: the object's
 // name is its digest) and is left in place. Each download is streamed to
-// tmp/ through the fs-verity hasher, must have the size the image records
-// and the digest its name says, is fsynced, gets fs-verity where supported
-// and is then renamed into objects/. The first permanent failure (or
+// an anonymous O_TMPFILE file (a named one under tmp/ where the filesystem
+// has no O_TMPFILE) through the fs-verity hasher, must have the size the
+// image records and the digest its name says, gets fs-verity where
+// supported, is made durable (a group syncfs) and is then linked (or
+// renamed) into objects/. The first permanent failure (or
 // exhausted retries) stops the call and is returned, naming the object.
 func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest, opts ...EnsureOption) (Stats, error) {
 	var cfg ensureConfig
@@ -794,12 +824,11 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 	}
 	defer func() {
 		if f != nil {
-			f.Close()
-			os.Remove(f.Name())
+			f.discard()
 		}
 	}()
 	// Complete and verified: make it durable, then publish it.
-	if err := s.prepareFile(f, false); err != nil {
+	if err := s.prepareTemp(f); err != nil {
 		return objectResult{}, err
 	}
 	if err := s.durable.wait(ctx); err != nil {
@@ -807,16 +836,11 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 	}
 	final := s.objectPath(o.Digest)
 	dir := filepath.Dir(final)
-	err = os.Rename(f.Name(), final)
-	if errors.Is(err, fs.ErrNotExist) { // first object of its xx/ directory
-		if err = os.Mkdir(dir, 0o755); err == nil || errors.Is(err, fs.ErrExist) {
-			err = os.Rename(f.Name(), final)
-		}
-	}
+	err = f.publish(final)
+	f = nil
 	if err != nil {
 		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
-	f = nil
 	s.c.objectsFetched.Add(1)
 	s.c.objectBytesFetched.Add(o.Size)
 	return objectResult{fetched: o.Size, dir: dir}, nil
@@ -826,7 +850,7 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 // hasher, holding one of slots meanwhile, and checks its size and digest.
 // The returned file is complete and verified but not yet durable; on error
 // nothing is left behind.
-func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (_ *os.File, err error) {
+func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (_ *tempFile, err error) {
 	select {
 	case slots <- struct{}{}:
 		defer func() { <-slots }()
@@ -847,9 +871,10 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 		return nil, s.stallError(ctx, actx, err)
 	}
 	defer body.Close()
-	// Temporary files are spread over 16 directories: one directory for
-	// all would serialise every create and rename on its lock.
-	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
+	// files are spread over 16 directories: one directory for all would
+	// serialise every create and rename on its lock.
+	f, err := createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary file: %w", err)
 	}
@@ -857,12 +882,11 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	defer func() {
 		if err != nil {
 			p.Fetched.Add(-n)
-			f.Close()
-			os.Remove(f.Name())
+			f.discard()
 		}
 	}()
 	h := cfs.NewVerityHash()
-	wf := &writebackFile{f: f}
+	wf := &writebackFile{f: f.File}
 	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), meterReader{body, meter}, int64(o.Size)+1)
 	if err != nil {
 		return nil, s.stallError(ctx, actx, err)
