@@ -22,7 +22,8 @@ type DirOptions struct {
 	DigestStore string
 	// HardlinkObjects hardlinks source files into DigestStore instead of
 	// copying them when both are on one filesystem. The store then shares the
-	// source's inode: only use it when the source will not be modified.
+	// source's inode, with its mode and owner: only use it when the source
+	// will not be modified, or the store object changes with it.
 	HardlinkObjects bool
 	UseEpoch        bool // all mtimes 0 (--use-epoch)
 	SkipDevices     bool // leave out block and character devices (--skip-devices)

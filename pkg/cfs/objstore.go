@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math/rand/v2"
 	"os"
 	"path/filepath"
 
@@ -30,14 +31,19 @@ func storeObject(ctx context.Context, dir string, d Digest, src *os.File, hardli
 		return fmt.Errorf("creating object directory: %w", err)
 	}
 	if hardlink {
-		tmpName := filepath.Join(dir, fmt.Sprintf(".tmp-link-%s", d.String()[:16]))
-		os.Remove(tmpName)
+		// A unique temporary name: workers storing the same digest at once
+		// must not remove each other's link.
+		tmpName := filepath.Join(dir, fmt.Sprintf(".tmp-link-%s-%d", d.String()[:16], rand.Uint64()))
 		if err := os.Link(src.Name(), tmpName); err == nil {
-			if err := checkObject(tmpName, d); err != nil {
-				os.Remove(tmpName)
-				return err
+			err := src.Sync() // the shared inode's data must be durable before it has its digest name
+			if err == nil {
+				err = checkObject(tmpName, d)
 			}
-			return renameSynced(tmpName, final)
+			if err == nil {
+				err = renameSynced(tmpName, final)
+			}
+			os.Remove(tmpName) // gone after a rename; left when both names were one inode
+			return err
 		}
 		// Another filesystem, or links not allowed: copy instead.
 	}

@@ -147,3 +147,31 @@ func mustParseObjectPath(t testing.TB, p string) Digest {
 	}
 	return d
 }
+
+// TestDigestStoreHardlinkConcurrent stores many identical files with
+// hardlinks from parallel workers: no worker may lose its link, and no
+// temporary name may stay behind.
+func TestDigestStoreHardlinkConcurrent(t *testing.T) {
+	src := t.TempDir()
+	for i := 0; i < 64; i++ {
+		if err := os.WriteFile(filepath.Join(src, "f"+strconv.Itoa(i)), pattern(65536, 251), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	store := filepath.Join(filepath.Dir(src), "objects-"+filepath.Base(src)) // same filesystem as src
+	t.Cleanup(func() { os.RemoveAll(store) })
+	for round := 0; round < 5; round++ {
+		if _, err := BuildFromDir(context.Background(), src, DirOptions{DigestStore: store, HardlinkObjects: true, Threads: 16}); err != nil {
+			t.Fatalf("round %d: %v", round, err)
+		}
+		os.RemoveAll(store)
+	}
+	if _, err := BuildFromDir(context.Background(), src, DirOptions{DigestStore: store, HardlinkObjects: true, Threads: 16}); err != nil {
+		t.Fatal(err)
+	}
+	left, _ := filepath.Glob(filepath.Join(store, ".tmp-*"))
+	objs, _ := filepath.Glob(filepath.Join(store, "*", "*"))
+	if len(left) != 0 || len(objs) != 1 {
+		t.Fatalf("store holds temporaries %v and objects %v, want none and one", left, objs)
+	}
+}

@@ -223,9 +223,15 @@ func layoutImage(root *Node, opts WriteOptions) (*imageLayout, error) {
 
 type converter struct {
 	byNode      map[*Node]*inode
-	aliases     []*dirent
-	aliasNodes  []*Node
+	aliases     []aliasEntry
 	hasWhiteout bool
+}
+
+// aliasEntry is a hardlink entry: the alias node and where it sits.
+type aliasEntry struct {
+	node   *Node
+	parent *inode
+	index  int // in parent.entries
 }
 
 func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
@@ -239,6 +245,9 @@ func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
 	}
 	if in.mtime.Nsec >= 1e9 {
 		return nil, fmt.Errorf("%w: %s: mtime nanoseconds %d out of range", ErrInvalidTree, path(), in.mtime.Nsec)
+	}
+	if strings.IndexByte(n.Payload, 0) >= 0 {
+		return nil, fmt.Errorf("%w: %s: symlink target or payload contains NUL", ErrInvalidTree, path())
 	}
 	switch in.typ() {
 	case ModeSymlink:
@@ -285,8 +294,8 @@ func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
 			return nil, fmt.Errorf("%w: %s: children not sorted or duplicate name %q", ErrInvalidTree, path(), ch.Name)
 		}
 		if ch.LinkTo != nil {
+			c.aliases = append(c.aliases, aliasEntry{node: ch, parent: in, index: len(in.entries)})
 			in.entries = append(in.entries, dirent{name: ch.Name, alias: true})
-			c.aliasNodes = append(c.aliasNodes, ch)
 			continue
 		}
 		child, err := c.convert(ch, in)
@@ -300,24 +309,19 @@ func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
 
 // resolveAliases points every hardlink entry at its target's inode.
 func (c *converter) resolveAliases() error {
-	for _, a := range c.aliasNodes {
-		t, err := followLinks(a)
+	for _, a := range c.aliases {
+		t, err := followLinks(a.node)
 		if err != nil {
-			return fmt.Errorf("%w: %s: %v", ErrInvalidTree, a.Path(), err)
+			return fmt.Errorf("%w: hardlink %s: %v", ErrInvalidTree, a.node.Name, err)
 		}
 		target, ok := c.byNode[t]
 		if !ok {
-			return fmt.Errorf("%w: %s: hardlink target is not in the tree", ErrInvalidTree, a.Path())
+			return fmt.Errorf("%w: hardlink %s: its target is not in the tree", ErrInvalidTree, a.node.Name)
 		}
 		if target.typ() == ModeDir {
-			return fmt.Errorf("%w: %s: hardlink to a directory", ErrInvalidTree, a.Path())
+			return fmt.Errorf("%w: hardlink %s: its target is a directory", ErrInvalidTree, a.node.Name)
 		}
-		parent := c.byNode[a.Parent]
-		for i := range parent.entries {
-			if parent.entries[i].name == a.Name {
-				parent.entries[i].target = target
-			}
-		}
+		a.parent.entries[a.index].target = target
 	}
 	return nil
 }
@@ -617,6 +621,10 @@ func (l *imageLayout) place() error {
 			if tail <= rem2 {
 				pos += pad
 			} else {
+				if in.external {
+					// Its chunk map must be inline; the kernel cannot find it elsewhere.
+					return fmt.Errorf("%w: a %d-byte file needs a %d-byte chunk map, more than fits beside its inode", ErrInvalidTree, in.size, in.tail)
+				}
 				in.nBlocks++
 				in.tail = 0
 				pos = roundUp(pos, blkSize)

@@ -3,6 +3,7 @@ package cfs
 import (
 	"bytes"
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -182,6 +183,33 @@ func TestWriterRefusesInvalidTrees(t *testing.T) {
 		_, err := WriteImage(io.Discard, tt.root, tt.opts)
 		if err == nil || !strings.Contains(err.Error(), tt.msg) {
 			t.Errorf("%s: error %v, want %q", tt.name, err, tt.msg)
+		}
+	}
+}
+
+// TestWriterRefusesMoreInvalidTrees: trees built in code, not parsed.
+func TestWriterRefusesMoreInvalidTrees(t *testing.T) {
+	f := &Node{Name: "f", Mode: ModeRegular | 0o644}
+	orphanAlias := &Node{Mode: ModeDir | 0o755, Children: []*Node{f, {Name: "g", Mode: ModeRegular, LinkTo: f}}}
+	f.Parent = orphanAlias // the alias has no Parent set
+	var buf bytes.Buffer
+	if _, err := WriteImage(&buf, orphanAlias, DefaultWriteOptions()); err != nil {
+		t.Errorf("alias without Parent: %v", err)
+	}
+	root := func(c *Node) *Node {
+		r := &Node{Mode: ModeDir | 0o755}
+		if err := r.AddChild(c); err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	for name, tree := range map[string]*Node{
+		"NUL in symlink target": root(&Node{Name: "l", Mode: ModeSymlink | 0o777, Payload: "abc\x00def"}),
+		"NUL in payload":        root(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 9000, Payload: "ab/c\x00d"}),
+		"chunk map too large":   root(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 1 << 53, Payload: "ab/cd"}),
+	} {
+		if _, err := WriteImage(io.Discard, tree, DefaultWriteOptions()); !errors.Is(err, ErrInvalidTree) {
+			t.Errorf("%s: %v, want ErrInvalidTree", name, err)
 		}
 	}
 }
