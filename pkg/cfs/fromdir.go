@@ -62,15 +62,24 @@ type dirBuilder struct {
 }
 
 type fileJob struct {
-	path string
-	node *Node
+	path     string
+	node     *Node
+	dev, ino uint64 // from the walk's lstat: the file hashed must be this one
 }
 
 func (b *dirBuilder) walk(ctx context.Context, dir string, parent *Node) error {
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	entries, err := os.ReadDir(dir)
+	// O_NOFOLLOW: a directory swapped for a symlink since its lstat must
+	// not take the walk outside the source tree.
+	fd, err := unix.Open(dir, unix.O_RDONLY|unix.O_DIRECTORY|unix.O_NOFOLLOW|unix.O_CLOEXEC, 0)
+	if err != nil {
+		return fmt.Errorf("reading directory %s: %w", dir, err)
+	}
+	df := os.NewFile(uintptr(fd), dir)
+	entries, err := df.ReadDir(-1)
+	df.Close()
 	if err != nil {
 		return fmt.Errorf("reading directory %s: %w", dir, err)
 	}
@@ -127,7 +136,7 @@ func (b *dirBuilder) node(path, name string) (*Node, error) {
 	case ModeRegular:
 		n.Size = uint64(st.Size)
 		if st.Size > 0 {
-			b.files = append(b.files, fileJob{path: path, node: n})
+			b.files = append(b.files, fileJob{path: path, node: n, dev: st.Dev, ino: st.Ino})
 		}
 	case ModeDir, ModeFIFO, ModeSocket:
 	default:
@@ -269,11 +278,21 @@ func (b *dirBuilder) hashFile(ctx context.Context, w *hashWorker, j fileJob) err
 	if err := ctx.Err(); err != nil {
 		return err
 	}
-	f, err := os.Open(j.path)
+	// O_NOFOLLOW and O_NONBLOCK: a file replaced by a symlink or a FIFO
+	// since the walk must be refused, not followed or waited on.
+	fd, err := unix.Open(j.path, unix.O_RDONLY|unix.O_NOFOLLOW|unix.O_NONBLOCK|unix.O_CLOEXEC, 0)
 	if err != nil {
 		return fmt.Errorf("opening %s: %w", j.path, err)
 	}
+	f := os.NewFile(uintptr(fd), j.path)
 	defer f.Close()
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return fmt.Errorf("stat %s: %w", j.path, err)
+	}
+	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != j.dev || st.Ino != j.ino {
+		return fmt.Errorf("%s changed while building: it is no longer the regular file that was listed", j.path)
+	}
 	if j.node.Size <= DirInlineContentMax {
 		content := make([]byte, j.node.Size)
 		if _, err := io.ReadFull(f, content); err != nil {

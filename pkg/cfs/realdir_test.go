@@ -175,3 +175,35 @@ func TestDigestStoreHardlinkConcurrent(t *testing.T) {
 		t.Fatalf("store holds temporaries %v and objects %v, want none and one", left, objs)
 	}
 }
+
+// TestBuildRefusesSwappedFiles: a file replaced by a symlink or a FIFO
+// between the walk and the hashing is refused, not followed or waited on.
+func TestBuildRefusesSwappedFiles(t *testing.T) {
+	for _, swap := range []string{"symlink", "fifo"} {
+		t.Run(swap, func(t *testing.T) {
+			dir := t.TempDir()
+			p := filepath.Join(dir, "f")
+			if err := os.WriteFile(p, pattern(100, 251), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			b := dirBuilder{}
+			n, err := b.node(p, "f")
+			if err != nil || len(b.files) != 1 {
+				t.Fatalf("node: %v, jobs %d", err, len(b.files))
+			}
+			os.Remove(p)
+			if swap == "symlink" {
+				err = os.Symlink("/etc/hostname", p)
+			} else {
+				err = unix.Mkfifo(p, 0o644)
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			w := &hashWorker{h: NewVerityHash(), buf: make([]byte, 4096)}
+			if err := b.hashFile(context.Background(), w, b.files[0]); err == nil {
+				t.Fatalf("hashed a file swapped for a %s (content %q)", swap, n.Content)
+			}
+		})
+	}
+}
