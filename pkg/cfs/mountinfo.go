@@ -29,7 +29,7 @@ type MountInfo struct {
 	Optional   []string // optional fields ("shared:12")
 	FSType     string
 	Source     string
-	SuperOpts  string // per-superblock options
+	SuperOpts  string // per-superblock options, as the kernel prints them (octal escapes kept)
 }
 
 // IsComposefs reports whether m is a composefs overlay: an overlay whose
@@ -76,22 +76,16 @@ func (m MountInfo) Verity() VerityMode {
 	return ""
 }
 
-// splitMountOptions splits a mountinfo option list on commas not escaped
-// with a backslash (overlay escapes commas inside paths).
+// splitMountOptions splits a mountinfo option list on commas, then undoes
+// each option's octal escapes: the kernel prints a comma inside a path as
+// \054, so splitting first keeps such a path one option.
 func splitMountOptions(s string) []string {
-	var out []string
-	start := 0
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '\\':
-			i++
-		case ',':
-			out = append(out, s[start:i])
-			start = i + 1
-		}
+	if s == "" {
+		return nil
 	}
-	if start < len(s) {
-		out = append(out, s[start:])
+	out := strings.Split(s, ",")
+	for i := range out {
+		out[i] = unescapeMountInfo(out[i])
 	}
 	return out
 }
@@ -150,7 +144,7 @@ func parseMountInfoLine(s string) (MountInfo, error) {
 	m.FSType = unescapeMountInfo(f[sep+1])
 	m.Source = unescapeMountInfo(f[sep+2])
 	if len(f) > sep+3 {
-		m.SuperOpts = unescapeMountInfo(strings.Join(f[sep+3:], " "))
+		m.SuperOpts = strings.Join(f[sep+3:], " ")
 	}
 	return m, nil
 }
@@ -207,7 +201,7 @@ func ComposefsMounts() ([]MountInfo, error) {
 func IsMounted(target string) (MountInfo, bool, error) {
 	path, err := resolveTarget(target)
 	if err != nil {
-		if errors.Is(err, fs.ErrNotExist) {
+		if errors.Is(err, fs.ErrNotExist) || errors.Is(err, errSymlinkTarget) {
 			return MountInfo{}, false, nil
 		}
 		return MountInfo{}, false, fmt.Errorf("checking mount at %s: %w", target, err)
@@ -247,12 +241,31 @@ func topMountAt(all []MountInfo, path string) (MountInfo, bool, error) {
 	return at[len(at)-1], true, nil
 }
 
-// resolveTarget makes target absolute and resolves symlinks, as the kernel
-// shows mount points.
+// resolveTarget makes target absolute and resolves symlinks in its parent
+// directories, as the kernel shows mount points. A target that is itself a
+// symlink is errSymlinkTarget: Mount and Unmount act on the link, not on
+// what it points to, so nothing is mounted "at" it.
 func resolveTarget(target string) (string, error) {
 	abs, err := filepath.Abs(target)
 	if err != nil {
 		return "", err
 	}
-	return filepath.EvalSymlinks(abs)
+	if abs == "/" {
+		return abs, nil
+	}
+	dir, err := filepath.EvalSymlinks(filepath.Dir(abs))
+	if err != nil {
+		return "", err
+	}
+	p := filepath.Join(dir, filepath.Base(abs))
+	fi, err := os.Lstat(p)
+	if err != nil {
+		return "", err
+	}
+	if fi.Mode()&os.ModeSymlink != 0 {
+		return "", errSymlinkTarget
+	}
+	return p, nil
 }
+
+var errSymlinkTarget = errors.New("target is a symlink")

@@ -1190,6 +1190,11 @@ func (b *rdBuilder) node(ri *RawInode, name string, parent *Node) (*Node, error)
 		st.ExternalFiles++
 		st.ExternalBytes += ri.Size
 		n.Digest = ri.Metacopy
+		if !ri.HasRedirect && !b.img.opts.AllowForeignRedirects {
+			// Overlay would look the file up by its own path in the data
+			// layers, which an object store never holds: it reads EIO.
+			return nil, fmt.Errorf("%w: %s (nid %d): external file without a redirect to an object", ErrForeignRedirect, n.Path(), ri.Nid)
+		}
 		if ri.HasRedirect {
 			n.Payload = strings.TrimPrefix(ri.Redirect, "/")
 			if err := b.object(n, ri); err != nil {

@@ -581,3 +581,24 @@ func TestReaderMaxInodes(t *testing.T) {
 		t.Fatalf("walk over the limit: %v", err)
 	}
 }
+
+// TestStrictRefusesExternalFileWithoutRedirect: such a file reads EIO on a
+// data-only overlay, so a strict open must not report "no objects needed".
+func TestStrictRefusesExternalFileWithoutRedirect(t *testing.T) {
+	d := VerityDigestOf(pattern(5000, 251))
+	root := &Node{Mode: ModeDir | 0o755}
+	if err := root.AddChild(&Node{Name: "x", Mode: ModeRegular | 0o644, Nlink: 1, Size: 5000, Digest: &d}); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := WriteImage(&buf, root, DefaultWriteOptions()); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := Open(bytes.NewReader(buf.Bytes()), int64(buf.Len()), OpenOptions{}); !errors.Is(err, ErrForeignRedirect) {
+		t.Fatalf("strict open: %v, want ErrForeignRedirect", err)
+	}
+	img, err := Open(bytes.NewReader(buf.Bytes()), int64(buf.Len()), OpenOptions{AllowForeignRedirects: true})
+	if err != nil || len(img.Objects()) != 0 {
+		t.Fatalf("lenient open: %v", err)
+	}
+}
