@@ -85,13 +85,19 @@ func BenchmarkWriter50k(b *testing.B) {
 	b.ReportMetric(float64(imgSize), "image-bytes")
 }
 
-func BenchmarkWriterLayout50k(b *testing.B) {
+// benchTree builds the tree of the 50,000-entry directory.
+func benchTree(b *testing.B) *Node {
 	dir := b.TempDir()
 	makeBenchTree(b, dir, benchTreeEntries)
 	root, err := BuildFromDir(context.Background(), dir, DirOptions{})
 	if err != nil {
 		b.Fatal(err)
 	}
+	return root
+}
+
+func BenchmarkWriterLayout50k(b *testing.B) {
+	root := benchTree(b)
 	var buf bytes.Buffer
 	for b.Loop() {
 		buf.Reset()
@@ -106,14 +112,8 @@ func BenchmarkWriterLayout50k(b *testing.B) {
 // BenchmarkReader50k opens and walks the image of the 50,000-entry tree and
 // lists its objects; bytes/s counts image bytes.
 func BenchmarkReader50k(b *testing.B) {
-	dir := b.TempDir()
-	makeBenchTree(b, dir, benchTreeEntries)
-	root, err := BuildFromDir(context.Background(), dir, DirOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
 	var buf bytes.Buffer
-	if _, err := WriteImage(&buf, root, DefaultWriteOptions()); err != nil {
+	if _, err := WriteImage(&buf, benchTree(b), DefaultWriteOptions()); err != nil {
 		b.Fatal(err)
 	}
 	img := buf.Bytes()

@@ -640,14 +640,9 @@ func (s *rdSource) parseDir(ri *RawInode, tailOff int64, bud *rdBudget) (int64, 
 		return 0, rdCorrupt(nid, "directory size %d", ri.Size)
 	}
 	size := int64(ri.Size)
-	var full, tail int64
-	if ri.Layout == rdLayoutInline {
-		full, tail = size/rdBlk, size%rdBlk
-		if tail == 0 {
-			return 0, rdCorrupt(nid, "inline directory with an empty tail (size %d)", size)
-		}
-	} else {
-		full = (size + rdBlk - 1) / rdBlk
+	full, tail, err := ri.blockSplit("directory")
+	if err != nil {
+		return 0, err
 	}
 	blocks, err := s.dataBlocks(ri, ri.U, full, bud)
 	if err != nil {
@@ -782,14 +777,9 @@ func (s *rdSource) parseRegular(ri *RawInode, tailOff int64, bud *rdBudget) (int
 			return 0, rdCorrupt(nid, "inline file of %d bytes (composefs inlines at most %d)", ri.Size, MaxInlineContent)
 		}
 		size := int64(ri.Size)
-		var full, tail int64
-		if ri.Layout == rdLayoutInline {
-			full, tail = size/rdBlk, size%rdBlk
-			if tail == 0 {
-				return 0, rdCorrupt(nid, "inline file with an empty tail (size %d)", size)
-			}
-		} else {
-			full = (size + rdBlk - 1) / rdBlk
+		full, tail, err := ri.blockSplit("file")
+		if err != nil {
+			return 0, err
 		}
 		data, err := s.dataBlocks(ri, ri.U, full, bud)
 		if err != nil {
@@ -985,6 +975,21 @@ func (ri *RawInode) checkOverlayXattrs() error {
 		}
 	}
 	return nil
+}
+
+// blockSplit returns how many full data blocks an inode of a flat layout
+// has and how long its inline tail is; an inline layout with an empty tail
+// is corrupt.
+func (ri *RawInode) blockSplit(what string) (full, tail int64, err error) {
+	size := int64(ri.Size)
+	if ri.Layout != rdLayoutInline {
+		return (size + rdBlk - 1) / rdBlk, 0, nil
+	}
+	full, tail = size/rdBlk, size%rdBlk
+	if tail == 0 {
+		return 0, 0, rdCorrupt(ri.Nid, "inline %s with an empty tail (size %d)", what, size)
+	}
+	return full, tail, nil
 }
 
 // rdPrimary is the first node of a non-directory inode.
