@@ -14,6 +14,7 @@ import (
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"k8s.io/klog/v2"
 
+	"github.com/csi-composefs/csi-composefs/internal/testrepo"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
@@ -120,22 +121,7 @@ func (r *testRepo) requests(prefix string) int {
 
 // publish builds an image of files (name → content) into the repository.
 func (r *testRepo) publish(t testing.TB, name string, files map[string]string) cfs.Digest {
-	t.Helper()
-	src := t.TempDir()
-	for p, data := range files {
-		full := filepath.Join(src, p)
-		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(full, []byte(data), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	d, err := fetch.PublishImage(context.Background(), src, r.dir, name, cfs.DirOptions{UseEpoch: true}, cfs.DefaultWriteOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d
+	return testrepo.Publish(t, r.dir, name, files)
 }
 
 // sampleFiles returns files sharing most content, with i making a few

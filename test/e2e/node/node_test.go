@@ -23,8 +23,8 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 
+	"github.com/csi-composefs/csi-composefs/internal/testrepo"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
-	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
 // repo is an HTTP repository whose object requests can be held.
@@ -91,21 +91,7 @@ func imageFiles(i int) map[string]string {
 }
 
 func (r *repo) publish(t *testing.T, name string, files map[string]string) cfs.Digest {
-	src := t.TempDir()
-	for p, data := range files {
-		full := filepath.Join(src, p)
-		if err := os.MkdirAll(filepath.Dir(full), 0o755); err != nil {
-			t.Fatal(err)
-		}
-		if err := os.WriteFile(full, []byte(data), 0o644); err != nil {
-			t.Fatal(err)
-		}
-	}
-	d, err := fetch.PublishImage(context.Background(), src, r.dir, name, cfs.DirOptions{UseEpoch: true}, cfs.DefaultWriteOptions())
-	if err != nil {
-		t.Fatal(err)
-	}
-	return d
+	return testrepo.Publish(t, r.dir, name, files)
 }
 
 // plugin is one run of `csi-composefs serve`.
