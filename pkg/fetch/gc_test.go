@@ -131,11 +131,8 @@ func TestGCWithoutBudgetKeepsImages(t *testing.T) {
 	s := openStore(t, root, opts)
 	src := newSource(t, ts.URL, HTTPOptions{})
 	ctx := context.Background()
-	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.EnsureObjects(ctx, src, d); err != nil {
-		t.Fatal(err)
+	if got := mustPull(t, s, src, "a.cfs"); got != d {
+		t.Fatalf("pulled %s, want %s", got, d)
 	}
 	st, err := s.GC(ctx)
 	if err != nil {
@@ -155,11 +152,8 @@ func TestVerifyQuarantines(t *testing.T) {
 	s := openStore(t, root, testOptions())
 	src := newSource(t, ts.URL, HTTPOptions{})
 	ctx := context.Background()
-	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.EnsureObjects(ctx, src, d); err != nil {
-		t.Fatal(err)
+	if got := mustPull(t, s, src, "a.cfs"); got != d {
+		t.Fatalf("pulled %s, want %s", got, d)
 	}
 	rep, err := s.Verify(ctx)
 	if err != nil || len(rep.Corrupt) != 0 || rep.Objects != 5 || rep.Images != 1 {

@@ -268,3 +268,18 @@ func hasObjects(t testing.TB, root string, files []testFile) bool {
 	}
 	return true
 }
+
+// mustPull ensures image name and all its objects in s, failing the test
+// on any error, and returns the image digest.
+func mustPull(t testing.TB, s *Store, src Source, name string) cfs.Digest {
+	t.Helper()
+	ctx := context.Background()
+	d, err := s.EnsureImage(ctx, src, ImageRef{Name: name})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnsureObjects(ctx, src, d); err != nil {
+		t.Fatal(err)
+	}
+	return d
+}

@@ -95,11 +95,8 @@ func TestOnlyMissingObjectsAndExtraDirs(t *testing.T) {
 	s := openStore(t, root, opts)
 	src := newSource(t, ts.URL, HTTPOptions{})
 	ctx := context.Background()
-	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := s.EnsureObjects(ctx, src, da); err != nil {
-		t.Fatal(err)
+	if got := mustPull(t, s, src, "a.cfs"); got != da {
+		t.Fatalf("pulled %s, want %s", got, da)
 	}
 	got, err := s.EnsureImage(ctx, src, ImageRef{Name: "b.cfs"})
 	if err != nil || got != db {
