@@ -4,7 +4,6 @@ import (
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
-	"errors"
 	"fmt"
 	"hash"
 	"io"
@@ -220,6 +219,3 @@ func VerityDigestReader(r io.Reader) (Digest, int64, error) {
 	}
 	return h.Digest(), n, nil
 }
-
-// ErrNoDigest is returned where a digest is required but absent.
-var ErrNoDigest = errors.New("no fs-verity digest")
