@@ -121,6 +121,8 @@ type Driver struct {
 	now       func() time.Time
 	metrics   *Metrics
 	events    EventRecorder
+	// healthEndpoint, when set, is where /healthz calls Probe.
+	healthEndpoint string
 
 	state *stateStore
 	locks *targetLocks
