@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/csi-composefs/csi-composefs/internal/testrepo"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
@@ -112,6 +113,10 @@ type env struct {
 	runs    int
 }
 
+// kubeletRoot stands for the kubelet's root directory: the plugin serves
+// its registration socket in plugins_registry/ there.
+func (e *env) kubeletRoot() string { return filepath.Join(e.dir, "kubelet") }
+
 func buildBinary(t *testing.T) string {
 	bin := filepath.Join(t.TempDir(), "csi-composefs")
 	cmd := exec.Command("go", "build", "-o", bin, "github.com/csi-composefs/csi-composefs/cmd/csi-composefs")
@@ -132,7 +137,7 @@ func (e *env) start() *plugin {
 	defer logf.Close()
 	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "0", "-v", "2")
+		"--gc-interval", "0", "-v", "2", "--kubelet-root", e.kubeletRoot(), "--kubelet-registration-path", e.sock)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -166,6 +171,30 @@ func (e *env) start() *plugin {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return p
+}
+
+// checkRegistration asks the plugin's registration socket what the
+// kubelet's plugin watcher asks, and checks the answer names the CSI socket.
+func checkRegistration(t *testing.T, regSock, csiSock string) {
+	t.Helper()
+	fi, err := os.Lstat(regSock)
+	if err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("registration socket %s: %v %v, want a socket with mode 0600", regSock, fi, err)
+	}
+	conn, err := grpc.NewClient("unix://"+regSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info, err := registerapi.NewRegistrationClient(conn).GetInfo(ctx, &registerapi.InfoRequest{})
+	if err != nil {
+		t.Fatalf("GetInfo: %v", err)
+	}
+	if info.GetType() != registerapi.CSIPlugin || info.GetName() != "composefs.csi.dev" || info.GetEndpoint() != csiSock {
+		t.Fatalf("GetInfo: %v, want a CSIPlugin composefs.csi.dev at %s", info, csiSock)
+	}
 }
 
 func (p *plugin) kill() {
@@ -227,6 +256,7 @@ func TestNode(t *testing.T) {
 	e.store = filepath.Join(e.dir, "store")
 	e.sock = filepath.Join(e.dir, "csi.sock")
 	p := e.start()
+	checkRegistration(t, filepath.Join(e.kubeletRoot(), "plugins_registry", "composefs.csi.dev-reg.sock"), e.sock)
 	pods := t.TempDir()
 	target := func(i int) string { return filepath.Join(pods, fmt.Sprintf("pod-%02d", i), "volumes", "vol") }
 	t.Cleanup(func() { // never leave mounts behind
@@ -379,7 +409,7 @@ func gcPass(t *testing.T, e *env, pp **plugin) {
 	defer logf.Close()
 	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "100ms", "-v", "2")
+		"--gc-interval", "100ms", "-v", "2", "--kubelet-root", e.kubeletRoot(), "--kubelet-registration-path", e.sock)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
