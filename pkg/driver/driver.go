@@ -123,6 +123,8 @@ type Driver struct {
 	events    EventRecorder
 	// healthEndpoint, when set, is where /healthz calls Probe.
 	healthEndpoint string
+	// selinux reports whether the node runs SELinux (nil: cfs.SELinuxEnabled).
+	selinux func() bool
 
 	state *stateStore
 	locks *targetLocks
