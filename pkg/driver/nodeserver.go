@@ -302,8 +302,8 @@ func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode c
 	}
 	dirs := append([]string{d.store.ObjectsDir()}, d.cfg.ExtraObjectDirs...)
 	_, err := d.mounter.Mount(ctx, d.store.ImagePath(dg), target, cfs.MountOptions{
-		ObjectDirs:  dirs,
-		Verity:      mountMode,
+		ObjectDirs:     dirs,
+		Verity:         mountMode,
 		ImageDigest:    &dg,
 		NoExec:         flags.noexec,
 		SELinuxContext: flags.seLinuxContext,

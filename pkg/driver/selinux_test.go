@@ -32,7 +32,7 @@ func TestParseContextFlag(t *testing.T) {
 		}
 	}
 	for _, bad := range []string{
-		`context="` + label,            // unbalanced
+		`context="` + label,             // unbalanced
 		`context="a:b:c\",upperdir=/x"`, // a quote inside the label
 		"context=",
 		`context=""`,
