@@ -9,7 +9,7 @@ BIN := bin/csi-composefs
 # deadline (go.dev/issue/75804). Run longer by hand with `make fuzz FUZZTIME=10m`.
 # Minimisation is capped: the seeds are whole images, and minimising one costs up to a minute.
 FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/cfs:FuzzCheckSELinuxContext
 
 # The plugin image (make image): built without a container engine by
 # hack/image. The chart's default image.repository is IMAGE_REPO; set
@@ -83,11 +83,12 @@ image:
 	  -version $(VERSION) -revision "$(REVISION)" -out $(CURDIR)/$(IMAGE_OUT) $$bins
 
 # Reproducibility: build the image twice, the second time with an empty
-# build cache (nothing reused), and compare the digests.
+# build cache (nothing reused), and compare the digests. The version is
+# fixed once, so that a file edited meanwhile cannot change it.
 image-check:
 	@set -e; tmp=$$(mktemp -d); trap 'rm -rf "$$tmp"' EXIT; \
-	$(MAKE) --no-print-directory image IMAGE_OUT=_output/image-a; \
-	GOCACHE=$$tmp $(MAKE) --no-print-directory image IMAGE_OUT=_output/image-b; \
+	$(MAKE) --no-print-directory image IMAGE_OUT=_output/image-a VERSION=$(VERSION) IMAGE_TAG=$(IMAGE_TAG); \
+	GOCACHE=$$tmp $(MAKE) --no-print-directory image IMAGE_OUT=_output/image-b VERSION=$(VERSION) IMAGE_TAG=$(IMAGE_TAG); \
 	a=$$(cat _output/image-a/digest); b=$$(cat _output/image-b/digest); \
 	if [ "$$a" = "$$b" ]; then echo "reproducible: $$a"; else echo "digests differ: $$a $$b"; exit 1; fi
 

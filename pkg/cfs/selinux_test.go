@@ -81,3 +81,28 @@ func TestMountSELinuxContext(t *testing.T) {
 		}
 	}
 }
+
+// FuzzCheckSELinuxContext: an accepted context cannot leave the quotes of
+// the legacy option string nor add an option: no quote, no '=', no
+// whitespace or control byte, and user:role:type present.
+func FuzzCheckSELinuxContext(f *testing.F) {
+	for _, s := range []string{"system_u:object_r:container_file_t:s0:c15,c25", "a:b:c", `a:b:c",rw`, "a:b:c=d", "::", "a:b:c:s0-s0:c0.c1023"} {
+		f.Add(s)
+	}
+	f.Fuzz(func(t *testing.T, s string) {
+		if CheckSELinuxContext(s) != nil {
+			return
+		}
+		if strings.ContainsAny(s, "\"=\\ \t\n\x00") || len(s) > maxSELinuxContext {
+			t.Fatalf("accepted %q", s)
+		}
+		if p := strings.SplitN(s, ":", 4); len(p) < 3 || p[0] == "" || p[1] == "" || p[2] == "" {
+			t.Fatalf("accepted %q without user:role:type", s)
+		}
+		for _, opt := range strings.Split(`context="`+s+`"`, ",") {
+			if strings.Contains(opt, "=") && !strings.HasPrefix(opt, `context="`) {
+				t.Fatalf("%q adds the option %q", s, opt)
+			}
+		}
+	})
+}

@@ -3,9 +3,13 @@ package deploy
 import (
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
+	appsv1 "k8s.io/api/apps/v1"
 	corev1 "k8s.io/api/core/v1"
+	"sigs.k8s.io/kustomize/api/krusty"
+	"sigs.k8s.io/kustomize/kyaml/filesys"
 
 	"github.com/csi-composefs/csi-composefs/pkg/driver"
 )
@@ -100,5 +104,55 @@ func TestExamples(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestKustomizeOverlay: the overlay the examples README shows builds on the
+// base, and the plugin's serve command accepts the arguments it adds.
+func TestKustomizeOverlay(t *testing.T) {
+	readme, err := os.ReadFile(filepath.Join(kustomDir, "examples", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(readme), "```yaml\n# kustomization.yaml of your overlay\n")
+	block, _, ok2 := strings.Cut(block, "```")
+	if !ok || !ok2 {
+		t.Fatal("the examples README has no overlay kustomization")
+	}
+	base, err := filepath.Abs(kustomDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := t.TempDir()
+	rel, err := filepath.Rel(dir, base) // kustomize takes relative bases only
+	if err != nil {
+		t.Fatal(err)
+	}
+	var lines []string
+	for _, l := range strings.Split(block, "\n") {
+		if strings.Contains(l, "deploy/kubernetes") && strings.HasPrefix(strings.TrimSpace(l), "- ") {
+			l = "  - " + rel // the README's path is relative to the reader's checkout
+		}
+		lines = append(lines, l)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(strings.Join(lines, "\n")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("building the README's overlay: %v", err)
+	}
+	y, err := res.AsYaml()
+	if err != nil {
+		t.Fatal(err)
+	}
+	ds := only[*appsv1.DaemonSet](t, decodeAll(t, "the overlay", y))
+	c := containerOf(t, ds, "csi-composefs")
+	cfg := parseServe(t, c)
+	if got := strings.Join(cfg.Driver.AllowedSources, " "); got != "https://repo.example.com/apps/" {
+		t.Errorf("allowed sources %q after the overlay", got)
+	}
+	if !strings.HasSuffix(c.Image, ":v0.1.0") {
+		t.Errorf("image %s", c.Image)
 	}
 }
