@@ -9,7 +9,7 @@ BIN := bin/csi-composefs
 # deadline (go.dev/issue/75804). Run longer by hand with `make fuzz FUZZTIME=10m`.
 # Minimisation is capped: the seeds are whole images, and minimising one costs up to a minute.
 FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
 

@@ -41,8 +41,8 @@ var ErrNotProven = errors.New("possession not proven")
 // f of an object's blocks passes with probability f; only reading the whole
 // object closes that, at the cost of downloading it again, which is what the
 // store exists to avoid. Two choices keep f honest:
-//   - the block is not uniform (all one byte) when the object has another:
-//     zero padding and holes are guessable;
+//   - the block is not uniform (all one byte) when one follows it within
+//     1 MiB (wrapping around): zero padding and holes are guessable;
 //   - the block is chosen by an HMAC of the object's digest under the
 //     store's secret key, not at random per attempt: the same object gets
 //     the same challenge on this node every time, so retrying a publish
@@ -54,9 +54,9 @@ var ErrNotProven = errors.New("possession not proven")
 const (
 	proofBlock    = 4096
 	proofWholeMax = 16 << 10
-	// proofTries bounds how many candidate blocks are read to find one
-	// that is not uniform.
-	proofTries = 8
+	// proofScan bounds how many blocks (1 MiB) are read, from the chosen
+	// one on, to find one that is not uniform.
+	proofScan = 256
 )
 
 // RangeSource is implemented by sources that can serve part of an object.
@@ -84,11 +84,16 @@ func (e *proofError) Error() string {
 
 func (e *proofError) Unwrap() []error { return []error{ErrNotProven, e.err} }
 
-// notProven wraps why a proof failed. Transient failures and cancellation
-// pass through unchanged: they say nothing about possession.
+// notProven wraps why a proof failed. Transient failures (retries
+// exhausted) and cancellation pass through unchanged: they say nothing
+// about possession. A size other than the object's is an answer, though a
+// download would retry it (a truncating cache).
 func notProven(what string, src Source, err error) error {
 	var pe *proofError
-	if err == nil || errors.As(err, &pe) || IsTransient(err) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+	if err == nil || errors.As(err, &pe) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	if IsTransient(err) && !errors.Is(err, ErrSizeMismatch) {
 		return err
 	}
 	return &proofError{what: what, src: src.String(), err: err}
@@ -129,8 +134,11 @@ func (s *Store) proveImage(ctx context.Context, src Source, ref ImageRef, d cfs.
 	})
 	s.proofs.proofBytes.Add(uint64(got))
 	if err != nil {
-		s.proofs.proofsFailed.Add(1)
-		return notProven("image "+d.String(), src, err)
+		err = notProven("image "+d.String(), src, err)
+		if errors.Is(err, ErrNotProven) {
+			s.proofs.proofsFailed.Add(1)
+		}
+		return err
 	}
 	s.proofs.proofs.Add(1)
 	s.markShown(ctx, shownKey{d: d, image: true, p: p})
@@ -202,8 +210,11 @@ func (s *Store) proveObject(ctx context.Context, src Source, o cfs.Object, p pri
 	})
 	s.proofs.proofBytes.Add(uint64(got))
 	if err != nil {
-		s.proofs.proofsFailed.Add(1)
-		return got, notProven(fmt.Sprintf("object %s (%d bytes)", o.Digest, o.Size), src, err)
+		err = notProven(fmt.Sprintf("object %s (%d bytes)", o.Digest, o.Size), src, err)
+		if errors.Is(err, ErrNotProven) {
+			s.proofs.proofsFailed.Add(1)
+		}
+		return got, err
 	}
 	s.proofs.proofs.Add(1)
 	s.markShown(ctx, shownKey{d: o.Digest, p: p})
@@ -263,8 +274,9 @@ func (s *Store) proveWhole(ctx, actx context.Context, src Source, o cfs.Object, 
 }
 
 // challenge picks the block of o a source must serve, and reads it from
-// the stored object: the first of proofTries blocks, chosen by an HMAC of
-// the digest under the store's key, that is not uniform (or the last).
+// the stored object: from a block chosen by an HMAC of the digest under
+// the store's key, the first one that is not uniform (within proofScan
+// blocks; the chosen one if all are).
 func (s *Store) challenge(ctx context.Context, o cfs.Object) (int64, []byte, error) {
 	f, err := os.Open(s.objectPath(o.Digest))
 	if err != nil {
@@ -276,24 +288,24 @@ func (s *Store) challenge(ctx context.Context, o cfs.Object) (int64, []byte, err
 	defer f.Close()
 	blocks := (o.Size + proofBlock - 1) / proofBlock
 	m := hmac.New(sha256.New, s.provenanceKey(ctx))
-	var off int64
-	var buf []byte
-	for try := 0; try < proofTries; try++ {
-		m.Reset()
-		m.Write([]byte("challenge\x00"))
-		m.Write(o.Digest[:])
-		m.Write([]byte{byte(try)})
-		i := binary.BigEndian.Uint64(m.Sum(nil)) % blocks
-		off = int64(i * proofBlock)
-		buf = make([]byte, min(proofBlock, o.Size-uint64(off)))
+	m.Write([]byte("challenge\x00"))
+	m.Write(o.Digest[:])
+	start := binary.BigEndian.Uint64(m.Sum(nil)) % blocks
+	read := func(i uint64) (int64, []byte, error) {
+		off := int64(i * proofBlock)
+		buf := make([]byte, min(proofBlock, o.Size-uint64(off)))
 		if _, err := f.ReadAt(buf, off); err != nil {
 			return 0, nil, fmt.Errorf("reading object %s: %w", o.Digest, err)
 		}
-		if !uniform(buf) {
-			break
+		return off, buf, nil
+	}
+	for k := uint64(0); k < min(blocks, proofScan); k++ {
+		off, buf, err := read((start + k) % blocks)
+		if err != nil || !uniform(buf) {
+			return off, buf, err
 		}
 	}
-	return off, buf, nil
+	return read(start)
 }
 
 func uniform(b []byte) bool {
