@@ -259,8 +259,24 @@ func TestProvenanceAcrossRestart(t *testing.T) {
 	if n := victim.requests("/") - before; n != 0 {
 		t.Errorf("after a restart, the same principal made %d requests for content it delivered", n)
 	}
-	if _, err := node.NodeUnpublishVolume(context.Background(), unpublishReq("again", again)); err != nil {
-		t.Fatal(err)
+	// pullPolicy Never serves what the principal showed before.
+	never := filepath.Join(t.TempDir(), "never")
+	cleanupMounts(t, never)
+	vcNever := map[string]string{"repository": victim.srv.URL, "image": "private.cfs", "digest": dg.String(), "pullPolicy": "Never"}
+	req = publishReq("never", never, vcNever)
+	req.Secrets = map[string]string{"token": "victim-token"}
+	if _, err := node.NodePublishVolume(context.Background(), req); err != nil {
+		t.Fatalf("pullPolicy Never, same principal: %v", err)
+	}
+	req = publishReq("never2", filepath.Join(t.TempDir(), "never2"), vcNever)
+	req.Secrets = map[string]string{"token": "someone-else"}
+	if _, err := node.NodePublishVolume(context.Background(), req); status.Code(err) != codes.FailedPrecondition {
+		t.Errorf("pullPolicy Never, another principal: %v, want FailedPrecondition", err)
+	}
+	for vol, tg := range map[string]string{"again": again, "never": never} {
+		if _, err := node.NodeUnpublishVolume(context.Background(), unpublishReq(vol, tg)); err != nil {
+			t.Fatal(err)
+		}
 	}
 	// Another user of the same repository with its own (valid) token
 	// proves possession: one request for the image, one per object.
