@@ -124,12 +124,17 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		}
 		switch where {
 		case inStore:
-			if pid != nil && !s.isShown(shownKey{d: o.Digest, p: *pid}) {
+			switch {
+			case pid == nil || s.isShown(shownKey{d: o.Digest, p: *pid}):
+				st.Present++
+				st.PresentBytes += o.Size
+			case s.inExtraDir(o): // the host's, public: no proof
+				st.Extra++
+				st.ExtraBytes += o.Size
+			default:
 				unproven = append(unproven, o)
 				continue
 			}
-			st.Present++
-			st.PresentBytes += o.Size
 		case inExtra:
 			st.Extra++
 			st.ExtraBytes += o.Size
@@ -279,13 +284,21 @@ func (s *Store) locate(o cfs.Object) (location, error) {
 		}
 		return inStore, nil
 	}
+	if s.inExtraDir(o) {
+		return inExtra, nil
+	}
+	return missingObject, nil
+}
+
+// inExtraDir reports whether an extra object directory has o.
+func (s *Store) inExtraDir(o cfs.Object) bool {
 	for _, dir := range s.opts.ExtraObjectDirs {
 		fi, err := os.Stat(filepath.Join(dir, o.Digest.ObjectPath()))
 		if err == nil && fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
-			return inExtra, nil
+			return true
 		}
 	}
-	return missingObject, nil
+	return false
 }
 
 // waitersPerSlot is how many objects per download slot an EnsureObjects

@@ -418,3 +418,35 @@ func FuzzParseContentRange(f *testing.F) {
 		}
 	})
 }
+
+// TestExtraDirsNeedNoProof: objects of --extra-object-dir directories are
+// the host's, public to every principal, even when the store has a copy.
+func TestExtraDirsNeedNoProof(t *testing.T) {
+	repo := t.TempDir()
+	files := makeFiles("f", 95, 4, 30000)
+	d := writeRepoImage(t, repo, "a.cfs", files)
+	ts := newTestServer(t, repo)
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+	opts := testOptions()
+	opts.ExtraObjectDirs = []string{filepath.Join(repo, "objects")}
+	s := openStore(t, t.TempDir(), opts)
+	// A copy of one object in the store too, delivered by A.
+	one := cfs.VerityDigestOf(files[0].data)
+	if err := os.MkdirAll(filepath.Dir(s.objectPath(one)), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(s.objectPath(one), files[0].data, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}, ForPrincipal("B")); err != nil {
+		t.Fatal(err)
+	}
+	st, err := s.EnsureObjects(ctx, src, d, ForPrincipal("B"))
+	if err != nil || st.Extra != len(files) || st.Proven != 0 {
+		t.Fatalf("%+v, %v; want every object from the extra directory, none proven", st, err)
+	}
+	if hits := ts.objectHits(); len(hits) != 0 {
+		t.Errorf("object requests %v", hits)
+	}
+}
