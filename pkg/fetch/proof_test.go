@@ -11,6 +11,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 
 	"golang.org/x/sys/unix"
 
@@ -449,4 +450,66 @@ func TestExtraDirsNeedNoProof(t *testing.T) {
 	if hits := ts.objectHits(); len(hits) != 0 {
 		t.Errorf("object requests %v", hits)
 	}
+}
+
+// TestSharedDownloadIsProvedByJoiner: a call for another principal that
+// joins a download in flight (made from the first principal's source) must
+// still have its own source prove the content.
+func TestSharedDownloadIsProvedByJoiner(t *testing.T) {
+	repo := t.TempDir()
+	files := makeFiles("f", 97, 4, 30000)
+	d := writeRepoImage(t, repo, "a.cfs", files)
+	ts := newTestServer(t, repo)
+	release := make(chan struct{})
+	arrived := make(chan struct{}, len(files))
+	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if strings.HasPrefix(r.URL.Path, "/objects/") {
+			arrived <- struct{}{}
+			<-release
+		}
+		return false
+	})
+	attacker := newTestServer(t, t.TempDir()) // has nothing: 404
+	s := openStore(t, t.TempDir(), testOptions())
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}, ForPrincipal("A")); err != nil {
+		t.Fatal(err)
+	}
+	errA := make(chan error, 1)
+	go func() {
+		_, err := s.EnsureObjects(ctx, src, d, ForPrincipal("A"))
+		errA <- err
+	}()
+	for range files {
+		<-arrived // every object's download is in flight
+	}
+	errB := make(chan error, 1)
+	go func() {
+		_, err := s.EnsureObjects(ctx, newSource(t, attacker.URL, HTTPOptions{}), d, ForPrincipal("B"))
+		errB <- err
+	}()
+	// Let B join the downloads before they finish.
+	deadline := time.Now().Add(5 * time.Second)
+	for s.objects.waiting() < len(files) && time.Now().Before(deadline) {
+		time.Sleep(time.Millisecond)
+	}
+	close(release)
+	if err := <-errA; err != nil {
+		t.Fatal(err)
+	}
+	if err := <-errB; !errors.Is(err, ErrNotProven) {
+		t.Fatalf("the joiner: %v, want ErrNotProven (its source has nothing)", err)
+	}
+}
+
+// waiting counts the callers that joined a call in flight.
+func (g *flightGroup[T]) waiting() int {
+	g.mu.Lock()
+	defer g.mu.Unlock()
+	n := 0
+	for _, f := range g.m {
+		n += f.waiters - 1
+	}
+	return n
 }
