@@ -96,7 +96,7 @@ func (s *Store) shownPath(k shownKey) string {
 	return s.objectPath(k.d)
 }
 
-// provenanceKey returns the store's HMAC key, creating it on first use.
+// provenanceKey returns the store's HMAC key (loaded or created by Open).
 // When it cannot be read or written (a read-only store), a key for this
 // process is used: provenance then does not survive a restart.
 func (s *Store) provenanceKey(ctx context.Context) []byte {

@@ -214,6 +214,9 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	// Load (or create) the provenance key now rather than in the first
+	// publish that needs it.
+	s.provenanceKey(ctx)
 	for _, c := range "0123456789abcdef" {
 		if err := os.Mkdir(filepath.Join(root, tmpDir, string(c)), 0o755); err != nil {
 			s.Close()
