@@ -73,7 +73,6 @@ func ForPrincipal(principal string) EnsureOption {
 type provenance struct {
 	keyOnce sync.Once
 	key     []byte
-	keyErr  error
 
 	noXattr atomic.Bool // the filesystem refused user xattrs
 
@@ -146,7 +145,10 @@ func writeNewKey(path string) ([]byte, error) {
 		os.Remove(tmp)
 		return nil, fmt.Errorf("writing %s: %w", path, err)
 	}
-	return key, syncDir(filepath.Dir(path))
+	// Losing the key in a crash only means a new one: every principal
+	// proves possession again.
+	_ = syncDir(filepath.Dir(path))
+	return key, nil
 }
 
 // principalID derives the id recorded for principal.
