@@ -9,7 +9,7 @@ BIN := bin/csi-composefs
 # deadline (go.dev/issue/75804). Run longer by hand with `make fuzz FUZZTIME=10m`.
 # Minimisation is capped: the seeds are whole images, and minimising one costs up to a minute.
 FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/cfs:FuzzCheckSELinuxContext
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange ./pkg/cfs:FuzzCheckSELinuxContext
 
 # The plugin image (make image): built without a container engine by
 # hack/image. The chart's default image.repository is IMAGE_REPO; set

@@ -27,6 +27,9 @@ func serve(ctx context.Context, c app.ServeConfig) error {
 	log := klog.Background()
 	ctx = klog.NewContext(ctx, log)
 	log.Info("Starting csi-composefs", "version", version, "driver", c.Driver.DriverName, "endpoint", c.Endpoint, "store", c.StoreDir)
+	if c.Driver.TrustSharedContent {
+		log.Info("WARNING: --trust-shared-content: content on this node serves every volume that names it; sources are not asked to show that they hold it")
+	}
 	if len(c.Driver.AllowedSources) == 0 {
 		log.Info("WARNING: --allowed-sources is empty: volumes may fetch from any URL (inline volumes can point anywhere)")
 	}

@@ -70,6 +70,7 @@ func NewServeCommand(c Command) *cobra.Command {
 		extraDirs                             []string
 		fetchConcurrency                      int
 		gcInterval, verifyInterval            time.Duration
+		trustShared                           bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -152,7 +153,8 @@ to the log only.`,
 				StoreDir:     storeDir,
 				Registration: reg,
 				Driver: driver.Config{DriverName: driverName, Version: c.Version, NodeID: nodeID,
-					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval},
+					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
+					TrustSharedContent: trustShared},
 			})
 		},
 	}
@@ -169,6 +171,7 @@ to the log only.`,
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
+	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
 	f.StringVar(&kubeletRoot, "kubelet-root", DefaultKubeletRoot, "the kubelet's root directory (its --root-dir) as this process sees it")
 	f.StringVar(&registration, "registration", RegistrationBuiltin, "how the plugin registers with the kubelet: builtin (serve KUBELET-ROOT/plugins_registry/DRIVER-NAME-reg.sock) or none (a node-driver-registrar sidecar does it)")
 	f.StringVar(&regPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet sees it on the host, when it differs from this process's view (default KUBELET-ROOT/plugins/DRIVER-NAME/csi.sock)")

@@ -45,6 +45,13 @@ func TestServeRegistrationFlags(t *testing.T) {
 	if err != nil || c.Registration.Endpoint != "/host/csi.sock" {
 		t.Errorf("--kubelet-registration-path: %+v, %v", c.Registration, err)
 	}
+	c, err = parse(t, "--trust-shared-content")
+	if err != nil || !c.Driver.TrustSharedContent {
+		t.Errorf("--trust-shared-content: %+v, %v", c.Driver, err)
+	}
+	if c, _ := parse(t); c.Driver.TrustSharedContent {
+		t.Error("shared content trusted by default")
+	}
 	c, err = parse(t, "--registration=none")
 	if err != nil || c.Registration.Enabled {
 		t.Errorf("--registration=none: %+v, %v", c.Registration, err)
