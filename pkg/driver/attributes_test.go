@@ -100,6 +100,15 @@ func TestParseSecrets(t *testing.T) {
 		{name: "bad CA", secrets: map[string]string{"ca.crt": "hunter2"}, errHas: "ca.crt"},
 		{name: "bad docker config", secrets: map[string]string{".dockerconfigjson": "hunter2"}, errHas: ".dockerconfigjson"},
 		{name: "password alone", secrets: map[string]string{"password": "hunter2"}, errHas: "username"},
+		{name: "newline inside the token", secrets: map[string]string{"token": "hunter2\nX-Injected: 1\n"}, errHas: `"token"`},
+		{name: "NUL in the token", secrets: map[string]string{"token": "hunter2\x00"}, errHas: `"token"`},
+		{name: "CR in the password", secrets: map[string]string{"username": "u", "password": "hunter2\r\n"}, errHas: `"password"`},
+		{name: "tab in the username", secrets: map[string]string{"username": "hunter2\t"}, errHas: `"username"`},
+		{name: "colon in the username", secrets: map[string]string{"username": "hunter2:x", "password": "p"}, errHas: `"username"`},
+		{name: "docker auth not base64", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r.example":{"auth":"hunter2!"}}}`}, errHas: `auths["r.example"]: auth is not base64`},
+		{name: "docker auth without colon", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"auth":"aHVudGVyMg=="}}}`}, errHas: "user:password"},
+		{name: "docker password with a newline", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"username":"u","password":"hunter2\n"}}}`}, errHas: "control character"},
+		{name: "docker auth with a newline", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"auth":"dTpodW50ZXIyCg=="}}}`}, errHas: "control character"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -205,6 +214,9 @@ func TestErrorCode(t *testing.T) {
 		{"transient exhausted", wrap(fetch.Transient(errors.New("503"))), codes.Unavailable},
 		{"deadline", wrap(context.DeadlineExceeded), codes.Aborted},
 		{"canceled", wrap(context.Canceled), codes.Aborted},
+		{"redirect refused", wrap(&fetch.SourceError{Err: fmt.Errorf("to x: %w", fetch.ErrRedirectRefused)}), codes.PermissionDenied},
+		{"redirect loop", wrap(&fetch.SourceError{Err: fmt.Errorf("loop: %w", fetch.ErrRedirectLoop)}), codes.FailedPrecondition},
+		{"invalid credentials", wrap(fetch.ErrInvalidCredentials), codes.InvalidArgument},
 		{"other", errors.New("boom"), codes.Internal},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

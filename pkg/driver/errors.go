@@ -36,6 +36,12 @@ func errorCode(err error) codes.Code {
 		return codes.Aborted
 	case errors.Is(err, errNotOnNode), errors.Is(err, errNotAuthorized):
 		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrRedirectRefused):
+		return codes.PermissionDenied
+	case errors.Is(err, fetch.ErrRedirectLoop):
+		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrInvalidCredentials):
+		return codes.InvalidArgument
 	case errors.Is(err, fetch.ErrNotFound):
 		return codes.NotFound
 	case errors.Is(err, fetch.ErrUnauthorized):

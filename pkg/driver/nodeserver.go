@@ -14,6 +14,7 @@ import (
 	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
 // Access modes a read-only volume accepts: the reader-only ones, and
@@ -122,7 +123,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	}
 	ctx = klog.NewContext(ctx, log)
 	if !d.cfg.AllowedSources.Allows(spec.Source) {
-		return status.Errorf(codes.PermissionDenied, "%s: source %s is not allowed on this node (--allowed-sources)", AttrRepository, spec.Source.URL)
+		return status.Errorf(codes.PermissionDenied, "%s: source %s is not allowed on this node (--allowed-sources)", AttrRepository, fetch.RedactURL(spec.Source.URL))
 	}
 	mode := effectiveVerity(spec.Verity, d.cfg.MinVerity)
 	if mode == cfs.VerityRequire && !d.store.VerityEnabled() {
@@ -176,7 +177,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	dg, err := d.ensure(ctx, spec, src, creds.fingerprint())
 	if err != nil {
 		d.reportFailure(ctx, spec.Pod, err)
-		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, spec.Source.URL), err)
+		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, fetch.RedactURL(spec.Source.URL)), err)
 	}
 	newRec := Record{
 		Target:    target,
