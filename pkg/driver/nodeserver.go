@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
@@ -147,8 +148,14 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		return toStatus("checking target_path", err)
 	}
 	rec, hasRec := d.state.get(target)
+	params := publishParams(req)
 	switch {
+	case mounted && hasRec && rec.VolumeID != req.GetVolumeId():
+		return status.Errorf(codes.AlreadyExists, "target_path %s already has volume %s published, not %s", target, rec.VolumeID, req.GetVolumeId())
 	case mounted && hasRec && rec.Key == spec.Key():
+		if why := rec.incompatibility(params, mi); why != "" {
+			return status.Errorf(codes.AlreadyExists, "target_path %s: volume %s is already published there incompatibly: %s", target, rec.VolumeID, why)
+		}
 		if md, ok := mi.ImageDigest(); mi.IsComposefs() && (!ok || md.String() == rec.Image) {
 			log.V(4).Info("Volume already published")
 			return nil
@@ -188,6 +195,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		Name:      spec.Ref.Name,
 		Verity:    mode,
 		Published: d.now().UTC(),
+		Publish:   params,
 	}
 	if spec.Pod.Name != "" {
 		newRec.Pod = spec.Pod.Namespace + "/" + spec.Pod.Name
@@ -195,6 +203,9 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	if adopt {
 		if md, ok := mi.ImageDigest(); !ok || md != dg {
 			return status.Errorf(codes.AlreadyExists, "target_path %s already has another composefs image mounted (%s)", target, mi.Source)
+		}
+		if why := (Record{}).incompatibility(params, mi); why != "" {
+			return status.Errorf(codes.AlreadyExists, "target_path %s: a composefs mount is there, %s", target, why)
 		}
 		d.pin(target, dg)
 		if err := d.state.put(newRec); err != nil {
@@ -331,6 +342,12 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 	log := klog.FromContext(ctx).WithValues("volumeID", req.GetVolumeId(), "target", target)
 
 	rec, hasRec := d.state.get(target)
+	if hasRec && rec.VolumeID != req.GetVolumeId() {
+		// Not this volume's publish: leave it alone (NOT_FOUND is the
+		// spec's code for a volume_id that does not exist, here at this
+		// target).
+		return status.Errorf(codes.NotFound, "volume %s is not published at target_path %s (volume %s is); nothing was unmounted", req.GetVolumeId(), target, rec.VolumeID)
+	}
 	// Unmount every composefs mount stacked at target (normally one).
 	for i := 0; ; i++ {
 		mi, mounted, err := d.mounter.MountAt(target)
@@ -347,10 +364,15 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 			return status.Errorf(codes.Internal, "target_path %s: still mounted after %d unmounts", target, i)
 		}
 		if err := d.mounter.Unmount(target); err != nil {
+			if errors.Is(err, unix.EBUSY) {
+				// Never detach lazily: the content would lose its pin while a
+				// process can still read it. Kubelet retries.
+				return status.Errorf(codes.Unavailable, "target_path %s is busy: a process still uses the volume (or something is mounted inside it); it stays mounted and its content stays pinned until it is released", target)
+			}
 			return toStatus("unmounting target_path", err)
 		}
 	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := removeTarget(ctx, target, hasRec && rec.CreatedDir); err != nil {
 		return toStatus("removing target_path", err)
 	}
 	d.unpin(target)
@@ -362,6 +384,38 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 	}
 	d.metrics.setVolumes(d.state.len())
 	return nil
+}
+
+// removeTarget removes the target directory if the driver created it and
+// it is still an empty directory. Whatever else is at the path (a
+// directory that was there before publish, a file or a symlink put there,
+// content written into the directory) is not the driver's and stays; a
+// symlink is never followed.
+func removeTarget(ctx context.Context, target string, created bool) error {
+	log := klog.FromContext(ctx)
+	if !created {
+		log.V(4).Info("Leaving target_path in place: the driver did not create it")
+		return nil
+	}
+	fi, err := os.Lstat(target)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		log.Info("Leaving target_path in place: it is no longer the directory the driver created", "mode", fi.Mode().String())
+		return nil
+	}
+	err = unix.Rmdir(target)
+	switch {
+	case err == nil, errors.Is(err, unix.ENOENT):
+		return nil
+	case errors.Is(err, unix.ENOTEMPTY), errors.Is(err, unix.EEXIST):
+		log.Info("Leaving target_path in place: something not of the driver's is inside")
+		return nil
+	}
+	return fmt.Errorf("removing %s: %w", target, err)
 }
 
 // NodeGetVolumeStats reports the image's bytes and inodes, and the

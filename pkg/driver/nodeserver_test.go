@@ -431,6 +431,11 @@ func TestPublishAdoptsUnrecordedMount(t *testing.T) {
 	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
 		t.Fatal(err)
 	}
+	// Whether the driver made the directory died with the record: it stays
+	// (kubelet removes its mount directory after a successful unpublish).
+	if err := os.Remove(target); err != nil {
+		t.Errorf("the target is not left as an empty directory: %v", err)
+	}
 	assertClean(t, e, target)
 }
 
@@ -559,8 +564,8 @@ func TestCredentialsAreCheckedForStoredContent(t *testing.T) {
 	if n := repo.requests("/objects/") - before; n != 0 {
 		t.Errorf("%d object requests for content already on the node", n)
 	}
-	for _, tg := range []string{good, again} {
-		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", tg)); err != nil {
+	for tg, volID := range map[string]string{good: "v1", again: "v3"} {
+		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq(volID, tg)); err != nil {
 			t.Fatal(err)
 		}
 	}
