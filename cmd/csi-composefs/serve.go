@@ -22,6 +22,7 @@ func newServeCmd() *cobra.Command {
 	var (
 		endpoint, nodeID, driverName, allowed string
 		storeDir, storeMaxSize, minVerity     string
+		maxImageSize                          string
 		metricsAddr                           string
 		extraDirs                             []string
 		fetchConcurrency                      int
@@ -54,6 +55,10 @@ to the log only.`,
 			if err != nil {
 				return usageErrorf("--store-max-size: %v", err)
 			}
+			imageLimit, err := parseSize(maxImageSize)
+			if err != nil {
+				return usageErrorf("--max-image-size: %v", err)
+			}
 			if fetchConcurrency <= 0 {
 				return usageErrorf("--fetch-concurrency must be positive")
 			}
@@ -65,7 +70,7 @@ to the log only.`,
 			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
-				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize},
+				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, MaxImageSize: imageLimit},
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval},
@@ -81,6 +86,7 @@ to the log only.`,
 	f.StringVar(&storeMaxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
 	f.StringArrayVar(&extraDirs, "extra-object-dir", nil, "read-only object directory used before fetching (repeatable)")
 	f.IntVar(&fetchConcurrency, "fetch-concurrency", 16, "concurrent object downloads per image")
+	f.StringVar(&maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")

@@ -168,10 +168,9 @@ func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
 	spec.Source = src
 
 	if d := vc[AttrDigest]; d != "" {
-		d = strings.TrimPrefix(d, "sha256:")
-		dg, err := cfs.ParseDigest(d)
+		dg, err := cfs.ParseUserDigest(d)
 		if err != nil {
-			return spec, invalidArg(AttrDigest, "want %d hex characters (the image's fs-verity digest)", 2*cfs.DigestSize)
+			return spec, invalidArg(AttrDigest, "want the image's fs-verity digest, %d hex characters, not all zero", 2*cfs.DigestSize)
 		}
 		spec.Ref.Digest = dg
 	}

@@ -57,6 +57,8 @@ func TestParseVolumeContext(t *testing.T) {
 		{name: "no image nor digest", vc: map[string]string{"repository": "https://r"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad image name", vc: map[string]string{"repository": "https://r", "image": "../x"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad digest", vc: map[string]string{"repository": "https://r", "digest": "abc"}, errCode: codes.InvalidArgument, errHas: "digest"},
+		{name: "all-zero digest", vc: map[string]string{"repository": "https://r", "image": "a", "digest": strings.Repeat("0", 64)}, errCode: codes.InvalidArgument, errHas: "digest: want the image's fs-verity digest"},
+		{name: "all-zero digest with prefix", vc: map[string]string{"repository": "https://r", "digest": "sha256:" + strings.Repeat("0", 64)}, errCode: codes.InvalidArgument, errHas: "not all zero"},
 		{name: "bad pull policy", vc: map[string]string{"repository": "https://r", "image": "a", "pullPolicy": "Sometimes"}, errCode: codes.InvalidArgument, errHas: "pullPolicy"},
 		{name: "bad verity", vc: map[string]string{"repository": "https://r", "image": "a", "verity": "maybe"}, errCode: codes.InvalidArgument, errHas: "verity"},
 		{name: "empty verity", vc: map[string]string{"repository": "https://r", "image": "a", "verity": ""}, errCode: codes.InvalidArgument, errHas: "verity"},

@@ -80,6 +80,9 @@ type Options struct {
 	// DisableVerity skips enabling fs-verity on stored files even where the
 	// filesystem supports it.
 	DisableVerity bool
+	// MustExist makes Open refuse a directory that is not a store already
+	// (CheckStoreDir) instead of creating one there.
+	MustExist bool
 }
 
 func (o *Options) setDefaults() {
@@ -169,6 +172,11 @@ type objectResult struct {
 func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	opts.setDefaults()
 	log := klog.FromContext(ctx)
+	if opts.MustExist {
+		if err := CheckStoreDir(root); err != nil {
+			return nil, err
+		}
+	}
 	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
