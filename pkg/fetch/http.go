@@ -61,8 +61,8 @@ var _ Source = (*HTTPSource)(nil)
 // NewHTTPSource returns a source for the repository at baseURL.
 func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 	u, err := url.Parse(strings.TrimSuffix(baseURL, "/"))
-	if err != nil {
-		return nil, fmt.Errorf("repository URL %q: %w", baseURL, err)
+	if err != nil { // url's error quotes the URL whole
+		return nil, fmt.Errorf("repository URL %s: not a valid URL", RedactURL(baseURL))
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
 		return nil, fmt.Errorf("repository URL %q: scheme must be http or https", redactedURL(u))
@@ -299,7 +299,7 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 func (s *HTTPSource) get(ctx context.Context, op, rawURL string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
-		return nil, &SourceError{Op: op, URL: rawURL, Err: err}
+		return nil, &SourceError{Op: op, URL: rawURL, Err: errors.New(redactURLsIn(err.Error()))}
 	}
 	req.Header.Set("User-Agent", s.opts.UserAgent)
 	resp, err := s.client.Do(req)

@@ -314,6 +314,13 @@ func TestNoResponseHeadersIsTransient(t *testing.T) {
 	}
 }
 
+func TestBadRepositoryURLIsRedacted(t *testing.T) {
+	_, err := NewHTTPSource("https://u:s3cr3t@h/%zz?sig=s3cr3t", HTTPOptions{})
+	if err == nil || strings.Contains(err.Error(), "s3cr3t") || !strings.Contains(err.Error(), "https://REDACTED@h/") {
+		t.Errorf("got %v, want an error naming the URL redacted", err)
+	}
+}
+
 func TestCredentialsWithControlCharacters(t *testing.T) {
 	for i, opts := range []HTTPOptions{
 		{BearerToken: "abc\ndef"}, {BearerToken: "abc\x00"}, {Username: "u", Password: "p\r\nX-Injected: 1"},
