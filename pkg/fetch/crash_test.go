@@ -57,15 +57,15 @@ func TestCrashSafety(t *testing.T) {
 	})
 	root := t.TempDir()
 	pull := func(ctx context.Context) *exec.Cmd {
-		return exec.CommandContext(ctx, bin, "pull", "--store", root, "--repository", ts.URL,
-			"--parallel", "4", "--progress", "none", "--digest", d.String(), "img.cfs")
+		return exec.CommandContext(ctx, bin, "pull", "--store-dir", root, "--repository", ts.URL,
+			"--fetch-concurrency", "4", "--progress", "none", "--digest", d.String(), "img.cfs")
 	}
 
 	// One timed pull (into a scratch store) to pick kill moments in its range.
 	start := time.Now()
 	scratch := t.TempDir()
-	if out, err := exec.Command(bin, "pull", "--store", scratch, "--repository", ts.URL,
-		"--parallel", "4", "--progress", "none", "img.cfs").CombinedOutput(); err != nil {
+	if out, err := exec.Command(bin, "pull", "--store-dir", scratch, "--repository", ts.URL,
+		"--fetch-concurrency", "4", "--progress", "none", "img.cfs").CombinedOutput(); err != nil {
 		t.Fatalf("reference pull: %v\n%s", err, out)
 	}
 	full := time.Since(start)
@@ -104,7 +104,7 @@ func TestCrashSafety(t *testing.T) {
 	}
 
 	t.Logf("%d of 50 kills left a partial download behind", midDownload)
-	out, err := exec.Command(bin, "store", "verify", "--store", root).CombinedOutput()
+	out, err := exec.Command(bin, "store", "verify", "--store-dir", root).CombinedOutput()
 	if err != nil || !strings.Contains(string(out), ": 0 corrupt") {
 		t.Fatalf("store verify: %v\n%s", err, out)
 	}
