@@ -248,6 +248,11 @@ func canonicalHTTPURL(raw string) (string, error) {
 	if u.Host == "" {
 		return "", fmt.Errorf("no host")
 	}
+	for i := 0; i < len(u.Host); i++ {
+		if c := u.Host[i]; c <= ' ' || c >= 0x7f {
+			return "", fmt.Errorf("the host must be ASCII (an international name in its xn-- form)")
+		}
+	}
 	if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
 		return "", fmt.Errorf("query and fragment are not allowed")
 	}

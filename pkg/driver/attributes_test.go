@@ -54,6 +54,7 @@ func TestParseVolumeContext(t *testing.T) {
 		{name: "bad scheme", vc: map[string]string{"repository": "ftp://r", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
 		{name: "credentials in URL", vc: map[string]string{"repository": "https://u:secretpw@r", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
 		{name: "query", vc: map[string]string{"repository": "https://r/?x=1", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
+		{name: "host not ASCII", vc: map[string]string{"repository": "http://\xb7", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository: the host must be ASCII"},
 		{name: "no image nor digest", vc: map[string]string{"repository": "https://r"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad image name", vc: map[string]string{"repository": "https://r", "image": "../x"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad digest", vc: map[string]string{"repository": "https://r", "digest": "abc"}, errCode: codes.InvalidArgument, errHas: "digest"},
