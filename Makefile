@@ -12,7 +12,7 @@ BIN := bin/csi-composefs
 # one costs up to a minute. The attribute and secret parsers are cheap: 100000x each.
 FUZZCOUNT ?= 300000x
 FUZZTIME ?=
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump \
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange \
 	./pkg/driver:FuzzParseVolumeContext:100000x ./pkg/driver:FuzzParseSecrets:100000x
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
