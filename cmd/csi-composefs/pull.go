@@ -67,6 +67,7 @@ type storeFlags struct {
 	maxImageSize string
 	maxSize      string
 	retries      int
+	named        bool
 }
 
 func (f *storeFlags) add(cmd *cobra.Command, fetching bool) {
@@ -76,6 +77,8 @@ func (f *storeFlags) add(cmd *cobra.Command, fetching bool) {
 		cmd.Flags().IntVar(&f.parallel, "parallel", 16, "concurrent object downloads")
 		cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
 		cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+		cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
+		_ = cmd.Flags().MarkHidden("named-temp-files")
 	} else {
 		cmd.Flags().StringVar(&f.maxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
 	}
@@ -85,6 +88,7 @@ func (f *storeFlags) options() (fetch.Options, error) {
 	var o fetch.Options
 	o.ExtraObjectDirs = f.extra
 	o.Parallelism = f.parallel
+	o.NamedTempFiles = f.named
 	if f.parallel < 0 {
 		return o, usageErrorf("--parallel must be positive")
 	}

@@ -319,7 +319,7 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
-	f, err := createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	f, err := s.createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary file: %w", err)
 	}

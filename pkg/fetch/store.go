@@ -75,6 +75,10 @@ type Options struct {
 	// DisableVerity skips enabling fs-verity on stored files even where the
 	// filesystem supports it.
 	DisableVerity bool
+	// NamedTempFiles downloads objects into named files under tmp/ even
+	// where the filesystem has O_TMPFILE (as on filesystems without it;
+	// tests of that path).
+	NamedTempFiles bool
 }
 
 func (o *Options) setDefaults() {

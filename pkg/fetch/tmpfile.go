@@ -24,9 +24,14 @@ type tempFile struct {
 var noTmpfile atomic.Bool
 
 // createTemp creates a temporary file in dir (on the store's filesystem);
-// pattern names the file when O_TMPFILE is not available.
-func createTemp(dir, pattern string) (*tempFile, error) {
-	if !noTmpfile.Load() {
+// pattern names the file when O_TMPFILE is not available or the store is
+// told not to use it (Options.NamedTempFiles).
+func (s *Store) createTemp(dir, pattern string) (*tempFile, error) {
+	return createTemp(dir, pattern, s.opts.NamedTempFiles)
+}
+
+func createTemp(dir, pattern string, named bool) (*tempFile, error) {
+	if !named && !noTmpfile.Load() {
 		fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
 		if err == nil {
 			return &tempFile{File: os.NewFile(uintptr(fd), filepath.Join(dir, "(anonymous "+pattern+")")), anon: true}, nil
