@@ -70,7 +70,8 @@ type Options struct {
 	// check.
 	MinRate int64
 	// GCGrace keeps images used within that long from GC even when not
-	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m.
+	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m,
+	// negative means none.
 	GCGrace time.Duration
 	// DisableVerity skips enabling fs-verity on stored files even where the
 	// filesystem supports it.
@@ -110,8 +111,10 @@ func (o *Options) setDefaults() {
 	} else if o.MinRate < 0 {
 		o.MinRate = 0
 	}
-	if o.GCGrace <= 0 {
+	if o.GCGrace == 0 {
 		o.GCGrace = 10 * time.Minute
+	} else if o.GCGrace < 0 {
+		o.GCGrace = 0
 	}
 }
 
