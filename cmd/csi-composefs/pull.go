@@ -75,7 +75,7 @@ func (f *storeFlags) add(cmd *cobra.Command, fetching bool) {
 	if fetching {
 		cmd.Flags().StringArrayVar(&f.extra, "extra-objects", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 		cmd.Flags().IntVar(&f.parallel, "parallel", 16, "concurrent object downloads")
-		cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
+		cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes 2 to 16 times its size in memory")
 		cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
 		cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
 		_ = cmd.Flags().MarkHidden("named-temp-files")

@@ -26,6 +26,7 @@ func newServeCmd() *cobra.Command {
 		extraDirs                             []string
 		fetchConcurrency                      int
 		gcInterval, gcGrace, verifyInterval   time.Duration
+		limits                                limitFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -70,9 +71,13 @@ to the log only.`,
 			if verifyInterval < 0 {
 				return usageErrorf("--verify-interval must not be negative")
 			}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			if err := limits.apply(&so); err != nil {
+				return err
+			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
-				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace},
+				store:    so,
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval},
@@ -93,6 +98,7 @@ to the log only.`,
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
 	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
+	limits.add(f)
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
 	f.AddGoFlagSet(gfs)

@@ -17,7 +17,8 @@ import (
 // otherwise.
 type tempFile struct {
 	*os.File
-	anon bool // O_TMPFILE: published with linkat, never removed by name
+	anon bool         // O_TMPFILE: published with linkat, never removed by name
+	room *reservation // its room in the download budget, given back once it leaves tmp/
 }
 
 // noTmpfile is set once O_TMPFILE was refused by the store's filesystem.
@@ -54,6 +55,7 @@ func (t *tempFile) discard() {
 	if !t.anon {
 		os.Remove(t.Name())
 	}
+	t.room.release()
 }
 
 // reopenReadOnly replaces the writable descriptor of an anonymous file by a
@@ -91,6 +93,7 @@ func (t *tempFile) publish(final string) error {
 		// Already durable (the group sync came first) and linked.
 		_ = t.Close()
 	}
+	t.room.release()
 	return nil
 }
 
