@@ -110,6 +110,8 @@ type env struct {
 	sock    string
 	allowed string
 	runs    int
+	flags   []string // more serve flags
+	environ []string // more environment variables of the plugin
 }
 
 func buildBinary(t *testing.T) string {
@@ -130,9 +132,10 @@ func (e *env) start() *plugin {
 		e.t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
+	cmd := exec.Command(e.bin, append([]string{"serve", "--endpoint", "unix://" + e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "0", "-v", "2")
+		"--gc-interval", "0", "-v", "2"}, e.flags...)...)
+	cmd.Env = append(os.Environ(), e.environ...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
