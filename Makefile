@@ -11,7 +11,7 @@ BIN := bin/csi-composefs
 # A target may name its own count after a second colon (small parsers need fewer
 # executions); FUZZTIME given on the command line applies to every target.
 FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/cfs:FuzzParseMountInfo:50000x
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange ./pkg/cfs:FuzzParseMountInfo:50000x
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
 

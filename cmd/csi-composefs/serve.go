@@ -27,6 +27,7 @@ func newServeCmd() *cobra.Command {
 		fetchConcurrency                      int
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
+		trustShared                           bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -80,7 +81,8 @@ to the log only.`,
 				store:    so,
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
-					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval},
+					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
+					TrustSharedContent: trustShared},
 			})
 		},
 	}
@@ -98,6 +100,7 @@ to the log only.`,
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
 	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
+	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
 	limits.add(f)
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
@@ -115,6 +118,9 @@ func serve(ctx context.Context, c serveConfig) error {
 	log := klog.Background()
 	ctx = klog.NewContext(ctx, log)
 	log.Info("Starting csi-composefs", "version", version, "driver", c.driver.DriverName, "endpoint", c.endpoint, "store", c.storeDir)
+	if c.driver.TrustSharedContent {
+		log.Info("WARNING: --trust-shared-content: content on this node serves every volume that names it; sources are not asked to show that they hold it")
+	}
 	if len(c.driver.AllowedSources) == 0 {
 		log.Info("WARNING: --allowed-sources is empty: volumes may fetch from any URL (inline volumes can point anywhere)")
 	}

@@ -65,12 +65,15 @@ func newStoreVerifyCmd() *cobra.Command {
 			}
 			defer s.Close()
 			rep, err := s.Verify(cmd.Context())
-			if err != nil {
-				return err
-			}
 			out := cmd.OutOrStdout()
 			for _, c := range rep.Corrupt {
 				fmt.Fprintf(out, "corrupt: %s: %s (moved to %s)\n", c.Path, c.Reason, c.MovedTo)
+			}
+			for _, u := range rep.Unreadable {
+				fmt.Fprintf(out, "unreadable (left in place): %s: %v\n", u.Path, u.Err)
+			}
+			if err != nil {
+				return err
 			}
 			fmt.Fprintf(out, "verified %d objects and %d images (%s): %d corrupt\n",
 				rep.Objects, rep.Images, human(rep.Bytes), len(rep.Corrupt))

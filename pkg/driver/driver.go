@@ -28,11 +28,12 @@ const DefaultDriverName = "composefs.csi.dev"
 
 // Store is what the driver needs of the node store (*fetch.Store).
 type Store interface {
-	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef) (cfs.Digest, error)
+	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
 	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool
+	ImageShown(ctx context.Context, d cfs.Digest, principal string) bool
 	ImagePath(d cfs.Digest) string
 	ObjectsDir() string
 	Pin(image cfs.Digest)
@@ -108,6 +109,10 @@ type Config struct {
 	// WaitMargin is how long before the caller's deadline a publish stops
 	// waiting for a fetch and answers Aborted; 0 means 2s.
 	WaitMargin time.Duration
+	// TrustSharedContent serves content already in the store to every
+	// volume that names it, without asking its source to show that it
+	// holds it: for single-tenant clusters only (--trust-shared-content).
+	TrustSharedContent bool
 }
 
 // Driver is the CSI Identity and Node server.
@@ -129,15 +134,12 @@ type Driver struct {
 	ready atomic.Bool
 
 	mu       sync.Mutex
-	pinned   map[string]cfs.Digest // target → image it pins
-	names    map[string]cfs.Digest // source+name → digest last resolved
-	complete map[cfs.Digest]bool   // images whose objects were all ensured
-	// authorized holds source, image and credential fingerprints the
-	// source has accepted since start (see fetch).
-	authorized map[string]bool
-	checked    map[cfs.Digest]bool    // images whose file digest was checked
-	infos      map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
-	sources    map[string]fetch.Source
+	pinned   map[string]cfs.Digest  // target → image it pins
+	names    map[string]cfs.Digest  // source+name → digest last resolved
+	complete map[completeKey]bool   // images whose objects were all ensured, per principal
+	checked  map[cfs.Digest]bool    // images whose file digest was checked
+	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
+	sources  map[string]fetch.Source
 
 	ctx     context.Context // lives as long as the driver: background fetches
 	cancel  context.CancelFunc
@@ -193,23 +195,22 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &Driver{
-		cfg:        cfg,
-		store:      store,
-		mounter:    KernelMounter{},
-		newSource:  cfg.AllowedSources.NewSource,
-		events:     logRecorder{},
-		now:        time.Now,
-		locks:      newTargetLocks(),
-		ops:        newFetchOps(),
-		pinned:     make(map[string]cfs.Digest),
-		names:      make(map[string]cfs.Digest),
-		complete:   make(map[cfs.Digest]bool),
-		authorized: make(map[string]bool),
-		checked:    make(map[cfs.Digest]bool),
-		infos:      make(map[cfs.Digest]*imgRef),
-		sources:    make(map[string]fetch.Source),
-		ctx:        ctx,
-		cancel:     cancel,
+		cfg:       cfg,
+		store:     store,
+		mounter:   KernelMounter{},
+		newSource: cfg.AllowedSources.NewSource,
+		events:    logRecorder{},
+		now:       time.Now,
+		locks:     newTargetLocks(),
+		ops:       newFetchOps(),
+		pinned:    make(map[string]cfs.Digest),
+		names:     make(map[string]cfs.Digest),
+		complete:  make(map[completeKey]bool),
+		checked:   make(map[cfs.Digest]bool),
+		infos:     make(map[cfs.Digest]*imgRef),
+		sources:   make(map[string]fetch.Source),
+		ctx:       ctx,
+		cancel:    cancel,
 	}
 	for _, o := range opts {
 		o(d)
@@ -390,9 +391,9 @@ func (d *Driver) RunGC(ctx context.Context) (fetch.GCStats, error) {
 	for _, dg := range d.pinned {
 		pinned[dg] = true
 	}
-	for dg := range d.complete {
-		if !pinned[dg] {
-			delete(d.complete, dg)
+	for k := range d.complete {
+		if !pinned[k.image] {
+			delete(d.complete, k)
 		}
 	}
 	d.mu.Unlock()

@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -114,16 +115,38 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, 
 	}
 }
 
+// principal names who a volume's requests speak for: its source and its
+// credentials. Content on the node serves a volume only once its principal
+// has shown it holds it (fetch.ForPrincipal).
+func principal(spec VolumeSpec, credFP string) string {
+	return string(spec.Source.Kind) + " " + spec.Source.URL + " " + credFP
+}
+
+// completeKey marks an image whose objects were all ensured for a
+// principal ("" with --trust-shared-content).
+type completeKey struct {
+	image     cfs.Digest
+	principal string
+}
+
 // fetch brings the image and its objects into the store.
 //
-// Content on the node is not proof that a volume may read it: an image is
-// served from the store only for source, image and credentials that the
-// source has accepted since the plugin started (as kubelet re-checks
-// credentials for images, KEP-2535). Otherwise the source is asked once.
+// Content on the node is not proof that a volume may read it: naming a
+// digest is not access. Unless TrustSharedContent is set, the image and
+// every object serve the volume only after its source, with its
+// credentials, has shown that it holds them: by delivering them, or by a
+// proof of possession the store makes (the image re-read and hashed; a
+// block of each object). What a principal showed is remembered across
+// restarts, so the same source and credentials pay nothing again.
 func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
-	authKey := spec.Source.URL + "\x00" + spec.Ref.String() + "\x00" + credFP
 	nameKey := spec.Source.URL + " " + ref.Name
+	var who string
+	opts := []fetch.EnsureOption{fetch.WithProgress(p)}
+	if !d.cfg.TrustSharedContent {
+		who = principal(spec, credFP)
+		opts = append(opts, fetch.ForPrincipal(who))
+	}
 	switch spec.PullPolicy {
 	case PullAlways:
 		// Ask the source again, by name when there is one; the digest, if
@@ -139,7 +162,9 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 			d.mu.Lock()
 			dg, ok := d.names[nameKey]
 			d.mu.Unlock()
-			if ok && d.store.HasImage(dg) {
+			// A name another principal resolved is resolved again (the
+			// image is small; fetching it is its proof).
+			if ok && d.store.HasImage(dg) && (who == "" || spec.PullPolicy == PullNever || d.store.ImageShown(ctx, dg, who)) {
 				ref.Digest = dg
 			}
 		}
@@ -148,21 +173,9 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
 	}
 	fromStore := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
-	if fromStore && !d.isAuthorized(authKey) {
-		if spec.PullPolicy == PullNever {
-			return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s from %s: %w", spec.Ref, spec.Source.URL, errNotAuthorized)
-		}
-		if err := checkAccess(ctx, src, spec.Ref); err != nil {
-			return cfs.Digest{}, fetch.Stats{}, err
-		}
-	}
-	dg, err := d.store.EnsureImage(ctx, src, ref)
+	dg, err := d.store.EnsureImage(ctx, src, ref, opts...)
 	if err != nil {
-		return cfs.Digest{}, fetch.Stats{}, err
-	}
-	// The source served the image or accepted the check above.
-	if spec.PullPolicy != PullNever {
-		d.setAuthorized(authKey)
+		return cfs.Digest{}, fetch.Stats{}, neverProven(spec, err)
 	}
 	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
@@ -175,45 +188,33 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// Skip the per-object check only for an image that stayed in the store
 	// since its objects were last ensured (GC clears the mark of images it
 	// may have touched, and a fetched image is checked again).
+	ck := completeKey{dg, who}
 	d.mu.Lock()
-	done := fromStore && d.complete[dg]
+	done := fromStore && d.complete[ck]
 	d.mu.Unlock()
 	if done {
 		return dg, fetch.Stats{}, nil
 	}
-	st, err := d.store.EnsureObjects(ctx, src, dg, fetch.WithProgress(p))
+	st, err := d.store.EnsureObjects(ctx, src, dg, opts...)
 	if err != nil {
-		return dg, st, err
+		return dg, st, neverProven(spec, err)
 	}
 	d.mu.Lock()
-	d.complete[dg] = true
+	if len(d.complete) >= 100000 { // bound it; entries are cheap to earn again
+		clear(d.complete)
+	}
+	d.complete[ck] = true
 	d.mu.Unlock()
 	return dg, st, nil
 }
 
-// checkAccess asks the source for the image with the volume's credentials
-// and reads nothing of it: a refusal (401/403, 404) is the answer.
-func checkAccess(ctx context.Context, src fetch.Source, ref fetch.ImageRef) error {
-	rc, _, err := src.OpenImage(ctx, ref)
-	if err != nil {
-		return fmt.Errorf("checking access to image %s at %s: %w", ref, src, err)
+// neverProven explains a missing proof under pullPolicy Never, which
+// forbids the request a proof needs.
+func neverProven(spec VolumeSpec, err error) error {
+	if spec.PullPolicy == PullNever && errors.Is(err, fetch.ErrNotProven) {
+		return fmt.Errorf("%w: %w", errNotAuthorized, err)
 	}
-	return rc.Close()
-}
-
-func (d *Driver) isAuthorized(key string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.authorized[key]
-}
-
-func (d *Driver) setAuthorized(key string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if len(d.authorized) >= 100000 { // bound it; entries are cheap to earn again
-		clear(d.authorized)
-	}
-	d.authorized[key] = true
+	return err
 }
 
 // neverSource serves nothing: with pullPolicy Never, what the node lacks

@@ -364,8 +364,10 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 }
 
 // NodeGetVolumeStats reports the image's bytes and inodes, and the
-// volume's condition: abnormal when the mount is gone or an object of the
-// image is missing or has the wrong size in the store.
+// volume's condition: abnormal when the mount is gone, the image file left
+// the store (verification quarantined it: the mount keeps working, its
+// objects stay pinned, and a new publish fetches the image again), or an
+// object of the image is missing or has the wrong size in the store.
 func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeStatsRequest) (*csi.NodeGetVolumeStatsResponse, error) {
 	if req.GetVolumeId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "volume_id is required")
@@ -386,8 +388,21 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 		return nil, status.Errorf(codes.Internal, "volume record of %s: %v", path, err)
 	}
 	st, err := d.imageStats(ctx, dg)
-	if err != nil {
+	if err != nil && ctx.Err() != nil {
+		// Gave up waiting for the parse memory budget: the call failed,
+		// not the volume.
 		return nil, toStatus("reading the image's stats", err)
+	}
+	if err != nil {
+		// The image file is gone or unreadable: that is the volume's
+		// condition, not a failure of the call. Usage is unknown.
+		return &csi.NodeGetVolumeStatsResponse{
+			Usage: []*csi.VolumeUsage{
+				{Unit: csi.VolumeUsage_BYTES},
+				{Unit: csi.VolumeUsage_INODES},
+			},
+			VolumeCondition: &csi.VolumeCondition{Abnormal: true, Message: d.imageCondition(dg, err)},
+		}, nil
 	}
 	resp := &csi.NodeGetVolumeStatsResponse{
 		Usage: []*csi.VolumeUsage{
@@ -430,9 +445,12 @@ func (d *Driver) checkVolume(ctx context.Context, path string, dg cfs.Digest) st
 	if !mounted || !mi.IsComposefs() {
 		return fmt.Sprintf("the composefs mount at %s is gone", path)
 	}
+	if !d.store.HasImage(dg) {
+		return d.imageCondition(dg, nil)
+	}
 	objs, err := d.store.Objects(ctx, dg)
 	if err != nil {
-		return fmt.Sprintf("the image is unreadable in the store: %v", err)
+		return d.imageCondition(dg, err)
 	}
 	dirs := append([]string{d.store.ObjectsDir()}, d.cfg.ExtraObjectDirs...)
 	for _, o := range objs {
@@ -452,4 +470,14 @@ func (d *Driver) checkVolume(ctx context.Context, path string, dg cfs.Digest) st
 		}
 	}
 	return ""
+}
+
+// imageCondition says why a volume whose image file is gone or unreadable
+// is abnormal.
+func (d *Driver) imageCondition(dg cfs.Digest, err error) string {
+	if !d.store.HasImage(dg) {
+		return fmt.Sprintf("image %s is no longer in the store (verification quarantined it, or it was removed); "+
+			"the mount keeps serving and its objects stay pinned; publishing the volume again fetches the image again", dg)
+	}
+	return fmt.Sprintf("image %s is unreadable in the store: %v", dg, err)
 }

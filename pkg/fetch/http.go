@@ -201,10 +201,15 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 	return httpBody{resp.Body, "reading object", resp.Request.URL.String()}, nil
 }
 
-func (s *HTTPSource) get(ctx context.Context, op, rawURL string) (*http.Response, error) {
+// get GETs rawURL; header holds extra header names and values (a Range
+// request also accepts 206).
+func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
 		return nil, &SourceError{Op: op, URL: rawURL, Err: err}
+	}
+	for i := 0; i+1 < len(header); i += 2 {
+		req.Header.Set(header[i], header[i+1])
 	}
 	req.Header.Set("User-Agent", s.opts.UserAgent)
 	switch {
@@ -231,7 +236,7 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string) (*http.Response
 		}
 		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(err)}
 	}
-	if resp.StatusCode == http.StatusOK {
+	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {
 		return resp, nil
 	}
 	// Drain a little so that the connection can be reused.

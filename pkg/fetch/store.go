@@ -170,7 +170,11 @@ func (o *Options) setDefaults() {
 //
 // Pins are kept in memory: after a restart the driver re-pins the images its
 // volumes use (from its own state) before the first GC. Until then GCGrace
-// still protects recently used images from a budget GC.
+// still protects recently used images from a budget GC. A pin protects the
+// objects of its image independently of the image file: their list is kept
+// from pin time, so an image quarantined while mounted keeps its objects,
+// and a pinned image whose list is unknown (its file gone before this
+// process read it) makes GC remove no object at all.
 type Store struct {
 	root string
 	opts Options
@@ -180,6 +184,7 @@ type Store struct {
 
 	mu      sync.Mutex
 	pins    map[cfs.Digest]int          // Pin/Unpin counts
+	pinObjs map[cfs.Digest][]cfs.Object // objects of pinned images, kept even if the image file goes
 	busy    map[cfs.Digest]int          // images an Ensure call is working on
 	lastUse map[cfs.Digest]time.Time    // in-process last use, for GC grace and LRU
 	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
@@ -197,12 +202,20 @@ type Store struct {
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
 
+	// open replaces os.Open for Verify and image parsing (tests inject
+	// I/O errors); nil means os.Open.
+	open func(path string) (storeFile, error)
+
+	prov   provenance // who showed what (provenance.go)
+	proofs proofCounters
+
 	c counters
 }
 
 type objectResult struct {
-	fetched uint64 // bytes downloaded
-	dir     string // object directory renamed into, to fsync
+	fetched uint64   // bytes downloaded
+	dir     string   // object directory renamed into, to fsync
+	found   location // where it was found when it arrived meanwhile
 }
 
 // Open opens (creating it if needed) the store at root, takes its lock and
@@ -231,6 +244,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		opts:    opts,
 		lock:    lf,
 		pins:    make(map[cfs.Digest]int),
+		pinObjs: make(map[cfs.Digest][]cfs.Object),
 		busy:    make(map[cfs.Digest]int),
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
@@ -249,6 +263,9 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	// Load (or create) the provenance key now rather than in the first
+	// publish that needs it.
+	s.provenanceKey(ctx)
 	for _, c := range "0123456789abcdef" {
 		if err := os.Mkdir(filepath.Join(root, tmpDir, string(c)), 0o755); err != nil {
 			s.Close()
@@ -375,6 +392,9 @@ type Counters struct {
 	GCImagesRemoved     uint64
 	GCObjectsRemoved    uint64
 	GCBytesFreed        uint64
+	Proofs              uint64 // proofs of possession that passed
+	ProofsFailed        uint64
+	ProofBytes          uint64 // bytes received by proofs
 }
 
 // Counters returns the cumulative counters.
@@ -392,5 +412,8 @@ func (s *Store) Counters() Counters {
 		GCImagesRemoved:     c.gcImages.Load(),
 		GCObjectsRemoved:    c.gcObjects.Load(),
 		GCBytesFreed:        c.gcBytes.Load(),
+		Proofs:              s.proofs.proofs.Load(),
+		ProofsFailed:        s.proofs.proofsFailed.Load(),
+		ProofBytes:          s.proofs.proofBytes.Load(),
 	}
 }
