@@ -13,7 +13,8 @@ BIN := bin/csi-composefs
 FUZZCOUNT ?= 300000x
 FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange \
-	./pkg/driver:FuzzParseVolumeContext:100000x ./pkg/driver:FuzzParseSecrets:100000x
+	./pkg/driver:FuzzParseVolumeContext:100000x ./pkg/driver:FuzzParseSecrets:100000x \
+	./pkg/cfs:FuzzParseMountInfo:50000x
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
 

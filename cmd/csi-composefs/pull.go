@@ -70,6 +70,7 @@ type storeFlags struct {
 	maxImageSize string
 	maxSize      string
 	retries      int
+	named        bool
 }
 
 // addDir adds --store-dir.
@@ -81,8 +82,10 @@ func (f *storeFlags) addDir(cmd *cobra.Command) {
 func (f *storeFlags) addFetch(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 16, "concurrent object downloads")
-	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes 2 to 16 times its size in memory")
 	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
+	_ = cmd.Flags().MarkHidden("named-temp-files")
 }
 
 // addMaxSize adds --store-max-size.
@@ -94,6 +97,7 @@ func (f *storeFlags) options() (fetch.Options, error) {
 	var o fetch.Options
 	o.ExtraObjectDirs = f.extra
 	o.Parallelism = f.concurrency
+	o.NamedTempFiles = f.named
 	if f.concurrency < 0 {
 		return o, usageErrorf("--fetch-concurrency must be positive")
 	}

@@ -22,11 +22,11 @@ func newServeCmd() *cobra.Command {
 	var (
 		endpoint, nodeID, driverName, allowed string
 		storeDir, storeMaxSize, minVerity     string
-		maxImageSize                          string
 		metricsAddr                           string
 		extraDirs                             []string
 		fetchConcurrency                      int
-		gcInterval, verifyInterval            time.Duration
+		gcInterval, gcGrace, verifyInterval   time.Duration
+		limits                                limitFlags
 		trustShared                           bool
 	)
 	cmd := &cobra.Command{
@@ -56,22 +56,29 @@ to the log only.`,
 			if err != nil {
 				return usageErrorf("--store-max-size: %v", err)
 			}
-			imageLimit, err := parseSize(maxImageSize)
-			if err != nil {
-				return usageErrorf("--max-image-size: %v", err)
-			}
 			if fetchConcurrency <= 0 {
 				return usageErrorf("--fetch-concurrency must be positive")
 			}
 			if gcInterval < 0 {
 				return usageErrorf("--gc-interval must not be negative")
 			}
+			if gcGrace < 0 {
+				return usageErrorf("--gc-grace must not be negative")
+			}
+			grace := gcGrace
+			if grace == 0 {
+				grace = -1 // none
+			}
 			if verifyInterval < 0 {
 				return usageErrorf("--verify-interval must not be negative")
 			}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			if err := limits.apply(&so); err != nil {
+				return err
+			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
-				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, MaxImageSize: imageLimit},
+				store:    so,
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
@@ -88,12 +95,13 @@ to the log only.`,
 	f.StringVar(&storeMaxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
 	f.StringArrayVar(&extraDirs, "extra-object-dir", nil, "read-only object directory used before fetching (repeatable)")
 	f.IntVar(&fetchConcurrency, "fetch-concurrency", 16, "concurrent object downloads per image")
-	f.StringVar(&maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
+	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	limits.add(f)
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
 	f.AddGoFlagSet(gfs)

@@ -214,6 +214,7 @@ func TestErrorCode(t *testing.T) {
 		{"no verity", wrap(cfs.ErrVerityUnsupported), codes.FailedPrecondition},
 		{"pull never", wrap(errNotOnNode), codes.FailedPrecondition},
 		{"disk full", wrap(syscall.ENOSPC), codes.ResourceExhausted},
+		{"object over the node limit", wrap(fmt.Errorf("object x is 9 bytes: %w", fetch.ErrResourceLimit)), codes.ResourceExhausted},
 		{"transient exhausted", wrap(fetch.Transient(errors.New("503"))), codes.Unavailable},
 		{"deadline", wrap(context.DeadlineExceeded), codes.Aborted},
 		{"canceled", wrap(context.Canceled), codes.Aborted},

@@ -30,6 +30,7 @@ type Store interface {
 	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
+	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool
 	ImageShown(ctx context.Context, d cfs.Digest, principal string) bool
 	ImagePath(d cfs.Digest) string

@@ -53,7 +53,7 @@ func errorCode(err error) codes.Code {
 		errors.Is(err, cfs.ErrNotComposefsImage), errors.Is(err, cfs.ErrVerityUnsupported),
 		errors.Is(err, cfs.ErrVerityNotEnabled):
 		return codes.FailedPrecondition
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+	case errors.Is(err, fetch.ErrResourceLimit), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return codes.ResourceExhausted
 	case fetch.IsTransient(err):
 		return codes.Unavailable

@@ -442,7 +442,12 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "volume record of %s: %v", path, err)
 	}
-	st, err := d.imageStats(dg)
+	st, err := d.imageStats(ctx, dg)
+	if err != nil && ctx.Err() != nil {
+		// Gave up waiting for the parse memory budget: the call failed,
+		// not the volume.
+		return nil, toStatus("reading the image's stats", err)
+	}
 	if err != nil {
 		// The image file is gone or unreadable: that is the volume's
 		// condition, not a failure of the call. Usage is unknown.
@@ -467,28 +472,19 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	return resp, nil
 }
 
-// imageStats parses the image once and caches its summary.
-func (d *Driver) imageStats(dg cfs.Digest) (cfs.ImageStats, error) {
+// imageStats parses the image once (within the store's parse memory
+// budget) and caches its summary.
+func (d *Driver) imageStats(ctx context.Context, dg cfs.Digest) (cfs.ImageStats, error) {
 	d.mu.Lock()
 	ir, ok := d.infos[dg]
 	d.mu.Unlock()
 	if ok {
 		return ir.stats, nil
 	}
-	f, err := os.Open(d.store.ImagePath(dg))
+	st, err := d.store.ImageStats(ctx, dg)
 	if err != nil {
 		return cfs.ImageStats{}, err
 	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return cfs.ImageStats{}, err
-	}
-	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
-	if err != nil {
-		return cfs.ImageStats{}, fmt.Errorf("image %s: %w", dg, err)
-	}
-	st := img.Stats()
 	d.mu.Lock()
 	d.infos[dg] = &imgRef{stats: st}
 	d.mu.Unlock()

@@ -605,3 +605,62 @@ func TestMountFlags(t *testing.T) {
 		assertClean(t, e, other)
 	}
 }
+
+// TestVerifyIntervalSchedule: with VerifyInterval set, the driver re-hashes
+// the store by itself, again and again: an object corrupted after publish
+// is quarantined without anyone calling RunVerify, and so is another one
+// corrupted after that first pass; the volume then reports abnormal.
+func TestVerifyIntervalSchedule(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(6))
+	e := newTestEnv(t, Config{VerifyInterval: 20 * time.Millisecond})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	objs := objectsOf(t, e.store.ImagePath(dg))
+	if len(objs) < 2 {
+		t.Fatalf("the sample image has %d objects, want at least 2", len(objs))
+	}
+	quarantined := func() int {
+		ents, err := os.ReadDir(filepath.Join(e.store.Root(), "quarantine"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	if n := quarantined(); n != 0 {
+		t.Fatalf("%d files quarantined before any corruption", n)
+	}
+	for i, o := range objs[:2] {
+		p := filepath.Join(e.store.ObjectsDir(), o.Digest.ObjectPath())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0xff
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// Bounded wait for the background pass (not a timing assertion).
+		deadline := time.Now().Add(30 * time.Second)
+		for quarantined() < i+1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("object %d corrupted, not quarantined within 30s: the periodic verification does not run", i)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("corrupt object %s still in objects/: %v", o.Digest, err)
+		}
+	}
+	if c := e.volumeCondition(t, target); !c.GetAbnormal() {
+		t.Fatalf("condition %+v, want abnormal", c)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
+	}
+}
