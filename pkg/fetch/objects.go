@@ -157,6 +157,9 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	if len(missing) == 0 {
 		return st, nil
 	}
+	if err := s.admitObjects(missing); err != nil {
+		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
+	}
 
 	wctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -375,6 +378,16 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}
+	// Then room in tmp/, held until the file is published or discarded.
+	room, err := s.admitObjectDownload(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			room.release()
+		}
+	}()
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, err := src.OpenObject(actx, o.Digest, o.Size)
@@ -385,10 +398,11 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
-	f, err := createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	f, err := s.createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary file: %w", err)
 	}
+	f.room = room
 	var n int64
 	defer func() {
 		if err != nil {

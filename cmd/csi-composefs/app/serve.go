@@ -69,7 +69,8 @@ func NewServeCommand(c Command) *cobra.Command {
 		kubeletRoot, registration, regPath    string
 		extraDirs                             []string
 		fetchConcurrency                      int
-		gcInterval, verifyInterval            time.Duration
+		gcInterval, gcGrace, verifyInterval   time.Duration
+		limits                                limitFlags
 		trustShared                           bool
 	)
 	cmd := &cobra.Command{
@@ -119,8 +120,19 @@ to the log only.`,
 			if gcInterval < 0 {
 				return usagef("--gc-interval must not be negative")
 			}
+			if gcGrace < 0 {
+				return usagef("--gc-grace must not be negative")
+			}
+			grace := gcGrace
+			if grace == 0 {
+				grace = -1 // none
+			}
 			if verifyInterval < 0 {
 				return usagef("--verify-interval must not be negative")
+			}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			if err := limits.apply(&so, usagef); err != nil {
+				return err
 			}
 			if !filepath.IsAbs(kubeletRoot) {
 				return usagef("--kubelet-root %q must be an absolute path", kubeletRoot)
@@ -149,7 +161,7 @@ to the log only.`,
 			}
 			return c.Run(cmd.Context(), ServeConfig{
 				Endpoint: endpoint, MetricsAddr: metricsAddr,
-				Store:        fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize},
+				Store:        so,
 				StoreDir:     storeDir,
 				Registration: reg,
 				Driver: driver.Config{DriverName: driverName, Version: c.Version, NodeID: nodeID,
@@ -170,8 +182,10 @@ to the log only.`,
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
+	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	limits.add(f)
 	f.StringVar(&kubeletRoot, "kubelet-root", DefaultKubeletRoot, "the kubelet's root directory (its --root-dir) as this process sees it")
 	f.StringVar(&registration, "registration", RegistrationBuiltin, "how the plugin registers with the kubelet: builtin (serve KUBELET-ROOT/plugins_registry/DRIVER-NAME-reg.sock) or none (a node-driver-registrar sidecar does it)")
 	f.StringVar(&regPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet sees it on the host, when it differs from this process's view (default KUBELET-ROOT/plugins/DRIVER-NAME/csi.sock)")

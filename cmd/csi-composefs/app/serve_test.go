@@ -71,6 +71,8 @@ func TestServeRegistrationFlags(t *testing.T) {
 		{[]string{"--min-verity=maybe"}, "--min-verity"},
 		{[]string{"--store-max-size=lots"}, "--store-max-size"},
 		{[]string{"--fetch-concurrency=0"}, "--fetch-concurrency"},
+		{[]string{"--gc-grace=-1s"}, "--gc-grace"},
+		{[]string{"--download-budget=lots"}, "--download-budget"},
 		{[]string{"--allowed-sources=not a url"}, "--allowed-sources"},
 		{[]string{"extra-arg"}, "argument"},
 	} {
