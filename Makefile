@@ -4,14 +4,6 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/csi-composefs
-<<<<<<< HEAD
-# Each fuzz target runs this many executions in `make test` (CI): a count, not a duration, because
-# Go 1.26's fuzz coordinator can fail a duration-bounded run with "context deadline exceeded" at the
-# deadline (go.dev/issue/75804). Run longer by hand with `make fuzz FUZZTIME=10m`.
-# Minimisation is capped: the seeds are whole images, and minimising one costs up to a minute.
-FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange ./pkg/cfs:FuzzCheckSELinuxContext
-=======
 # Each fuzz target runs a count of executions in `make test` (CI), given after a second colon
 # (default FUZZCOUNT): a count, not a duration, because Go 1.26's fuzz coordinator can fail a
 # duration-bounded run with "context deadline exceeded" at the deadline (go.dev/issue/75804).
@@ -22,8 +14,7 @@ FUZZCOUNT ?= 300000x
 FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange \
 	./pkg/driver:FuzzParseVolumeContext:100000x ./pkg/driver:FuzzParseSecrets:100000x \
-	./pkg/cfs:FuzzParseMountInfo:50000x
->>>>>>> main
+	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x
 
 # The plugin image (make image): built without a container engine by
 # hack/image. The chart's default image.repository is IMAGE_REPO; set
