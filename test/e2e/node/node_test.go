@@ -111,13 +111,26 @@ type env struct {
 	sock    string
 	allowed string
 	runs    int
+	kubelet string   // see kubeletRoot
 	flags   []string // more serve flags
 	environ []string // more environment variables of the plugin
 }
 
 // kubeletRoot stands for the kubelet's root directory: the plugin serves
-// its registration socket in plugins_registry/ there.
-func (e *env) kubeletRoot() string { return filepath.Join(e.dir, "kubelet") }
+// its registration socket in plugins_registry/ there. It is a short path of
+// its own: a unix socket path holds at most 107 bytes, and test names make
+// t.TempDir() long.
+func (e *env) kubeletRoot() string {
+	if e.kubelet == "" {
+		d, err := os.MkdirTemp("", "kubelet-")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(func() { os.RemoveAll(d) })
+		e.kubelet = d
+	}
+	return e.kubelet
+}
 
 func buildBinary(t *testing.T) string {
 	bin := filepath.Join(t.TempDir(), "csi-composefs")
