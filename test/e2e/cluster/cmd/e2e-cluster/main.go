@@ -5,6 +5,7 @@
 //	e2e-cluster up --pause-bin P [--image TAR]...
 //	e2e-cluster down                  stop it and undo its changes to the host (idempotent)
 //	e2e-cluster install --chart DIR --image TAR [--set k=v]...
+//	e2e-cluster images --out DIR      write the test pods' busybox image (docker-save tarball)
 //
 // All state is in --work (default $E2E_WORK or /var/tmp/csi-composefs-e2e);
 // the binaries are cached under $HOME/.cache/csi-composefs/k8s-<version>/.
@@ -72,6 +73,14 @@ func main() {
 		to := fs.String("to", "", "address to forward to")
 		fs.Parse(args)
 		err = localcluster.ServeProxy(ctx, *listen, *to)
+	case "images":
+		out := fs.String("out", ".", "folder to write busybox.tar (and pause.tar) into")
+		pause := fs.String("pause-bin", "", "static pause binary (writes pause.tar too)")
+		fs.Parse(args)
+		err = localcluster.WriteBusyboxImage(filepath.Join(*out, "busybox.tar"))
+		if err == nil && *pause != "" {
+			err = localcluster.WritePauseImage(filepath.Join(*out, "pause.tar"), *pause)
+		}
 	case "install":
 		err = install(ctx, *work, fs, args)
 	default:
@@ -84,7 +93,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: e2e-cluster build|up|down|install [flags]  (-h for a command's flags)")
+	fmt.Fprintln(os.Stderr, "usage: e2e-cluster build|up|down|install|images [flags]  (-h for a command's flags)")
 	os.Exit(2)
 }
 
