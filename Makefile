@@ -11,7 +11,7 @@ BIN := bin/csi-composefs
 FUZZTIME ?= 300000x
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
+.PHONY: all build deps test vet fmt-check unit fuzz bench demo e2e clean
 
 all: build
 
@@ -44,9 +44,15 @@ test:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
 
-# The README's main job: build the tool and an image from a sample tree.
+# The README's main job: a pod with a composefs volume on the local
+# cluster (./hack/demo.sh --tools-only: just the image tools).
 demo:
 	./hack/demo.sh
+
+# The end-to-end suite on a local single-node cluster built from parts
+# (test/e2e/cluster): up, install the chart, the suite, down. Needs root.
+e2e:
+	./hack/e2e.sh
 
 clean:
 	rm -rf bin _output

@@ -6,6 +6,8 @@
 //	e2e-cluster down                  stop it and undo its changes to the host (idempotent)
 //	e2e-cluster install --chart DIR --image TAR [--set k=v]...
 //	e2e-cluster images --out DIR      write the test pods' busybox image (docker-save tarball)
+//	e2e-cluster env                   print KUBECONFIG and PATH (kubectl) for the local cluster
+//	e2e-cluster serve --dir D         serve D over HTTP on 127.0.0.1 until down (the demo's repository)
 //
 // All state is in --work (default $E2E_WORK or /var/tmp/csi-composefs-e2e);
 // the binaries are cached under $HOME/.cache/csi-composefs/k8s-<version>/.
@@ -83,6 +85,28 @@ func main() {
 		}
 	case "install":
 		err = install(ctx, *work, fs, args)
+	case "env":
+		fs.Parse(args)
+		var b *k8sbin.Builder
+		var c *localcluster.Cluster
+		if b, err = builder(ctx); err == nil {
+			if c, err = localcluster.New(*work, b.BinDir()); err == nil {
+				fmt.Printf("export KUBECONFIG=%s\nexport PATH=%s:$PATH\n", c.AdminKubeconfig(), b.BinDir())
+			}
+		}
+	case "serve":
+		dir := fs.String("dir", "", "folder to serve (an HTTP repository)")
+		listen := fs.String("listen", "127.0.0.1:18080", "address")
+		fs.Parse(args)
+		var c *localcluster.Cluster
+		if c, err = localcluster.New(*work, ""); err == nil {
+			err = c.StartRepoServer(*dir, *listen)
+		}
+	case "serve-dir":
+		dir := fs.String("dir", "", "folder to serve")
+		listen := fs.String("listen", "", "address")
+		fs.Parse(args)
+		err = localcluster.ServeDir(ctx, *dir, *listen)
 	default:
 		usage()
 	}
@@ -93,7 +117,7 @@ func main() {
 }
 
 func usage() {
-	fmt.Fprintln(os.Stderr, "usage: e2e-cluster build|up|down|install|images [flags]  (-h for a command's flags)")
+	fmt.Fprintln(os.Stderr, "usage: e2e-cluster build|up|down|install|images|env|serve [flags]  (-h for a command's flags)")
 	os.Exit(2)
 }
 

@@ -14,7 +14,7 @@ import (
 )
 
 // daemons in the order Down stops them (the reverse of Up's).
-var stopOrder = []string{"kubelet", "kube-scheduler", "kube-controller-manager", "svc-proxy", "containerd", "kube-apiserver", "etcd"}
+var stopOrder = []string{"repo-server", "kubelet", "kube-scheduler", "kube-controller-manager", "svc-proxy", "containerd", "kube-apiserver", "etcd"}
 
 // Down stops the cluster and undoes its changes to the host. It is
 // idempotent and also cleans up after a killed run: daemons are stopped by
