@@ -47,12 +47,12 @@ test/e2e/cluster/install-deps.sh
 export E2E_WORK=${E2E_WORK:-/var/tmp/csi-composefs-e2e}
 addr=127.0.0.1:18080
 harness=$PWD/bin/e2e-cluster
-make --no-print-directory build image
+make --no-print-directory build image IMAGE_PLATFORMS=linux/"$(go env GOARCH)"
 (cd test/e2e/cluster && go build -o "$harness" ./cmd/e2e-cluster &&
 	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$PWD/../../../bin/e2e-pause" ./cmd/pause)
 "$harness" up --pause-bin bin/e2e-pause
-plugin=$(ls _output/image/*amd64*.tar | head -n1)
-"$harness" install --chart charts/csi-composefs --image "$plugin" --set "allowedSources=http://$addr/demo/"
+plugin=$(ls _output/image/*-linux-"$(go env GOARCH)".tar | head -n1)
+"$harness" install --chart charts/csi-composefs --image "$plugin" --set "allowedSources={http://$addr/demo/}"
 eval "$("$harness" env)"
 
 # A sample tree published into an HTTP repository served on loopback.

@@ -16,7 +16,7 @@ harness=$PWD/bin/e2e-cluster
 t0=$(date +%s)
 stamp() { echo "e2e: $1 at +$(( $(date +%s) - t0 ))s"; }
 
-make --no-print-directory build image
+make --no-print-directory build image IMAGE_PLATFORMS=linux/"$(go env GOARCH)"
 (cd test/e2e/cluster && go build -o "$harness" ./cmd/e2e-cluster &&
 	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$PWD/../../../bin/e2e-pause" ./cmd/pause)
 # The harness's own unit tests (wrapper go.mod, cache check, image layers).
@@ -37,10 +37,10 @@ on_exit() {
 trap on_exit EXIT
 "$harness" up --pause-bin bin/e2e-pause
 stamp "cluster up"
-plugin=$(ls _output/image/*linux-amd64*.tar _output/image/*amd64*.tar 2>/dev/null | head -n1)
+plugin=$(ls _output/image/*-linux-"$(go env GOARCH)".tar 2>/dev/null | head -n1)
 [ -n "$plugin" ] || { echo "e2e: no docker-save tarball of the plugin image under _output/image" >&2; exit 1; }
 "$harness" install --chart charts/csi-composefs --image "$plugin" \
-	--set "allowedSources=http://$E2E_REPO_ADDR/e2e/"
+	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/}"
 stamp "driver installed"
 E2E=1 E2E_CLI=$PWD/bin/csi-composefs go -C test/e2e/cluster test -count=1 -v -timeout 60m ./suite
 stamp "suite done"

@@ -30,5 +30,5 @@ gw=$(docker network inspect kind -f '{{range .IPAM.Config}}{{if .Gateway}}{{.Gat
 export E2E=1 E2E_REPO_ADDR="$gw:18080" E2E_CLI="$PWD/bin/csi-composefs"
 make build
 $harness install --local=false --chart "$PWD/charts/csi-composefs" --image "$PWD/$plugin" \
-	--set "allowedSources=http://$E2E_REPO_ADDR/e2e/" --set image.pullPolicy=Never
+	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/}" --set image.pullPolicy=Never
 go -C test/e2e/cluster test -count=1 -v -timeout 60m ./suite
