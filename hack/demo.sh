@@ -51,7 +51,7 @@ make --no-print-directory build image IMAGE_PLATFORMS=linux/"$(go env GOARCH)"
 (cd test/e2e/cluster && go build -o "$harness" ./cmd/e2e-cluster &&
 	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$PWD/../../../bin/e2e-pause" ./cmd/pause)
 "$harness" up --pause-bin bin/e2e-pause
-plugin=$(ls _output/image/*-linux-"$(go env GOARCH)".tar | head -n1)
+plugin=$(ls -t _output/image/*-linux-"$(go env GOARCH)".tar | head -n1)
 "$harness" install --chart charts/csi-composefs --image "$plugin" --set "allowedSources={http://$addr/demo/}"
 eval "$("$harness" env)"
 

@@ -37,7 +37,7 @@ on_exit() {
 trap on_exit EXIT
 "$harness" up --pause-bin bin/e2e-pause
 stamp "cluster up"
-plugin=$(ls _output/image/*-linux-"$(go env GOARCH)".tar 2>/dev/null | head -n1)
+plugin=$(ls -t _output/image/*-linux-"$(go env GOARCH)".tar 2>/dev/null | head -n1)
 [ -n "$plugin" ] || { echo "e2e: no docker-save tarball of the plugin image under _output/image" >&2; exit 1; }
 "$harness" install --chart charts/csi-composefs --image "$plugin" \
 	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/}"
