@@ -7,6 +7,8 @@ import (
 	"sort"
 	"strings"
 	"testing"
+
+	corev1 "k8s.io/api/core/v1"
 	"time"
 )
 
@@ -81,9 +83,21 @@ func TestCase1InlineVolume(t *testing.T) {
 	tr := sampleTree(t, 1)
 	digest := r.build(t, e, "sample.cfs", tr.dir)
 
+	// As the README's examples: the volume is read-only by construction,
+	// so neither the volume nor the mount says readOnly. A second mount of
+	// the same volume says readOnly: the runtime then remounts its bind
+	// read-only with exactly that flag, dropping nosuid and nodev (runc
+	// does so in every version); reported, not required.
 	p := e.readerPod("inline", e.inlineVolume("data", r.attrs("sample.cfs", digest)))
+	p.Spec.Volumes[0].CSI.ReadOnly = nil
+	c := &p.Spec.Containers[0]
+	c.VolumeMounts[0].ReadOnly = false
+	c.VolumeMounts = append(c.VolumeMounts, corev1.VolumeMount{Name: "data", MountPath: "/data-ro", ReadOnly: true})
 	e.createPod(t, ns, p)
-	_, took := e.waitRunning(t, ns, "inline", 2*time.Minute)
+	pod, took := e.waitRunning(t, ns, "inline", 2*time.Minute)
+	for _, m := range e.podMountInfo(t, string(pod.UID)) {
+		report(t, "node mount %s: %s %s", m.point[strings.Index(m.point, "/pods/"):], m.fstype, m.opts)
+	}
 	files, n := e.verifyTree(t, ns, "inline", "/data", tr)
 	report(t, "pod Running %s after create; %d files (%d bytes) and %d symlink match sha256", took.Round(time.Millisecond), files, n, len(tr.links))
 
@@ -108,6 +122,10 @@ func TestCase1InlineVolume(t *testing.T) {
 		}
 	}
 	report(t, "container sees /data as %s %s", f[2], onlyFlags(f[3]))
+	ro := strings.Fields(e.mustExec(t, ns, "inline", `grep ' /data-ro ' /proc/mounts`))
+	if len(ro) >= 4 {
+		report(t, "the same volume mounted with readOnly: true is %s %s (the runtime's read-only remount)", ro[2], onlyFlags(ro[3]))
+	}
 }
 
 // onlyFlags keeps the generic mount flags of an option list (not the

@@ -117,8 +117,23 @@ func (e *env) storeKiB(t *testing.T) int64 {
 // overlay or erofs mounts of CSI volumes.
 func (e *env) podMounts(t *testing.T, uid string) []string {
 	t.Helper()
-	out := e.nodeShell(t, `cat /proc/1/mountinfo`)
 	var mps []string
+	for _, m := range e.podMountInfo(t, uid) {
+		mps = append(mps, m.point)
+	}
+	return mps
+}
+
+// nodeMount is one line of the node's mountinfo.
+type nodeMount struct {
+	point, opts, fstype string
+}
+
+// podMountInfo is podMounts with each mount's per-mount options.
+func (e *env) podMountInfo(t *testing.T, uid string) []nodeMount {
+	t.Helper()
+	out := e.nodeShell(t, `cat /proc/1/mountinfo`)
+	var mps []nodeMount
 	for _, l := range strings.Split(out, "\n") {
 		f := strings.Fields(l)
 		if len(f) < 10 {
@@ -139,7 +154,7 @@ func (e *env) podMounts(t *testing.T, uid string) []string {
 		if uid != "" && !strings.Contains(mp, "/pods/"+uid+"/") {
 			continue
 		}
-		mps = append(mps, mp)
+		mps = append(mps, nodeMount{point: mp, opts: f[5], fstype: fstype})
 	}
 	return mps
 }

@@ -3,6 +3,7 @@ package localcluster
 import (
 	"archive/tar"
 	"bytes"
+	"debug/elf"
 	"fmt"
 	"io"
 	"os"
@@ -116,8 +117,8 @@ func WriteBusyboxImage(out string) error {
 	if err != nil {
 		return err
 	}
-	if bytes.Contains(data, []byte("ld-linux")) {
-		return fmt.Errorf("%s is not static: install busybox-static", bb)
+	if static, err := isStatic(bb); err != nil || !static {
+		return fmt.Errorf("%s is not a static binary (%v): install busybox-static", bb, err)
 	}
 	list, err := exec.Command(bb, "--list-full").Output()
 	if err != nil {
@@ -143,6 +144,21 @@ func WriteBusyboxImage(out string) error {
 		files = append(files, fileEntry{name: p, link: rel, mode: 0o777})
 	}
 	return writeImage(out, BusyboxImage, files, []string{"/bin/sh"})
+}
+
+// isStatic reports whether an ELF binary has no program interpreter.
+func isStatic(path string) (bool, error) {
+	f, err := elf.Open(path)
+	if err != nil {
+		return false, err
+	}
+	defer f.Close()
+	for _, p := range f.Progs {
+		if p.Type == elf.PT_INTERP {
+			return false, nil
+		}
+	}
+	return true, nil
 }
 
 // relTo is the relative path from dir to target (both relative to /).
