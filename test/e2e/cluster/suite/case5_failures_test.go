@@ -25,7 +25,7 @@ func TestCase5Failures(t *testing.T) {
 
 	// An image one of whose objects the repository lacks.
 	holed := e.repo.newRepo(t, true)
-	htr := sampleTree(t, 55)
+	htr := sampleTree(t, uint64(time.Now().UnixNano())) // content new to the node
 	hdigest := holed.build(t, e, "holed.cfs", htr.dir)
 	var removed, removedPath string
 	for o, size := range holed.objectFiles(t) {
@@ -52,13 +52,13 @@ func TestCase5Failures(t *testing.T) {
 		fix   func()
 		fixed map[string]string
 	}{
-		{"wrong-digest", good.attrs("good.cfs", wrong), []string{"digest"}, nil, good.attrs("good.cfs", digest)},
+		{"wrong-digest", good.attrs("good.cfs", wrong), []string{"digest", wrong}, nil, good.attrs("good.cfs", digest)},
 		{"missing-object", holed.attrs("holed.cfs", hdigest), []string{strings.Replace(removed, "/", "", 1)}, func() {
 			if err := os.Rename(hidden, removedPath); err != nil {
 				t.Fatal(err)
 			}
 		}, holed.attrs("holed.cfs", hdigest)},
-		{"outside-allow-list", outside.attrs("outside.cfs", odigest), []string{"allow"}, nil, good.attrs("good.cfs", digest)},
+		{"outside-allow-list", outside.attrs("outside.cfs", odigest), []string{"not allowed"}, nil, good.attrs("good.cfs", digest)},
 		{"unknown-attribute", withExtra, []string{"colour"}, nil, good.attrs("good.cfs", digest)},
 	}
 	for _, c := range cases {

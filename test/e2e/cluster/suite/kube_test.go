@@ -202,13 +202,16 @@ func (e *env) eventSummary(ns, name string) string {
 	return strings.Join(parts, " ")
 }
 
-// waitEvent waits for an event on the pod whose message contains every
-// one of want (case-insensitive) and returns it.
+// waitEvent waits for a Warning event on the pod whose message contains
+// every one of want (case-insensitive) and returns it.
 func (e *env) waitEvent(t *testing.T, ns, name string, timeout time.Duration, want ...string) corev1.Event {
 	t.Helper()
 	deadline := time.Now().Add(timeout)
 	for time.Now().Before(deadline) {
 		for _, ev := range e.podEvents(ns, name) {
+			if ev.Type != corev1.EventTypeWarning {
+				continue
+			}
 			msg := strings.ToLower(ev.Message)
 			ok := true
 			for _, w := range want {
