@@ -25,7 +25,7 @@ func newServeCmd() *cobra.Command {
 		metricsAddr                           string
 		extraDirs                             []string
 		fetchConcurrency                      int
-		gcInterval, verifyInterval            time.Duration
+		gcInterval, verifyInterval, gcGrace   time.Duration
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -57,6 +57,9 @@ to the log only.`,
 			if fetchConcurrency <= 0 {
 				return usageErrorf("--fetch-concurrency must be positive")
 			}
+			if gcGrace < 0 {
+				return usageErrorf("--gc-grace must not be negative")
+			}
 			if gcInterval < 0 {
 				return usageErrorf("--gc-interval must not be negative")
 			}
@@ -65,7 +68,7 @@ to the log only.`,
 			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
-				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize},
+				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: gcGrace},
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval},
@@ -84,6 +87,7 @@ to the log only.`,
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
+	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within this long are kept by GC even when no volume uses them")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)

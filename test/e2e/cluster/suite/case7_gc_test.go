@@ -65,8 +65,8 @@ func TestCase7GarbageCollection(t *testing.T) {
 	ns := e.newNamespace(t)
 	r := e.repo.newRepo(t, true)
 	const budgetMiB = 24
-	e.helmUpgrade(t, fmt.Sprintf("%s=%dMi", valStoreMaxSize, budgetMiB), valGCInterval+"=3s")
-	report(t, "release upgraded: %s=%dMi, %s=3s; store content now %d KiB", valStoreMaxSize, budgetMiB, valGCInterval, e.contentKiB(t))
+	e.helmUpgrade(t, fmt.Sprintf("%s=%dM", valStoreMaxSize, budgetMiB), valGCInterval+"=3s")
+	report(t, "release upgraded: %s=%dM, %s=3s; store content now %d KiB", valStoreMaxSize, budgetMiB, valGCInterval, e.contentKiB(t))
 
 	seed := uint64(time.Now().UnixNano())
 	trees := map[string]*tree{}

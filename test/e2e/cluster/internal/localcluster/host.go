@@ -33,9 +33,10 @@ type hostRecord struct {
 	Absent []string `json:"absent"`
 }
 
-// hostDirs are created by the kubelet (container log links) and the CNI
-// plugins (result cache) when missing.
-var hostDirs = []string{"/var/log/containers", "/var/lib/cni"}
+// hostDirs are created when missing by the kubelet (container log links,
+// its device-plugin socket at a fixed path), the CNI plugins (result
+// cache) and containerd's shims (their sockets).
+var hostDirs = []string{"/var/log/containers", "/var/lib/cni", "/var/lib/kubelet", "/run/containerd"}
 
 func (c *Cluster) recordPath() string { return c.path("host-record.json") }
 
@@ -114,16 +115,20 @@ func (c *Cluster) restoreHost() error {
 	return os.Remove(c.recordPath())
 }
 
-// removeEmptyTree removes dir and the empty folders below it; it never
-// removes a file.
+// removeEmptyTree removes dir, the unix sockets in it and the folders
+// below it left empty; it never removes any other file.
 func removeEmptyTree(dir string) {
 	ents, err := os.ReadDir(dir)
 	if err != nil {
 		return
 	}
 	for _, e := range ents {
-		if e.IsDir() {
-			removeEmptyTree(filepath.Join(dir, e.Name()))
+		p := filepath.Join(dir, e.Name())
+		switch {
+		case e.IsDir():
+			removeEmptyTree(p)
+		case e.Type()&fs.ModeSocket != 0:
+			os.Remove(p)
 		}
 	}
 	os.Remove(dir) // fails when not empty

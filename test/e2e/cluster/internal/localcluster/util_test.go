@@ -4,6 +4,9 @@ import (
 	"archive/tar"
 	"bytes"
 	"io"
+	"net"
+	"os"
+	"path/filepath"
 	"testing"
 )
 
@@ -80,5 +83,30 @@ func TestLayerTarIsReproducible(t *testing.T) {
 	}
 	if len(names) != 3 || names[0] != "a/" || names[1] != "a/l" || names[2] != "z" {
 		t.Errorf("entries %q, want sorted a/, a/l, z", names)
+	}
+}
+
+func TestRemoveEmptyTreeKeepsFiles(t *testing.T) {
+	d := t.TempDir()
+	for _, p := range []string{"a/b", "c"} {
+		if err := os.MkdirAll(filepath.Join(d, "x", p), 0o755); err != nil {
+			t.Fatal(err)
+		}
+	}
+	l, err := net.Listen("unix", filepath.Join(d, "x", "a", "b", "s.sock"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	l.(*net.UnixListener).SetUnlinkOnClose(false)
+	l.Close()
+	if err := os.WriteFile(filepath.Join(d, "x", "c", "keep"), []byte("x"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	removeEmptyTree(filepath.Join(d, "x"))
+	if _, err := os.Stat(filepath.Join(d, "x", "a")); !os.IsNotExist(err) {
+		t.Errorf("folder holding only a socket kept: %v", err)
+	}
+	if _, err := os.Stat(filepath.Join(d, "x", "c", "keep")); err != nil {
+		t.Errorf("a regular file was removed: %v", err)
 	}
 }
