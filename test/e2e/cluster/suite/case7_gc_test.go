@@ -13,6 +13,7 @@ import (
 const (
 	valStoreMaxSize = "store.maxSize"
 	valGCInterval   = "store.gcInterval"
+	valGCGrace      = "store.gcGrace"
 	valLogLevel     = "logLevel"
 )
 
@@ -65,8 +66,9 @@ func TestCase7GarbageCollection(t *testing.T) {
 	ns := e.newNamespace(t)
 	r := e.repo.newRepo(t, true)
 	const budgetMiB = 24
-	e.helmUpgrade(t, fmt.Sprintf("%s=%dM", valStoreMaxSize, budgetMiB), valGCInterval+"=3s")
-	report(t, "release upgraded: %s=%dM, %s=3s; store content now %d KiB", valStoreMaxSize, budgetMiB, valGCInterval, e.contentKiB(t))
+	// A short grace: images used within it are kept even when unused.
+	e.helmUpgrade(t, fmt.Sprintf("%s=%dM", valStoreMaxSize, budgetMiB), valGCInterval+"=3s", valGCGrace+"=2s")
+	report(t, "release upgraded: %s=%dM, %s=3s, %s=2s; store content now %d KiB", valStoreMaxSize, budgetMiB, valGCInterval, valGCGrace, e.contentKiB(t))
 
 	seed := uint64(time.Now().UnixNano())
 	trees := map[string]*tree{}
