@@ -19,8 +19,9 @@ stamp() { echo "e2e: $1 at +$(( $(date +%s) - t0 ))s"; }
 make --no-print-directory build image IMAGE_PLATFORMS=linux/"$(go env GOARCH)"
 (cd test/e2e/cluster && go build -o "$harness" ./cmd/e2e-cluster &&
 	CGO_ENABLED=0 go build -trimpath -ldflags '-s -w' -o "$PWD/../../../bin/e2e-pause" ./cmd/pause)
-# The harness's own unit tests (wrapper go.mod, cache check, image layers).
-(cd test/e2e/cluster && go test -count=1 ./internal/... ./cmd/...)
+# The harness's and the kind config's own checks (vet, unit tests: wrapper
+# go.mod, cache check, image layers; kind config decoded strictly).
+for m in test/e2e/cluster test/e2e/kind; do (cd "$m" && go vet ./... && go test -count=1 ./...); done
 stamp "tools built"
 "$harness" build
 stamp "kubernetes binaries ready"
