@@ -222,7 +222,12 @@ func (c *Cluster) waitFor(what, daemon string, timeout time.Duration, ready func
 		}
 		if daemon != "" {
 			if _, ok := c.daemonAlive(daemon); !ok {
-				return fmt.Errorf("%s exited; see %s", daemon, filepath.Join(c.LogDir(), daemon+".log"))
+				// Look again before giving up: a loaded host can make one
+				// read of /proc fail.
+				time.Sleep(time.Second)
+				if pid, ok := c.daemonAlive(daemon); !ok {
+					return fmt.Errorf("%s (pid %d) exited; see %s", daemon, pid, filepath.Join(c.LogDir(), daemon+".log"))
+				}
 			}
 		}
 		time.Sleep(200 * time.Millisecond)

@@ -45,6 +45,10 @@ func (c *Cluster) Up(ctx context.Context, images []string) error {
 	if err := os.MkdirAll(c.Work, 0o755); err != nil {
 		return err
 	}
+	// Each run's logs start empty (Down keeps the last run's for a look).
+	if err := os.RemoveAll(c.LogDir()); err != nil {
+		return err
+	}
 	if err := c.writePKI(); err != nil {
 		return err
 	}
