@@ -11,7 +11,7 @@ BIN := bin/csi-composefs
 FUZZTIME ?= 300000x
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench demo e2e clean
+.PHONY: all build deps test vet fmt-check unit fuzz bench demo e2e bench-e2e clean
 
 all: build
 
@@ -53,6 +53,12 @@ demo:
 # (test/e2e/cluster): up, install the chart, the suite, down. Needs root.
 e2e:
 	./hack/e2e.sh
+
+# The startup benchmark on the local cluster (bench/README.md): pod start
+# with a ~200 MiB composefs volume cold and warm vs an emptyDir filled from
+# a tarball, one run.
+bench-e2e:
+	E2E_BENCH=1 E2E_RUN=TestBenchStartup ./hack/e2e.sh
 
 clean:
 	rm -rf bin _output

@@ -43,5 +43,5 @@ plugin=$(ls -t _output/image/*-linux-"$(go env GOARCH)".tar 2>/dev/null | head -
 "$harness" install --chart charts/csi-composefs --image "$plugin" \
 	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/}"
 stamp "driver installed"
-E2E=1 E2E_CLI=$PWD/bin/csi-composefs go -C test/e2e/cluster test -count=1 -v -timeout 60m ./suite
+E2E=1 E2E_CLI=$PWD/bin/csi-composefs go -C test/e2e/cluster test -count=1 -v -timeout 60m -run "${E2E_RUN:-.}" ./suite
 stamp "suite done"
