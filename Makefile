@@ -30,7 +30,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
 SUBMODULES := hack/image test/deploy
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench demo clean image image-check test-modules
+.PHONY: all build deps test vet fmt-check unit fuzz bench demo e2e bench-e2e clean image image-check test-modules
 
 all: build
 
@@ -71,7 +71,8 @@ test:
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
 
-# The README's main job: build the tool and an image from a sample tree.
+# The README's main job: a pod with a composefs volume on the local
+# cluster (./hack/demo.sh --tools-only: just the image tools).
 demo:
 	./hack/demo.sh
 
@@ -97,6 +98,17 @@ image-check:
 	GOCACHE=$$tmp $(MAKE) --no-print-directory image IMAGE_OUT=_output/image-b VERSION=$(VERSION) IMAGE_TAG=$(IMAGE_TAG); \
 	a=$$(cat _output/image-a/digest); b=$$(cat _output/image-b/digest); \
 	if [ "$$a" = "$$b" ]; then echo "reproducible: $$a"; else echo "digests differ: $$a $$b"; exit 1; fi
+
+# The end-to-end suite on a local single-node cluster built from parts
+# (test/e2e/cluster): up, install the chart, the suite, down. Needs root.
+e2e:
+	./hack/e2e.sh
+
+# The startup benchmark on the local cluster (bench/README.md): pod start
+# with a ~200 MiB composefs volume cold and warm vs an emptyDir filled from
+# a tarball, one run.
+bench-e2e:
+	E2E_BENCH=1 E2E_RUN=TestBenchStartup ./hack/e2e.sh
 
 clean:
 	rm -rf bin _output
