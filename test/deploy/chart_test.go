@@ -35,7 +35,17 @@ store:
   hostPath: /mnt/verity/csi-composefs
   maxSize: 20G
   gcInterval: 5m
+  gcGrace: "0"
   verifyInterval: "0"
+hostNetwork: false
+trustSharedContent: true
+limits:
+  maxImageSize: 64M
+  downloadBudget: "0"
+  parseMemory: 512M
+  maxObjectSize: 1T
+  minFreeSpace: 10G
+goMemLimit: 900MiB
 allowedSources:
   - https://repo.example.com/apps/
   - http://10.0.0.5:8080/

@@ -126,12 +126,18 @@ func TestDaemonSet(t *testing.T) {
 		gc, verify      time.Duration
 		allowed, verity string
 		concurrency     int
+		grace           time.Duration
+		trust, hostNet  bool
+		limits          [5]int64 // max image, download budget, parse memory, max object, min free
+		goMemLimit      string   // "" : from the memory limit
 	}{
 		{name: "default", kubeletDir: "/var/lib/kubelet", store: "/var/lib/csi-composefs",
-			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 16},
+			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 16,
+			grace: 10 * time.Minute, hostNet: true, limits: [5]int64{128 << 20, 1 << 30, 256 << 20, 16 << 30, 1 << 30}},
 		{name: "non-default", vals: nonDefault, kubeletDir: "/var/snap/microk8s/common/var/lib/kubelet", store: "/mnt/verity/csi-composefs",
 			extra: []string{"/sysroot/ostree/repo/objects", "/var/lib/composefs/objects"}, sidecar: true, maxSize: 20 << 30,
-			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4},
+			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4,
+			grace: -1, trust: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var vals map[string]any
@@ -240,6 +246,35 @@ func TestDaemonSet(t *testing.T) {
 				strings.Join(cfg.Driver.AllowedSources, " ") != c.allowed || string(cfg.Driver.MinVerity) != c.verity ||
 				cfg.Store.Parallelism != c.concurrency {
 				t.Errorf("serve config %+v / %+v from the values", cfg.Store, cfg.Driver)
+			}
+
+			if cfg.Store.GCGrace != c.grace || cfg.Driver.TrustSharedContent != c.trust {
+				t.Errorf("GC grace %v, trust shared content %v; want %v, %v", cfg.Store.GCGrace, cfg.Driver.TrustSharedContent, c.grace, c.trust)
+			}
+			if got := [5]int64{cfg.Store.MaxImageSize, cfg.Store.DownloadBudget, cfg.Store.ParseMemory, cfg.Store.MaxObjectSize, cfg.Store.MinFreeSpace}; got != c.limits {
+				t.Errorf("limits %v from the values, want %v", got, c.limits)
+			}
+			// The plugin reaches what the node reaches, and still resolves
+			// cluster names.
+			if spec := ds.Spec.Template.Spec; spec.HostNetwork != c.hostNet ||
+				(c.hostNet && spec.DNSPolicy != corev1.DNSClusterFirstWithHostNet) {
+				t.Errorf("hostNetwork %v, dnsPolicy %q; want hostNetwork %v", spec.HostNetwork, spec.DNSPolicy, c.hostNet)
+			}
+			// GOMEMLIMIT follows the memory limit unless given.
+			var memEnv *corev1.EnvVar
+			for i := range plugin.Env {
+				if plugin.Env[i].Name == "GOMEMLIMIT" {
+					memEnv = &plugin.Env[i]
+				}
+			}
+			switch {
+			case memEnv == nil:
+				t.Error("no GOMEMLIMIT: the Go runtime would not collect harder near the memory limit")
+			case c.goMemLimit != "" && memEnv.Value != c.goMemLimit:
+				t.Errorf("GOMEMLIMIT %q, want %q", memEnv.Value, c.goMemLimit)
+			case c.goMemLimit == "" && (memEnv.ValueFrom == nil || memEnv.ValueFrom.ResourceFieldRef == nil ||
+				memEnv.ValueFrom.ResourceFieldRef.Resource != "limits.memory" || plugin.Resources.Limits.Memory().IsZero()):
+				t.Errorf("GOMEMLIMIT %+v, want it from limits.memory (limits %v)", memEnv, plugin.Resources.Limits)
 			}
 
 			checkProbes(t, ds, plugin, cfg)
