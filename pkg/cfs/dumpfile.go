@@ -14,9 +14,25 @@ import (
 type DumpOptions struct {
 	// Strict is mkcomposefs's CFS_PARSE_STRICT: a trailing newline is
 	// required, symlink sizes must match their target and carry no content,
-	// and non-devices must have rdev 0.
+	// and non-devices must have rdev 0. Strict parsing also refuses what
+	// mkcomposefs accepts in either mode but this parser only accepts
+	// without Strict: lines with fewer than the 11 fixed fields, mode bits
+	// beyond the file type and permissions, and a malformed DIGEST on an
+	// entry that does not use it.
+	//
+	// Without Strict (mkcomposefs's default), missing trailing fields
+	// read as empty, as mkcomposefs reads them: an empty number or MTIME
+	// is still an error, an empty PAYLOAD or CONTENT means none (CONTENT
+	// must then agree with SIZE 0), and an empty DIGEST is ignored unless
+	// the entry is an external regular file, which needs a valid one
+	// (mkcomposefs would use uninitialised bytes). Mode bits above 0o177777
+	// are dropped (the image stores 16 bits).
 	Strict bool
 }
+
+// ParseStrictEnv is the environment variable that makes mkcomposefs parse
+// dumpfiles strictly when it is set, whatever its value.
+const ParseStrictEnv = "CFS_PARSE_STRICT"
 
 // maxDumpLine bounds one dumpfile line. The largest valid line (a 4095-byte
 // path and payload, 5000 bytes of content and 64 KiB of xattrs, all escaped
@@ -120,15 +136,21 @@ func (p *dumpParser) line(line []byte) error {
 	}
 	var f [numFixedFields][]byte
 	rest := line
+	got := numFixedFields
 	for i := range f {
 		var ok bool
 		f[i], rest, ok = bytes.Cut(rest, []byte{' '})
-		if !ok && i < numFixedFields-1 {
-			return fmt.Errorf("only %d of %d fields (missing %s)", i+1, numFixedFields, fieldNames[i+1])
-		}
 		if !ok {
-			rest = nil
+			got = i + 1
+			rest = nil // the fields after this one stay empty
+			break
 		}
+	}
+	// Without Strict, a line may stop after MTIME, as mkcomposefs allows;
+	// an entry needs at least its PATH..MTIME (a hardlink its PAYLOAD,
+	// checked below) in either parser.
+	if got < numFixedFields && (p.opts.Strict || got <= fieldMtime) {
+		return fmt.Errorf("only %d of %d fields (missing %s)", got, numFixedFields, fieldNames[got])
 	}
 	pathBytes, err := unescapeDump(f[fieldPath])
 	if err != nil {
@@ -144,9 +166,16 @@ func (p *dumpParser) line(line []byte) error {
 	if hardlink {
 		modeField = modeField[1:]
 	}
-	mode, err := parseUint(modeField, 8, 32)
+	bitSize := 32
+	if !p.opts.Strict {
+		bitSize = 64
+	}
+	mode, err := parseUint(modeField, 8, bitSize)
 	if err != nil {
 		return fmt.Errorf("%s: MODE: %v", path, err)
+	}
+	if !p.opts.Strict {
+		mode &= 0o177777
 	}
 	if err := validateMode(uint32(mode)); err != nil {
 		return fmt.Errorf("%s: %v", path, err)
@@ -240,10 +269,12 @@ func (p *dumpParser) line(line []byte) error {
 	}
 	if hasDigest {
 		d, err := ParseDigest(string(digest))
-		if err != nil {
+		switch {
+		case err == nil:
+			n.Digest = &d
+		case p.opts.Strict || (n.Type() == ModeRegular && n.Size > 0 && n.Content == nil):
 			return fmt.Errorf("%s: DIGEST: %v", path, err)
 		}
-		n.Digest = &d
 	}
 
 	if len(rest) > MaxXattrValueLen {
