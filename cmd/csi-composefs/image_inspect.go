@@ -24,7 +24,7 @@ type inspectFlags struct {
 
 func (f *inspectFlags) register(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.strict, "strict", false,
-		`refuse images whose redirects are not "/xx/"+62 hex digest paths matching their metacopy digest (composefs-info accepts any)`)
+		`refuse images whose redirects are not "/xx/"+62 hex digest paths matching their metacopy digest, or with files the kernel cannot read (composefs-info accepts both)`)
 	cmd.Flags().StringArrayVar(&f.filters, "filter", nil,
 		"only show this top-level entry of the image (repeatable), like composefs-info --filter")
 }
@@ -52,7 +52,7 @@ func openImageFile(path string, strict bool) (*cfs.Image, error) {
 	if !st.Mode().IsRegular() {
 		return nil, fmt.Errorf("%s: not a regular file", path)
 	}
-	img, err := cfs.Open(f, st.Size(), cfs.OpenOptions{AllowForeignRedirects: !strict})
+	img, err := cfs.Open(f, st.Size(), cfs.OpenOptions{AllowForeignRedirects: !strict, AllowUnreadableFiles: !strict})
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}

@@ -95,6 +95,14 @@ type OpenOptions struct {
 	// its superblock claims and the count the walk finds), bounding the
 	// memory Open spends on an untrusted image; 0 means 4,000,000.
 	MaxInodes int
+	// AllowUnreadableFiles accepts what composefs-info and fsck.erofs
+	// accept although the kernel cannot read it right: a regular file
+	// whose chunk map does not fit beside its inode (mkcomposefs writes
+	// files over ~8.7 PB so, with the map in a block the inode does not
+	// point at; the kernel takes the bytes after the inode for the map).
+	// Its chunk map is then not checked. Default false: such an image is
+	// refused (ErrUnsupported), as it must be before a mount.
+	AllowUnreadableFiles bool
 }
 
 // Object is a backing object an image needs.
@@ -226,7 +234,7 @@ func Open(r io.ReaderAt, size int64, opts OpenOptions) (*Image, error) {
 		opts.MaxInodes = rdDefaultMaxInodes
 	}
 	img := &Image{r: r, opts: opts}
-	src := &rdSource{r: r, size: size}
+	src := &rdSource{r: r, size: size, unreadable: opts.AllowUnreadableFiles}
 	if err := img.readHeaders(src, size); err != nil {
 		return nil, err
 	}
@@ -299,7 +307,7 @@ func (img *Image) Nid(n *Node) (uint64, bool) {
 // Inode reads and validates one inode afresh from the image: its metadata,
 // raw xattrs, symlink target, inline data, dirents, redirect and metacopy.
 func (img *Image) Inode(nid uint64) (*RawInode, error) {
-	src := &rdSource{r: img.r, size: img.size}
+	src := &rdSource{r: img.r, size: img.size, unreadable: img.opts.AllowUnreadableFiles}
 	budget := rdNewBudget(img.size)
 	return src.parseInode(nid, &img.sb, &budget)
 }
@@ -393,6 +401,8 @@ type rdSource struct {
 	r     io.ReaderAt
 	size  int64
 	slots [rdCacheSlots]*rdCacheBlock
+	// unreadable is OpenOptions.AllowUnreadableFiles.
+	unreadable bool
 }
 
 const rdCacheSlots = 64
@@ -748,7 +758,10 @@ func (s *rdSource) parseRegular(ri *RawInode, tailOff int64, bud *rdBudget) (int
 		if ri.Size == 0 {
 			return 0, rdCorrupt(nid, "empty chunk-based file")
 		}
-		if ri.U&^0x1f != 0 {
+		// i_u holds the chunk format in its low 16 bits; the kernel
+		// ignores the high 16, which composefs leaves 0 except for a map
+		// that does not fit beside the inode (below).
+		if ri.U&0xffe0 != 0 || (ri.U&^0x1f != 0 && !s.unreadable) {
 			return 0, fmt.Errorf("%w: nid %d: chunk format %#x (only 4-byte block maps are written by composefs)", ErrUnsupported, nid, ri.U)
 		}
 		chunkBits := rdBlkBits + uint(ri.U&0x1f)
@@ -756,7 +769,22 @@ func (s *rdSource) parseRegular(ri *RawInode, tailOff int64, bud *rdBudget) (int
 		if count > rdMaxChunks {
 			return 0, rdCorrupt(nid, "%d chunks for size %d", count, ri.Size)
 		}
-		idx, err := s.bytes(tailOff, int64(count)*4)
+		mapLen := int64(count) * 4
+		if tailOff/rdBlk != (tailOff+mapLen-1)/rdBlk {
+			// mkcomposefs puts a map that does not fit beside its inode
+			// (files over ~8.7 PB) in a block of holes the inode does not
+			// point at; the kernel reads the map from here, where other
+			// inodes or padding lie, and serves whatever blocks those
+			// bytes name (zeros: the image's first block) as file data.
+			if !s.unreadable {
+				return 0, fmt.Errorf("%w: nid %d: a %d-byte file whose %d-byte chunk map does not fit beside its inode (the kernel would take the bytes after the inode for its map)", ErrUnsupported, nid, ri.Size, mapLen)
+			}
+			if err := s.check(tailOff, mapLen); err != nil {
+				return 0, fmt.Errorf("nid %d: chunk map: %w", nid, err)
+			}
+			return 0, nil // not part of this inode; composefs-info does not read it either
+		}
+		idx, err := s.bytes(tailOff, mapLen)
 		if err != nil {
 			return 0, fmt.Errorf("nid %d: chunk map: %w", nid, err)
 		}

@@ -621,10 +621,14 @@ func (l *imageLayout) place() error {
 			if tail <= rem2 {
 				pos += pad
 			} else {
-				if in.external {
-					// Its chunk map must be inline; the kernel cannot find it elsewhere.
-					return fmt.Errorf("%w: a %d-byte file needs a %d-byte chunk map, more than fits beside its inode", ErrInvalidTree, in.size, in.tail)
-				}
+				// The tail moves to a data block. Only an external file's
+				// chunk map of more than ~4000 bytes (a file over 8.7 PB)
+				// gets here: mkcomposefs then writes the map as a block of
+				// holes the inode does not point at, while the kernel reads
+				// the map from the bytes after the inode. Written as
+				// mkcomposefs writes it (upstream's own test vectors have
+				// such files); the strict reader refuses such an image
+				// before a mount.
 				in.nBlocks++
 				in.tail = 0
 				pos = roundUp(pos, blkSize)
@@ -679,6 +683,9 @@ func (e *emitter) write(b []byte) {
 }
 
 var zeros [blkSize]byte
+
+// nullAddr is EROFS_NULL_ADDR, a hole in a chunk map.
+var nullAddr = [4]byte{0xff, 0xff, 0xff, 0xff}
 
 func (e *emitter) zeroTo(off int64) {
 	for e.n < off && e.err == nil {
@@ -736,6 +743,14 @@ func (l *imageLayout) emit(e *emitter) {
 				e.zeroTo(start + blkSize)
 			}
 		case ModeRegular:
+			if in.external {
+				// A chunk map that did not fit beside its inode: mkcomposefs
+				// writes 1024 holes, whatever the chunk count.
+				for range blkSize / 4 {
+					e.write(nullAddr[:])
+				}
+				continue
+			}
 			start := e.n
 			e.write(in.content[:min(len(in.content), blkSize)])
 			e.zeroTo(start + blkSize)
@@ -769,8 +784,11 @@ func (l *imageLayout) emitInode(e *emitter, in *inode) {
 			iu = in.blkaddr
 		}
 		if in.external {
+			// i_u is a union: mkcomposefs sets the block address of a chunk
+			// map that did not fit beside the inode, then overwrites its low
+			// 16 bits with the chunk format.
 			layout = layoutChunkBased
-			iu = uint32(in.chunkBits - blkBits)
+			iu = iu&0xffff0000 | uint32(in.chunkBits-blkBits)
 		}
 	}
 	icount := uint16(0)
@@ -830,8 +848,8 @@ func (l *imageLayout) emitInode(e *emitter, in *inode) {
 		e.write([]byte(in.payload))
 	case ModeRegular:
 		if in.external {
-			for i := uint64(0); i < in.chunkCount; i++ {
-				e.write([]byte{0xff, 0xff, 0xff, 0xff})
+			for range in.chunkCount {
+				e.write(nullAddr[:])
 			}
 		} else {
 			e.write(in.content[len(in.content)-in.tail:])
