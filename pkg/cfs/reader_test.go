@@ -452,6 +452,7 @@ func TestReaderHostile(t *testing.T) {
 			}
 			b := tc.mutate(bytes.Clone(src))
 			img, err := rdOpenBytes(b, tc.opts)
+			rdCheckDumpImage(t, b, tc.opts, img, err)
 			if tc.want == nil {
 				if err != nil {
 					t.Fatalf("Open: %v", err)
@@ -647,5 +648,45 @@ func TestReaderChunkMapBeyondInode(t *testing.T) {
 	}
 	if out.String() != dump {
 		t.Errorf("dump:\n%s\nwant:\n%s", out.String(), dump)
+	}
+}
+
+// rdCheckDumpImage checks that DumpImage accepts and refuses what Open
+// does (img, err: Open's result), with the same error, writing nothing when
+// it refuses, and otherwise writes what WriteDump writes of the tree.
+func rdCheckDumpImage(t testing.TB, b []byte, opts OpenOptions, img *Image, err error) {
+	t.Helper()
+	var got bytes.Buffer
+	derr := DumpImage(&got, bytes.NewReader(b), int64(len(b)), opts)
+	if err != nil {
+		if derr == nil || derr.Error() != err.Error() {
+			t.Fatalf("Open: %v; DumpImage: %v", err, derr)
+		}
+		if got.Len() != 0 {
+			t.Fatalf("DumpImage wrote %d bytes and refused the image: %v", got.Len(), derr)
+		}
+		return
+	}
+	if derr != nil {
+		t.Fatalf("Open accepted the image, DumpImage: %v", derr)
+	}
+	var want bytes.Buffer
+	if err := WriteDump(&want, img.Root()); err != nil {
+		t.Fatal(err)
+	}
+	if got.String() != want.String() {
+		t.Fatalf("DumpImage differs from WriteDump of the tree:\n%s", rdFirstLineDiff(got.String(), want.String()))
+	}
+}
+
+// TestDumpImageGolden: DumpImage of every golden image, in both redirect
+// policies, writes what WriteDump writes of Open's tree.
+func TestDumpImageGolden(t *testing.T) {
+	for _, name := range rdGoldenImageNames(t) {
+		data := readGolden(t, name+".cfs")
+		for _, opts := range []OpenOptions{rdLenient, {}} {
+			img, err := rdOpenBytes(data, opts)
+			rdCheckDumpImage(t, data, opts, img, err)
+		}
 	}
 }
