@@ -72,9 +72,10 @@ func BuildFromDir(ctx context.Context, src string, opts DirOptions) (*Node, erro
 }
 
 type dirBuilder struct {
-	opts  DirOptions
-	files []fileJob    // external-file candidates, hashed after the walk
-	store *digestStore // DigestStore, or nil
+	opts     DirOptions
+	files    []fileJob    // external-file candidates, hashed after the walk
+	store    *digestStore // DigestStore, or nil
+	xattrBuf []byte       // for listing xattr names
 }
 
 type fileJob struct {
@@ -168,7 +169,7 @@ func (b *dirBuilder) readXattrs(path string, n *Node) error {
 	if b.opts.SkipXattrs {
 		return nil
 	}
-	names, err := listXattrs(path)
+	names, err := b.listXattrs(path)
 	if err != nil {
 		return fmt.Errorf("listing xattrs of %s: %w", path, err)
 	}
@@ -191,16 +192,21 @@ func (b *dirBuilder) readXattrs(path string, n *Node) error {
 	return nil
 }
 
-func listXattrs(path string) ([]string, error) {
-	size := 1024
+// listXattrs lists the xattr names of path, reading them into a buffer the
+// walk reuses (most files have none).
+func (b *dirBuilder) listXattrs(path string) ([]string, error) {
+	if len(b.xattrBuf) == 0 {
+		b.xattrBuf = make([]byte, 4096)
+	}
 	for {
-		buf := make([]byte, size)
+		buf := b.xattrBuf
 		n, err := unix.Llistxattr(path, buf)
 		if errors.Is(err, unix.ERANGE) {
-			if size, err = unix.Llistxattr(path, nil); err != nil {
+			size, err := unix.Llistxattr(path, nil)
+			if err != nil {
 				return nil, err
 			}
-			size += 1024
+			b.xattrBuf = make([]byte, size+1024)
 			continue
 		}
 		if errors.Is(err, unix.ENOTSUP) {
@@ -208,6 +214,9 @@ func listXattrs(path string) ([]string, error) {
 		}
 		if err != nil {
 			return nil, err
+		}
+		if n == 0 {
+			return nil, nil
 		}
 		var names []string
 		for _, s := range strings.Split(string(buf[:n]), "\x00") {

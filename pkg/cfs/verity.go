@@ -24,8 +24,11 @@ func (d Digest) String() string { return hex.EncodeToString(d[:]) }
 
 // ObjectPath returns the digest's path in an object store: "xx/yyyy…".
 func (d Digest) ObjectPath() string {
-	s := d.String()
-	return s[:2] + "/" + s[2:]
+	var b [2*DigestSize + 1]byte
+	hex.Encode(b[:2], d[:1])
+	b[2] = '/'
+	hex.Encode(b[3:], d[1:])
+	return string(b[:])
 }
 
 // IsZero reports whether d is the all-zero value (no digest).
