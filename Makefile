@@ -11,7 +11,7 @@ BIN := bin/csi-composefs
 FUZZTIME ?= 300000x
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo clean
 
 all: build
 
@@ -43,6 +43,15 @@ test:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
+
+# The reference C composefs tools, in a cache folder outside the repository
+# (the differential tests install them on demand too).
+c-tools:
+	./hack/c-tools.sh
+
+# Image tools against the C tools: ratios of medians, measured in one run.
+bench-cfs:
+	$(GO) run ./bench/cfsbench
 
 # The README's main job: build the tool and an image from a sample tree.
 demo:

@@ -12,7 +12,8 @@ import (
 // would, without building the tree: it walks the image twice (once to
 // check it, once to write it) and keeps only the paths of inodes more than
 // one entry names, so memory does not grow with the image. Nothing is
-// written when the image is refused.
+// written when the image is refused (only a read error during the second
+// walk can end the output early).
 //
 // With top names, only those entries of the root (and what they hold) are
 // dumped, as `composefs-info --filter` does: a hardlink's first path is
