@@ -1,0 +1,200 @@
+package fetch
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"time"
+
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// EnsureImage makes sure the image ref names is in the store and returns its
+// digest. With ref.Digest set and the image present, the source is not
+// contacted. Otherwise the image is downloaded (at most MaxImageSize bytes)
+// while its digest is computed; a digest other than ref.Digest is refused
+// and nothing is kept; the image is parsed with the strict reader before it
+// is stored. Concurrent calls for the same ref share one download.
+func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	if ref.Name == "" && ref.Digest.IsZero() {
+		return cfs.Digest{}, errors.New("image reference: a name or a digest is needed")
+	}
+	if !ref.Digest.IsZero() && s.HasImage(ref.Digest) {
+		release := s.hold(ref.Digest)
+		defer release()
+		if _, err := s.Objects(ctx, ref.Digest); err == nil {
+			s.touch(ref.Digest)
+			return ref.Digest, nil
+		}
+		// Unreadable or gone meanwhile: fetch it again.
+	}
+	// Downloads are shared only by callers holding the same Source value:
+	// a caller never rides on a download made with someone else's
+	// credentials (the driver keeps one Source per URL and credentials).
+	key := fmt.Sprintf("%s\x00%p\x00%s", src.String(), src, ref.String())
+	d, _, err := s.images.do(ctx, key, func(ctx context.Context) (cfs.Digest, error) {
+		return s.fetchImage(ctx, src, ref)
+	})
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
+	}
+	return d, nil
+}
+
+// touch records a use of the image, in memory and as the file's mtime (the
+// LRU order GC uses across restarts).
+func (s *Store) touch(d cfs.Digest) {
+	now := time.Now()
+	s.mu.Lock()
+	s.lastUse[d] = now
+	s.mu.Unlock()
+	_ = os.Chtimes(s.ImagePath(d), now, now)
+}
+
+func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	log := klog.FromContext(ctx)
+	var d cfs.Digest
+	err := s.retry(ctx, "image "+ref.String(), func(ctx context.Context) error {
+		var err error
+		d, err = s.fetchImageOnce(ctx, src, ref)
+		return err
+	})
+	if err == nil {
+		log.V(2).Info("image stored", "image", ref.String(), "digest", d.String(), "source", src.String())
+	}
+	return d, err
+}
+
+func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+	actx, meter, stop := s.stallContext(ctx)
+	defer stop()
+	body, size, err := src.OpenImage(actx, ref)
+	if err != nil {
+		return cfs.Digest{}, s.stallError(ctx, actx, err)
+	}
+	defer body.Close()
+	if size > s.opts.MaxImageSize {
+		return cfs.Digest{}, fmt.Errorf("image is %d bytes, more than the limit of %d: %w", size, s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "image-*")
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("creating temporary file: %w", err)
+	}
+	defer func() {
+		if f != nil {
+			f.Close()
+			os.Remove(f.Name())
+		}
+	}()
+	h := cfs.NewVerityHash()
+	n, err := s.copyBody(io.MultiWriter(f, h), meterReader{body, meter}, s.opts.MaxImageSize+1)
+	if err != nil {
+		return cfs.Digest{}, s.stallError(ctx, actx, err)
+	}
+	if n > s.opts.MaxImageSize {
+		return cfs.Digest{}, fmt.Errorf("image is more than the limit of %d bytes: %w", s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	if size >= 0 && n != size {
+		return cfs.Digest{}, Transient(fmt.Errorf("short read: got %d of %d bytes", n, size))
+	}
+	d := h.Digest()
+	if !ref.Digest.IsZero() && d != ref.Digest {
+		return cfs.Digest{}, fmt.Errorf("image has digest %s, want %s: %w", d, ref.Digest, ErrDigestMismatch)
+	}
+	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	if err != nil {
+		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
+	}
+	if err := s.finishFile(f); err != nil {
+		return cfs.Digest{}, err
+	}
+	release := s.hold(d)
+	defer release()
+	s.mu.Lock()
+	s.index[d] = objs
+	s.mu.Unlock()
+	final := s.ImagePath(d)
+	if err := os.Rename(f.Name(), final); err != nil {
+		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
+	}
+	f = nil
+	if err := syncDir(filepath.Dir(final)); err != nil {
+		return cfs.Digest{}, err
+	}
+	s.c.imagesFetched.Add(1)
+	s.c.imageBytesFetched.Add(uint64(n))
+	return d, nil
+}
+
+// finishFile makes a complete, verified temporary file ready to be renamed
+// into the store: mode 0644, fsynced, closed, fs-verity enabled where the
+// filesystem supports it. f is closed.
+
+// Objects returns the objects the stored image references (parsed once and
+// cached: images are immutable).
+func (s *Store) Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error) {
+	s.mu.Lock()
+	objs, ok := s.index[image]
+	s.mu.Unlock()
+	if ok {
+		return objs, nil
+	}
+	objs, err := s.parseStored(ctx, image)
+	if err != nil {
+		return nil, err
+	}
+	s.mu.Lock()
+	s.index[image] = objs
+	s.mu.Unlock()
+	return objs, nil
+}
+
+func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object, error) {
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
+	f, err := os.Open(s.ImagePath(image))
+	if err != nil {
+		if errors.Is(err, fs.ErrNotExist) {
+			return nil, fmt.Errorf("image %s is not in the store: %w", image, ErrNotFound)
+		}
+		return nil, fmt.Errorf("reading image %s: %w", image, err)
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return nil, fmt.Errorf("reading image %s: %w", image, err)
+	}
+	// No inode limit here: the image passed the limit in force when it was
+	// downloaded, and failing it now would make GC quarantine an image
+	// volumes use (and remove its objects).
+	objs, err := parseImage(f, fi.Size(), math.MaxInt)
+	if err != nil {
+		return nil, fmt.Errorf("image %s in the store: %w: %w", image, ErrInvalidImage, err)
+	}
+	return objs, nil
+}
+
+// parseImage validates an image with the strict reader (at most maxInodes
+// inodes, 0 meaning the reader's default) and returns its objects, each
+// named by digest.
+func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) {
+	img, err := cfs.Open(r, size, cfs.OpenOptions{MaxInodes: maxInodes})
+	if err != nil {
+		return nil, err
+	}
+	objs := img.Objects()
+	for _, o := range objs {
+		if o.Digest.IsZero() {
+			return nil, fmt.Errorf("object %q is not named by a digest", o.Path)
+		}
+	}
+	return objs, nil
+}
