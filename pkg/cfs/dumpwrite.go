@@ -90,21 +90,12 @@ func dwNodeLine(bw *bufio.Writer, path []byte, alias bool, t *Node, targetPath s
 	dwPath(bw, path)
 	f := dwFields{size: t.Size, mode: t.Mode, nlink: t.Nlink, uid: t.UID, gid: t.GID, rdev: t.Rdev, mtime: t.Mtime}
 	dwWriteFields(bw, &f, alias)
-	switch {
-	case alias:
-		dwEscape(bw, targetPath, dwEscapeLoneDash)
-	case t.Payload != "":
-		dwEscape(bw, t.Payload, dwEscapeLoneDash)
-	default:
-		bw.WriteByte('-')
-	}
-	bw.WriteByte(' ')
-	if len(t.Content) > 0 {
-		dwEscape(bw, t.Content, dwEscapeLoneDash)
+	if alias {
+		dwOptional(bw, targetPath)
 	} else {
-		bw.WriteByte('-')
+		dwOptional(bw, t.Payload)
 	}
-	bw.WriteByte(' ')
+	dwOptional(bw, t.Content)
 	dwDigest(bw, t.Digest)
 	for _, x := range t.Xattrs {
 		bw.WriteByte(' ')
@@ -161,4 +152,15 @@ func dwListLine(bw *bufio.Writer, c *Node, path []byte) {
 		}
 	}
 	bw.WriteByte('\n')
+}
+
+// dwOptional writes an optional field (PAYLOAD, CONTENT) and the space
+// after it: escaped, "-" when empty.
+func dwOptional[T string | []byte](bw *bufio.Writer, v T) {
+	if len(v) > 0 {
+		dwEscape(bw, v, dwEscapeLoneDash)
+	} else {
+		bw.WriteByte('-')
+	}
+	bw.WriteByte(' ')
 }

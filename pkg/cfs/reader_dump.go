@@ -69,18 +69,8 @@ func (d *rdDumper) visit(w *rdWalk, e *rdEntry) error {
 	f := dwFields{size: e.size, mode: e.mode, nlink: ri.nlink, uid: ri.uid, gid: ri.gid, rdev: e.rdev, mtime: ri.mtime}
 	dwPath(bw, w.path)
 	dwWriteFields(bw, &f, false)
-	if len(e.payload) > 0 {
-		dwEscape(bw, e.payload, dwEscapeLoneDash)
-	} else {
-		bw.WriteByte('-')
-	}
-	bw.WriteByte(' ')
-	if len(e.content) > 0 {
-		dwEscape(bw, e.content, dwEscapeLoneDash)
-	} else {
-		bw.WriteByte('-')
-	}
-	bw.WriteByte(' ')
+	dwOptional(bw, e.payload)
+	dwOptional(bw, e.content)
 	dwDigest(bw, e.digest)
 	for _, u := range e.xattrs {
 		bw.WriteByte(' ')
