@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
@@ -28,10 +27,12 @@ const DefaultDriverName = "composefs.csi.dev"
 
 // Store is what the driver needs of the node store (*fetch.Store).
 type Store interface {
-	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef) (cfs.Digest, error)
+	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
+	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool
+	ImageShown(ctx context.Context, d cfs.Digest, principal string) bool
 	ImagePath(d cfs.Digest) string
 	ObjectsDir() string
 	Pin(image cfs.Digest)
@@ -48,7 +49,8 @@ var _ Store = (*fetch.Store)(nil)
 // Mounter mounts and finds composefs mounts (KernelMounter in production).
 type Mounter interface {
 	Mount(ctx context.Context, image, target string, opts cfs.MountOptions) (cfs.MountResult, error)
-	// Unmount unmounts target; nothing mounted is not an error.
+	// Unmount unmounts target; nothing mounted is not an error. A busy
+	// mount is not detached: the error wraps unix.EBUSY.
 	Unmount(target string) error
 	// MountAt returns the topmost mount at target.
 	MountAt(target string) (cfs.MountInfo, bool, error)
@@ -64,15 +66,10 @@ func (KernelMounter) Mount(ctx context.Context, image, target string, opts cfs.M
 	return cfs.Mount(ctx, image, target, opts)
 }
 
-// Unmount unmounts target, lazily when it is busy (a process still holds
-// a file: the mount goes away when it closes it).
-func (KernelMounter) Unmount(target string) error {
-	err := cfs.Unmount(target, false)
-	if err != nil && errors.Is(err, unix.EBUSY) {
-		return cfs.Unmount(target, true)
-	}
-	return err
-}
+// Unmount unmounts target. A busy mount (a process still holds a file or
+// its working directory inside) fails with EBUSY and stays: detaching it
+// lazily would let GC remove content that process still reads.
+func (KernelMounter) Unmount(target string) error { return cfs.Unmount(target, false) }
 
 // MountAt calls cfs.IsMounted.
 func (KernelMounter) MountAt(target string) (cfs.MountInfo, bool, error) {
@@ -107,6 +104,10 @@ type Config struct {
 	// WaitMargin is how long before the caller's deadline a publish stops
 	// waiting for a fetch and answers Aborted; 0 means 2s.
 	WaitMargin time.Duration
+	// TrustSharedContent serves content already in the store to every
+	// volume that names it, without asking its source to show that it
+	// holds it: for single-tenant clusters only (--trust-shared-content).
+	TrustSharedContent bool
 }
 
 // Driver is the CSI Identity and Node server.
@@ -128,15 +129,12 @@ type Driver struct {
 	ready atomic.Bool
 
 	mu       sync.Mutex
-	pinned   map[string]cfs.Digest // target → image it pins
-	names    map[string]cfs.Digest // source+name → digest last resolved
-	complete map[cfs.Digest]bool   // images whose objects were all ensured
-	// authorized holds source, image and credential fingerprints the
-	// source has accepted since start (see fetch).
-	authorized map[string]bool
-	checked    map[cfs.Digest]bool    // images whose file digest was checked
-	infos      map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
-	sources    map[string]fetch.Source
+	pinned   map[string]cfs.Digest  // target → image it pins
+	names    map[string]cfs.Digest  // source+name → digest last resolved
+	complete map[completeKey]bool   // images whose objects were all ensured, per principal
+	checked  map[cfs.Digest]bool    // images whose file digest was checked
+	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
+	sources  map[string]fetch.Source
 
 	ctx     context.Context // lives as long as the driver: background fetches
 	cancel  context.CancelFunc
@@ -192,23 +190,22 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	}
 	ctx, cancel := context.WithCancel(context.Background())
 	d := &Driver{
-		cfg:        cfg,
-		store:      store,
-		mounter:    KernelMounter{},
-		newSource:  cfg.AllowedSources.NewSource,
-		events:     logRecorder{},
-		now:        time.Now,
-		locks:      newTargetLocks(),
-		ops:        newFetchOps(),
-		pinned:     make(map[string]cfs.Digest),
-		names:      make(map[string]cfs.Digest),
-		complete:   make(map[cfs.Digest]bool),
-		authorized: make(map[string]bool),
-		checked:    make(map[cfs.Digest]bool),
-		infos:      make(map[cfs.Digest]*imgRef),
-		sources:    make(map[string]fetch.Source),
-		ctx:        ctx,
-		cancel:     cancel,
+		cfg:       cfg,
+		store:     store,
+		mounter:   KernelMounter{},
+		newSource: cfg.AllowedSources.NewSource,
+		events:    logRecorder{},
+		now:       time.Now,
+		locks:     newTargetLocks(),
+		ops:       newFetchOps(),
+		pinned:    make(map[string]cfs.Digest),
+		names:     make(map[string]cfs.Digest),
+		complete:  make(map[completeKey]bool),
+		checked:   make(map[cfs.Digest]bool),
+		infos:     make(map[cfs.Digest]*imgRef),
+		sources:   make(map[string]fetch.Source),
+		ctx:       ctx,
+		cancel:    cancel,
 	}
 	for _, o := range opts {
 		o(d)
@@ -269,6 +266,11 @@ func (d *Driver) Recover(ctx context.Context) error {
 			continue
 		}
 		log.Info("Volume no longer mounted; forgetting it", "target", r.Target, "volumeID", r.VolumeID, "image", r.Image)
+		// The record is the only memory that the driver made the directory:
+		// remove it now if it is still the empty directory it made.
+		if err := removeTarget(klog.NewContext(ctx, log.WithValues("target", r.Target)), r.Target, r.CreatedDir); err != nil {
+			log.Error(err, "Removing the target directory of a volume no longer mounted", "target", r.Target)
+		}
 		if err := st.remove(r.Target); err != nil {
 			return fmt.Errorf("recovering state: %w", err)
 		}
@@ -389,9 +391,9 @@ func (d *Driver) RunGC(ctx context.Context) (fetch.GCStats, error) {
 	for _, dg := range d.pinned {
 		pinned[dg] = true
 	}
-	for dg := range d.complete {
-		if !pinned[dg] {
-			delete(d.complete, dg)
+	for k := range d.complete {
+		if !pinned[k.image] {
+			delete(d.complete, k)
 		}
 	}
 	d.mu.Unlock()

@@ -15,9 +15,9 @@ import (
 // errNotOnNode: pullPolicy Never and the node lacks the image or an object.
 var errNotOnNode = errors.New("not on this node and pullPolicy is Never")
 
-// errNotAuthorized: pullPolicy Never and this node has not yet seen the
-// source grant the volume's credentials this image.
-var errNotAuthorized = errors.New("this node has not yet confirmed with the source that the volume's credentials may read the image, and pullPolicy Never forbids asking; publish it once with IfNotPresent")
+// errNotAuthorized: pullPolicy Never and the volume's source has not yet
+// shown this node that it holds the content (with these credentials).
+var errNotAuthorized = errors.New("the volume's source has not yet shown this node that it holds this content for these credentials, and pullPolicy Never forbids asking; publish it once with IfNotPresent")
 
 // errorCode maps an error of a publish step to the gRPC code kubelet acts
 // on. Final codes (InvalidArgument, NotFound, PermissionDenied,
@@ -34,8 +34,16 @@ func errorCode(err error) codes.Code {
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return codes.Aborted
-	case errors.Is(err, errNotOnNode), errors.Is(err, errNotAuthorized):
+	case errors.Is(err, errNotAuthorized), errors.Is(err, errNotOnNode):
 		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrRedirectRefused):
+		return codes.PermissionDenied
+	case errors.Is(err, fetch.ErrRedirectLoop):
+		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrInvalidCredentials):
+		return codes.InvalidArgument
+	case errors.Is(err, fetch.ErrNotProven):
+		return codes.PermissionDenied
 	case errors.Is(err, fetch.ErrNotFound):
 		return codes.NotFound
 	case errors.Is(err, fetch.ErrUnauthorized):
@@ -45,7 +53,7 @@ func errorCode(err error) codes.Code {
 		errors.Is(err, cfs.ErrNotComposefsImage), errors.Is(err, cfs.ErrVerityUnsupported),
 		errors.Is(err, cfs.ErrVerityNotEnabled):
 		return codes.FailedPrecondition
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+	case errors.Is(err, fetch.ErrResourceLimit), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return codes.ResourceExhausted
 	case fetch.IsTransient(err):
 		return codes.Unavailable

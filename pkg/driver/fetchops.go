@@ -2,6 +2,7 @@ package driver
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"sync"
@@ -18,10 +19,14 @@ import (
 // fetchOps runs at most one fetch per key (the volume's content and pull
 // policy). A fetch runs under the driver's context, not the caller's: when
 // kubelet's deadline comes first the caller answers Aborted and the fetch
-// goes on; kubelet's retry joins it or finds it done.
+// goes on; kubelet's retry joins it or finds it done. A fetch that failed
+// while nobody waited for it is kept for the next caller (for a while), so
+// that kubelet learns why it failed instead of starting it over and being
+// told "in progress" forever.
 type fetchOps struct {
-	mu sync.Mutex
-	m  map[string]*fetchOp
+	mu     sync.Mutex
+	m      map[string]*fetchOp
+	failed map[string]*fetchOp // failures no caller has been told of yet
 }
 
 type fetchOp struct {
@@ -32,9 +37,20 @@ type fetchOp struct {
 	digest   cfs.Digest
 	stats    fetch.Stats
 	err      error
+	waiters  int       // callers waiting for the result (under fetchOps.mu)
+	ended    time.Time // when it failed, for failed
 }
 
-func newFetchOps() *fetchOps { return &fetchOps{m: make(map[string]*fetchOp)} }
+// keepFailure is how long an unreported failure waits for the next call;
+// kubelet retries well within it. maxFailures bounds how many are kept.
+const (
+	keepFailure = 5 * time.Minute
+	maxFailures = 1024
+)
+
+func newFetchOps() *fetchOps {
+	return &fetchOps{m: make(map[string]*fetchOp), failed: make(map[string]*fetchOp)}
+}
 
 // inFlight returns how many fetches run.
 func (g *fetchOps) inFlight() int {
@@ -43,26 +59,47 @@ func (g *fetchOps) inFlight() int {
 	return len(g.m)
 }
 
-// join returns the fetch running for key, or starts one with run. The
-// result stays available to every holder of the op; the op leaves the
-// map when run returns, so a later call starts afresh (and finds the
-// work done).
+// join returns the fetch running for key, or a recent failure for key no
+// caller has been told of, or starts a fetch with start. The caller waits
+// for the result or calls leave. The op leaves the map when it is done, so
+// a later call starts afresh (and finds the work done).
 func (g *fetchOps) join(key string, now time.Time, start func(op *fetchOp)) (*fetchOp, bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if op, ok := g.m[key]; ok {
+		op.waiters++
 		return op, false
 	}
-	op := &fetchOp{key: key, started: now, done: make(chan struct{})}
+	if op, ok := g.failed[key]; ok {
+		delete(g.failed, key)
+		if now.Sub(op.ended) < keepFailure {
+			return op, false
+		}
+	}
+	op := &fetchOp{key: key, started: now, done: make(chan struct{}), waiters: 1}
 	g.m[key] = op
 	start(op)
 	return op, true
 }
 
-func (g *fetchOps) finish(op *fetchOp) {
+// leave says a caller stopped waiting for op without its result.
+func (g *fetchOps) leave(op *fetchOp) {
+	g.mu.Lock()
+	op.waiters--
+	g.mu.Unlock()
+}
+
+func (g *fetchOps) finish(op *fetchOp, now time.Time) {
 	g.mu.Lock()
 	if g.m[op.key] == op {
 		delete(g.m, op.key)
+	}
+	if op.err != nil && op.waiters <= 0 {
+		if len(g.failed) >= maxFailures {
+			clear(g.failed)
+		}
+		op.ended = now
+		g.failed[op.key] = op
 	}
 	g.mu.Unlock()
 	close(op.done)
@@ -85,13 +122,13 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, 
 			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, credFP, &op.progress)
 			d.metrics.observeFetch(op.stats, op.err)
 			if op.err != nil && fctx.Err() == nil {
-				log.Error(op.err, "Fetch failed", "source", spec.Source.URL, "image", spec.Ref.String())
+				log.Error(op.err, "Fetch failed", "source", fetch.RedactURL(spec.Source.URL), "image", spec.Ref.String())
 			}
-			d.ops.finish(op)
+			d.ops.finish(op, d.now())
 		})
 		if !ok {
 			op.err = status.Error(codes.Unavailable, "the plugin is shutting down")
-			go d.ops.finish(op) // finish takes the lock join holds
+			go d.ops.finish(op, d.now()) // finish takes the lock join holds
 		}
 	})
 	if !started {
@@ -107,23 +144,51 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, 
 	case <-op.done:
 		return op.digest, op.err
 	case <-wctx.Done():
+		d.ops.leave(op)
+		select {
+		case <-op.done: // it ended meanwhile: that is the answer
+			return op.digest, op.err
+		default:
+		}
 		p := &op.progress
 		return cfs.Digest{}, status.Errorf(codes.Aborted,
 			"fetching image %s from %s is still in progress (%d of %d objects, %d of %d bytes downloaded); it goes on in the background",
-			spec.Ref, spec.Source.URL, p.DoneObjects.Load(), p.Objects.Load(), p.Fetched.Load(), p.FetchBytes.Load())
+			spec.Ref, fetch.RedactURL(spec.Source.URL), p.DoneObjects.Load(), p.Objects.Load(), p.Fetched.Load(), p.FetchBytes.Load())
 	}
+}
+
+// principal names who a volume's requests speak for: its source and its
+// credentials. Content on the node serves a volume only once its principal
+// has shown it holds it (fetch.ForPrincipal).
+func principal(spec VolumeSpec, credFP string) string {
+	return string(spec.Source.Kind) + " " + spec.Source.URL + " " + credFP
+}
+
+// completeKey marks an image whose objects were all ensured for a
+// principal ("" with --trust-shared-content).
+type completeKey struct {
+	image     cfs.Digest
+	principal string
 }
 
 // fetch brings the image and its objects into the store.
 //
-// Content on the node is not proof that a volume may read it: an image is
-// served from the store only for source, image and credentials that the
-// source has accepted since the plugin started (as kubelet re-checks
-// credentials for images, KEP-2535). Otherwise the source is asked once.
+// Content on the node is not proof that a volume may read it: naming a
+// digest is not access. Unless TrustSharedContent is set, the image and
+// every object serve the volume only after its source, with its
+// credentials, has shown that it holds them: by delivering them, or by a
+// proof of possession the store makes (the image re-read and hashed; a
+// block of each object). What a principal showed is remembered across
+// restarts, so the same source and credentials pay nothing again.
 func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
-	authKey := spec.Source.URL + "\x00" + spec.Ref.String() + "\x00" + credFP
 	nameKey := spec.Source.URL + " " + ref.Name
+	var who string
+	opts := []fetch.EnsureOption{fetch.WithProgress(p)}
+	if !d.cfg.TrustSharedContent {
+		who = principal(spec, credFP)
+		opts = append(opts, fetch.ForPrincipal(who))
+	}
 	switch spec.PullPolicy {
 	case PullAlways:
 		// Ask the source again, by name when there is one; the digest, if
@@ -139,7 +204,9 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 			d.mu.Lock()
 			dg, ok := d.names[nameKey]
 			d.mu.Unlock()
-			if ok && d.store.HasImage(dg) {
+			// A name another principal resolved is resolved again (the
+			// image is small; fetching it is its proof).
+			if ok && d.store.HasImage(dg) && (who == "" || spec.PullPolicy == PullNever || d.store.ImageShown(ctx, dg, who)) {
 				ref.Digest = dg
 			}
 		}
@@ -148,21 +215,9 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
 	}
 	fromStore := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
-	if fromStore && !d.isAuthorized(authKey) {
-		if spec.PullPolicy == PullNever {
-			return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s from %s: %w", spec.Ref, spec.Source.URL, errNotAuthorized)
-		}
-		if err := checkAccess(ctx, src, spec.Ref); err != nil {
-			return cfs.Digest{}, fetch.Stats{}, err
-		}
-	}
-	dg, err := d.store.EnsureImage(ctx, src, ref)
+	dg, err := d.store.EnsureImage(ctx, src, ref, opts...)
 	if err != nil {
-		return cfs.Digest{}, fetch.Stats{}, err
-	}
-	// The source served the image or accepted the check above.
-	if spec.PullPolicy != PullNever {
-		d.setAuthorized(authKey)
+		return cfs.Digest{}, fetch.Stats{}, neverProven(spec, err)
 	}
 	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
@@ -175,45 +230,33 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// Skip the per-object check only for an image that stayed in the store
 	// since its objects were last ensured (GC clears the mark of images it
 	// may have touched, and a fetched image is checked again).
+	ck := completeKey{dg, who}
 	d.mu.Lock()
-	done := fromStore && d.complete[dg]
+	done := fromStore && d.complete[ck]
 	d.mu.Unlock()
 	if done {
 		return dg, fetch.Stats{}, nil
 	}
-	st, err := d.store.EnsureObjects(ctx, src, dg, fetch.WithProgress(p))
+	st, err := d.store.EnsureObjects(ctx, src, dg, opts...)
 	if err != nil {
-		return dg, st, err
+		return dg, st, neverProven(spec, err)
 	}
 	d.mu.Lock()
-	d.complete[dg] = true
+	if len(d.complete) >= 100000 { // bound it; entries are cheap to earn again
+		clear(d.complete)
+	}
+	d.complete[ck] = true
 	d.mu.Unlock()
 	return dg, st, nil
 }
 
-// checkAccess asks the source for the image with the volume's credentials
-// and reads nothing of it: a refusal (401/403, 404) is the answer.
-func checkAccess(ctx context.Context, src fetch.Source, ref fetch.ImageRef) error {
-	rc, _, err := src.OpenImage(ctx, ref)
-	if err != nil {
-		return fmt.Errorf("checking access to image %s at %s: %w", ref, src, err)
+// neverProven explains a missing proof under pullPolicy Never, which
+// forbids the request a proof needs.
+func neverProven(spec VolumeSpec, err error) error {
+	if spec.PullPolicy == PullNever && errors.Is(err, fetch.ErrNotProven) {
+		return fmt.Errorf("%w: %w", errNotAuthorized, err)
 	}
-	return rc.Close()
-}
-
-func (d *Driver) isAuthorized(key string) bool {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	return d.authorized[key]
-}
-
-func (d *Driver) setAuthorized(key string) {
-	d.mu.Lock()
-	defer d.mu.Unlock()
-	if len(d.authorized) >= 100000 { // bound it; entries are cheap to earn again
-		clear(d.authorized)
-	}
-	d.authorized[key] = true
+	return err
 }
 
 // neverSource serves nothing: with pullPolicy Never, what the node lacks

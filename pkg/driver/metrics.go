@@ -134,13 +134,17 @@ var (
 		"Bytes freed by store GC.", nil, nil)
 	descStoreBytes = prometheus.NewDesc(metricsNamespace+"_store_bytes",
 		"Bytes allocated in the store, by part (objects, images, tmp, quarantine).", []string{"part"}, nil)
+	descProofs = prometheus.NewDesc(metricsNamespace+"_proofs_total",
+		"Proofs of possession asked of a volume's source for content already on the node, by result (passed, failed).", []string{"result"}, nil)
+	descProofBytes = prometheus.NewDesc(metricsNamespace+"_proof_bytes_total",
+		"Bytes received by proofs of possession.", nil, nil)
 	descInFlight = prometheus.NewDesc(metricsNamespace+"_fetches_in_flight",
 		"Fetches running (including those kubelet stopped waiting for).", nil, nil)
 )
 
 func (c *storeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descFetchedBytes, descFetched, descDedupBytes, descDedupObjects,
-		descRetries, descQuarantined, descGCRemoved, descGCBytes, descStoreBytes, descInFlight} {
+		descRetries, descQuarantined, descGCRemoved, descGCBytes, descStoreBytes, descInFlight, descProofs, descProofBytes} {
 		ch <- d
 	}
 }
@@ -161,6 +165,9 @@ func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descGCRemoved, k.GCImagesRemoved, "image")
 	counter(descGCRemoved, k.GCObjectsRemoved, "object")
 	counter(descGCBytes, k.GCBytesFreed)
+	counter(descProofs, k.Proofs, "passed")
+	counter(descProofs, k.ProofsFailed, "failed")
+	counter(descProofBytes, k.ProofBytes)
 	ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(c.d.ops.inFlight()))
 
 	// Measuring the store walks it: do it at most every 30s.

@@ -136,6 +136,9 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 			st.BytesFreed += objects[d]
 		}
 	}
+	if prot.unknown != "" {
+		log.Info("Store GC kept every object", "reason", prot.unknown)
+	}
 	st.ImagesKept = len(images) - st.ImagesRemoved
 	st.ObjectsKept = len(objects) - st.ObjectsRemoved
 	st.BytesInUse, _ = s.usage()
@@ -152,7 +155,7 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 type protectedSet struct {
 	gen     uint64
 	valid   bool
-	unknown bool // an image in use could not be indexed: protect everything
+	unknown string // why an image in use could not be indexed: protect everything
 	objs    map[cfs.Digest]bool
 }
 
@@ -161,14 +164,14 @@ func (p *protectedSet) refresh(s *Store) {
 	if p.valid && p.gen == s.gen {
 		return
 	}
-	p.gen, p.valid, p.unknown = s.gen, true, false
+	p.gen, p.valid, p.unknown = s.gen, true, ""
 	p.objs = make(map[cfs.Digest]bool)
 	grace := time.Now().Add(-s.opts.GCGrace)
 	add := func(d cfs.Digest) {
 		objs, ok := s.index[d]
 		if !ok {
 			if s.hasImageFile(d) {
-				p.unknown = true
+				p.unknown = "image " + d.String() + " is in use but not indexed yet"
 			}
 			return
 		}
@@ -177,7 +180,22 @@ func (p *protectedSet) refresh(s *Store) {
 		}
 	}
 	for d := range s.pins {
-		add(d)
+		objs, ok := s.pinObjs[d]
+		if !ok {
+			if objs, ok = s.index[d]; ok {
+				s.pinObjs[d] = objs
+			}
+		}
+		if !ok {
+			// Mounted, but its file left the store before this process
+			// read it (quarantined, or removed before a restart): which
+			// objects it uses is unknown.
+			p.unknown = "pinned image " + d.String() + " has no file in the store and its object list is unknown (it was quarantined or removed before this process read it): GC removes no object until it is unpinned"
+			continue
+		}
+		for _, o := range objs {
+			p.objs[o.Digest] = true
+		}
 	}
 	for d := range s.busy {
 		add(d)
@@ -215,7 +233,7 @@ func (s *Store) removeObject(ctx context.Context, d cfs.Digest, prot *protectedS
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	prot.refresh(s)
-	if prot.unknown || prot.objs[d] {
+	if prot.unknown != "" || prot.objs[d] {
 		return false, nil
 	}
 	// A stored image that GC did not see (it arrived meanwhile) is in use

@@ -9,6 +9,7 @@ import (
 	"math"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -22,7 +23,22 @@ import (
 // while its digest is computed; a digest other than ref.Digest is refused
 // and nothing is kept; the image is parsed with the strict reader before it
 // is stored. Concurrent calls for the same ref share one download.
-func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+//
+// With ForPrincipal (the only option it heeds), a stored image serves the
+// call only once the principal has shown that it holds it: by having
+// delivered it, or now, by src serving ref with the image's bytes (read
+// whole and hashed, not stored); anything else (a refusal, a 404, a 200
+// with other or no bytes) fails with ErrNotProven.
+func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts ...EnsureOption) (cfs.Digest, error) {
+	var cfg ensureConfig
+	for _, o := range opts {
+		o(&cfg)
+	}
+	var pid *principalID
+	if cfg.hasPrincipal {
+		id := s.principalID(ctx, cfg.principal)
+		pid = &id
+	}
 	if ref.Name == "" && ref.Digest.IsZero() {
 		return cfs.Digest{}, errors.New("image reference: a name or a digest is needed")
 	}
@@ -30,17 +46,33 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef) (cfs.
 		release := s.hold(ref.Digest)
 		defer release()
 		if _, err := s.Objects(ctx, ref.Digest); err == nil {
-			s.touch(ref.Digest)
-			return ref.Digest, nil
+			if pid != nil && !s.isShown(shownKey{d: ref.Digest, image: true, p: *pid}) {
+				err := s.proveImage(ctx, src, ref, ref.Digest, *pid)
+				if err != nil && !errors.Is(err, fs.ErrNotExist) {
+					return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
+				}
+				if err == nil {
+					s.touch(ref.Digest)
+					return ref.Digest, nil
+				}
+				// Gone meanwhile: fetch it again.
+			} else {
+				s.touch(ref.Digest)
+				return ref.Digest, nil
+			}
 		}
 		// Unreadable or gone meanwhile: fetch it again.
 	}
-	// Downloads are shared only by callers holding the same Source value:
-	// a caller never rides on a download made with someone else's
-	// credentials (the driver keeps one Source per URL and credentials).
+	// Downloads are shared only by callers holding the same Source value
+	// and acting for the same principal: a caller never rides on a
+	// download made with someone else's credentials (the driver keeps one
+	// Source per URL and credentials).
 	key := fmt.Sprintf("%s\x00%p\x00%s", src.String(), src, ref.String())
+	if pid != nil {
+		key += fmt.Sprintf("\x00%x", pid[:])
+	}
 	d, _, err := s.images.do(ctx, key, func(ctx context.Context) (cfs.Digest, error) {
-		return s.fetchImage(ctx, src, ref)
+		return s.fetchImage(ctx, src, ref, pid)
 	})
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
@@ -58,12 +90,12 @@ func (s *Store) touch(d cfs.Digest) {
 	_ = os.Chtimes(s.ImagePath(d), now, now)
 }
 
-func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef, pid *principalID) (cfs.Digest, error) {
 	log := klog.FromContext(ctx)
 	var d cfs.Digest
 	err := s.retry(ctx, "image "+ref.String(), func(ctx context.Context) error {
 		var err error
-		d, err = s.fetchImageOnce(ctx, src, ref)
+		d, err = s.fetchImageOnce(ctx, src, ref, pid)
 		return err
 	})
 	if err == nil {
@@ -72,7 +104,12 @@ func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef) (cfs.D
 	return d, err
 }
 
-func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (cfs.Digest, error) {
+func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pid *principalID) (cfs.Digest, error) {
+	room, err := s.reserveImageDownload(ctx)
+	if err != nil {
+		return cfs.Digest{}, err
+	}
+	defer room.release()
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, size, err := src.OpenImage(actx, ref)
@@ -82,6 +119,9 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 	defer body.Close()
 	if size > s.opts.MaxImageSize {
 		return cfs.Digest{}, fmt.Errorf("image is %d bytes, more than the limit of %d: %w", size, s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	if size >= 0 {
+		room.shrink(size + 1)
 	}
 	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "image-*")
 	if err != nil {
@@ -108,7 +148,12 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 	if !ref.Digest.IsZero() && d != ref.Digest {
 		return cfs.Digest{}, fmt.Errorf("image has digest %s, want %s: %w", d, ref.Digest, ErrDigestMismatch)
 	}
+	mem, err := s.reserveParse(ctx, n)
+	if err != nil {
+		return cfs.Digest{}, err
+	}
 	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	mem.release()
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
@@ -117,14 +162,17 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef) (c
 	}
 	release := s.hold(d)
 	defer release()
-	s.mu.Lock()
-	s.index[d] = objs
-	s.mu.Unlock()
+	s.setIndex(d, objs)
 	final := s.ImagePath(d)
+	// Replacing a stored copy keeps who showed it.
+	s.carryShown(final, f.Name())
 	if err := os.Rename(f.Name(), final); err != nil {
 		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
 	}
 	f = nil
+	if pid != nil {
+		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
+	}
 	if err := syncDir(filepath.Dir(final)); err != nil {
 		return cfs.Digest{}, err
 	}
@@ -150,9 +198,7 @@ func (s *Store) Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, er
 	if err != nil {
 		return nil, err
 	}
-	s.mu.Lock()
-	s.index[image] = objs
-	s.mu.Unlock()
+	s.setIndex(image, objs)
 	return objs, nil
 }
 
@@ -160,7 +206,7 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 	if err := ctx.Err(); err != nil {
 		return nil, err
 	}
-	f, err := os.Open(s.ImagePath(image))
+	f, err := s.openFile(s.ImagePath(image))
 	if err != nil {
 		if errors.Is(err, fs.ErrNotExist) {
 			return nil, fmt.Errorf("image %s is not in the store: %w", image, ErrNotFound)
@@ -175,11 +221,41 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 	// No inode limit here: the image passed the limit in force when it was
 	// downloaded, and failing it now would make GC quarantine an image
 	// volumes use (and remove its objects).
-	objs, err := parseImage(f, fi.Size(), math.MaxInt)
+	mem, err := s.reserveParse(ctx, fi.Size())
 	if err != nil {
+		return nil, err
+	}
+	r := &readErrAt{r: f}
+	objs, err := parseImage(r, fi.Size(), math.MaxInt)
+	mem.release()
+	if err != nil {
+		if r.err != nil {
+			// The disk failed, not the image: not a reason to quarantine.
+			return nil, fmt.Errorf("reading image %s: %w", image, r.err)
+		}
 		return nil, fmt.Errorf("image %s in the store: %w: %w", image, ErrInvalidImage, err)
 	}
 	return objs, nil
+}
+
+// readErrAt remembers the first read error other than EOF, to tell a
+// failing disk from an invalid image.
+type readErrAt struct {
+	r   io.ReaderAt
+	mu  sync.Mutex
+	err error
+}
+
+func (r *readErrAt) ReadAt(p []byte, off int64) (int, error) {
+	n, err := r.r.ReadAt(p, off)
+	if err != nil && err != io.EOF {
+		r.mu.Lock()
+		if r.err == nil {
+			r.err = err
+		}
+		r.mu.Unlock()
+	}
+	return n, err
 }
 
 // parseImage validates an image with the strict reader (at most maxInodes
@@ -197,4 +273,28 @@ func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) 
 		}
 	}
 	return objs, nil
+}
+
+// ImageStats parses the stored image (within the parse memory budget) and
+// returns its summary.
+func (s *Store) ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error) {
+	f, err := os.Open(s.ImagePath(image))
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	mem, err := s.reserveParse(ctx, fi.Size())
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	defer mem.release()
+	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
+	if err != nil {
+		return cfs.ImageStats{}, fmt.Errorf("image %s: %w", image, err)
+	}
+	return img.Stats(), nil
 }

@@ -28,6 +28,12 @@ type Stats struct {
 	FetchedBytes uint64
 	Shared       int // downloaded by a concurrent call (another volume)
 	SharedBytes  uint64
+	// Proven objects were in the store (or shared) but new to the call's
+	// principal, whose source showed it holds them (ForPrincipal);
+	// ProofBytes is what the proofs received.
+	Proven      int
+	ProvenBytes uint64
+	ProofBytes  uint64
 }
 
 // SavedBytes is what the node did not download thanks to deduplication.
@@ -48,7 +54,11 @@ type Progress struct {
 // EnsureOption tunes one EnsureObjects call.
 type EnsureOption func(*ensureConfig)
 
-type ensureConfig struct{ progress *Progress }
+type ensureConfig struct {
+	progress     *Progress
+	principal    string
+	hasPrincipal bool
+}
 
 // WithProgress makes EnsureObjects update p as it goes.
 func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.progress = p } }
@@ -65,6 +75,13 @@ func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.p
 // supported, is made durable (a group syncfs) and is then linked (or
 // renamed) into objects/. The first permanent failure (or
 // exhausted retries) stops the call and is returned, naming the object.
+//
+// With ForPrincipal, an object in the store that the principal has neither
+// delivered nor shown before (including one a concurrent call downloaded
+// from another source) is used only once src proves that it holds it
+// (proof.go); a failed proof fails the call with ErrNotProven, naming the
+// object. Objects of the extra directories are the host's, public to every
+// volume, and need no proof.
 func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest, opts ...EnsureOption) (Stats, error) {
 	var cfg ensureConfig
 	for _, o := range opts {
@@ -75,6 +92,11 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		p = new(Progress)
 	}
 	var st Stats
+	var pid *principalID
+	if cfg.hasPrincipal {
+		id := s.principalID(ctx, cfg.principal)
+		pid = &id
+	}
 	// Hold the image before looking at anything, so that GC keeps it and
 	// every object it references from now on.
 	release := s.hold(image)
@@ -91,7 +113,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	p.Objects.Store(int64(st.Objects))
 	p.Bytes.Store(int64(st.Bytes))
 
-	var missing []cfs.Object
+	var missing, unproven []cfs.Object
 	for _, o := range objs {
 		if err := ctx.Err(); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s: %w", image, context.Cause(ctx))
@@ -102,8 +124,17 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		}
 		switch where {
 		case inStore:
-			st.Present++
-			st.PresentBytes += o.Size
+			switch {
+			case pid == nil || s.isShown(shownKey{d: o.Digest, p: *pid}):
+				st.Present++
+				st.PresentBytes += o.Size
+			case s.inExtraDir(o): // the host's, public: no proof
+				st.Extra++
+				st.ExtraBytes += o.Size
+			default:
+				unproven = append(unproven, o)
+				continue
+			}
 		case inExtra:
 			st.Extra++
 			st.ExtraBytes += o.Size
@@ -116,10 +147,18 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		p.DoneObjects.Add(1)
 		p.DoneBytes.Add(int64(o.Size))
 	}
-	s.c.objectsDeduplicated.Add(uint64(st.Present + st.Extra))
-	s.c.bytesDeduplicated.Add(st.PresentBytes + st.ExtraBytes)
+	if len(unproven) > 0 {
+		if err := s.proveObjects(ctx, src, unproven, *pid, &st, p); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
+		}
+	}
+	s.c.objectsDeduplicated.Add(uint64(st.Present + st.Extra + st.Proven))
+	s.c.bytesDeduplicated.Add(st.PresentBytes + st.ExtraBytes + st.ProvenBytes)
 	if len(missing) == 0 {
 		return st, nil
+	}
+	if err := s.admitObjects(missing); err != nil {
+		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 	}
 
 	wctx, cancel := context.WithCancelCause(ctx)
@@ -130,6 +169,9 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		dirs     = make(map[string]bool)
 		wg       sync.WaitGroup
 		next     atomic.Int64
+		// recheck: objects this call did not download itself (a
+		// concurrent call did, perhaps from another source).
+		recheck []cfs.Object
 	)
 	// At most Parallelism downloads run at once (slots); more workers than
 	// that keep the slots busy while finished downloads wait for the group
@@ -150,7 +192,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 				// size fails alone rather than failing its sharers.
 				key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
 				res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
-					return s.fetchObject(fctx, src, o, p, slots)
+					return s.fetchObject(fctx, src, o, p, slots, pid)
 				})
 				mu.Lock()
 				if err != nil {
@@ -164,10 +206,18 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 				if res.dir != "" {
 					dirs[res.dir] = true
 				}
+				if pid != nil && res.found != inExtra && (shared || res.fetched == 0) && !s.isShown(shownKey{d: o.Digest, p: *pid}) {
+					recheck = append(recheck, o)
+					mu.Unlock()
+					continue
+				}
 				switch {
 				case shared:
 					st.Shared++
 					st.SharedBytes += o.Size
+				case res.found == inExtra:
+					st.Extra++
+					st.ExtraBytes += o.Size
 				case res.fetched == 0: // arrived meanwhile
 					st.Present++
 					st.PresentBytes += o.Size
@@ -194,6 +244,14 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		if err := s.durable.wait(ctx); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 		}
+	}
+	if len(recheck) > 0 {
+		proven, provenBytes := st.Proven, st.ProvenBytes
+		if err := s.proveObjects(ctx, src, recheck, *pid, &st, p); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
+		}
+		s.c.objectsDeduplicated.Add(uint64(st.Proven - proven))
+		s.c.bytesDeduplicated.Add(st.ProvenBytes - provenBytes)
 	}
 	s.c.objectsDeduplicated.Add(uint64(st.Shared))
 	s.c.bytesDeduplicated.Add(st.SharedBytes)
@@ -229,13 +287,21 @@ func (s *Store) locate(o cfs.Object) (location, error) {
 		}
 		return inStore, nil
 	}
+	if s.inExtraDir(o) {
+		return inExtra, nil
+	}
+	return missingObject, nil
+}
+
+// inExtraDir reports whether an extra object directory has o.
+func (s *Store) inExtraDir(o cfs.Object) bool {
 	for _, dir := range s.opts.ExtraObjectDirs {
 		fi, err := os.Stat(filepath.Join(dir, o.Digest.ObjectPath()))
 		if err == nil && fi.Mode().IsRegular() && uint64(fi.Size()) == o.Size {
-			return inExtra, nil
+			return true
 		}
 	}
-	return missingObject, nil
+	return false
 }
 
 // waitersPerSlot is how many objects per download slot an EnsureObjects
@@ -244,11 +310,11 @@ const waitersPerSlot = 4
 
 // fetchObject downloads o into the store, holding one of slots while it
 // downloads.
-func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (objectResult, error) {
+func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}, pid *principalID) (objectResult, error) {
 	if where, err := s.locate(o); err != nil {
 		return objectResult{}, err
 	} else if where != missingObject { // arrived while we queued
-		return objectResult{}, nil
+		return objectResult{found: where}, nil
 	}
 	var res objectResult
 	err := s.retry(ctx, "object "+o.Digest.String(), func(ctx context.Context) error {
@@ -258,6 +324,9 @@ func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Pr
 	})
 	if err != nil {
 		return res, fmt.Errorf("object %s (%d bytes): %w", o.Digest, o.Size, err)
+	}
+	if pid != nil {
+		s.markShown(ctx, shownKey{d: o.Digest, p: *pid})
 	}
 	return res, nil
 }
@@ -309,6 +378,16 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}
+	// Then room in tmp/, held until the file is published or discarded.
+	room, err := s.admitObjectDownload(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			room.release()
+		}
+	}()
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, err := src.OpenObject(actx, o.Digest, o.Size)
@@ -319,10 +398,11 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
-	f, err := createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	f, err := s.createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary file: %w", err)
 	}
+	f.room = room
 	var n int64
 	defer func() {
 		if err != nil {

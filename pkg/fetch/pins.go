@@ -7,13 +7,31 @@ import (
 )
 
 // Pin marks an image in use by a mount: GC never removes a pinned image or
-// its objects. Pins are counted and kept in memory only.
+// its objects, even when the image file itself leaves the store (Verify
+// quarantines it): the objects' list is kept from the first pin while the
+// image is indexed, or else taken when GC next indexes it. Pins are counted
+// and kept in memory only.
 func (s *Store) Pin(image cfs.Digest) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.pins[image]++
+	if _, ok := s.pinObjs[image]; !ok {
+		if objs, ok := s.index[image]; ok {
+			s.pinObjs[image] = objs
+		}
+	}
 	s.lastUse[image] = time.Now()
 	s.gen++
+}
+
+// setIndex caches the objects of image, and keeps them for its pins.
+func (s *Store) setIndex(image cfs.Digest, objs []cfs.Object) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.index[image] = objs
+	if _, ok := s.pinObjs[image]; !ok && s.pins[image] > 0 {
+		s.pinObjs[image] = objs
+	}
 }
 
 // Unpin releases one Pin.
@@ -22,6 +40,7 @@ func (s *Store) Unpin(image cfs.Digest) {
 	defer s.mu.Unlock()
 	if s.pins[image] <= 1 {
 		delete(s.pins, image)
+		delete(s.pinObjs, image)
 	} else {
 		s.pins[image]--
 	}

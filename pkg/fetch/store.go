@@ -44,7 +44,7 @@ type Options struct {
 	// per call); 0 means 64.
 	MaxConcurrentDownloads int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
-	// image takes about ten times its size in memory.
+	// image takes 2 to 16 times its size in memory (see ParseMemory).
 	MaxImageSize int64
 	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
 	// MaxInodes); 0 means the reader's default (4,000,000).
@@ -70,11 +70,43 @@ type Options struct {
 	// check.
 	MinRate int64
 	// GCGrace keeps images used within that long from GC even when not
-	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m.
+	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m,
+	// negative means none.
 	GCGrace time.Duration
 	// DisableVerity skips enabling fs-verity on stored files even where the
 	// filesystem supports it.
 	DisableVerity bool
+	// MustExist makes Open refuse a directory that is not a store already
+	// (CheckStoreDir) instead of creating one there.
+	MustExist bool
+	// DownloadBudget bounds the bytes downloads hold in tmp/ at once, node
+	// wide: an object download reserves its size before it starts, an
+	// image download MaxImageSize until the response announces its length;
+	// downloads that do not fit wait their turn (one larger than the whole
+	// budget runs alone). 0 means 1 GiB, negative means none.
+	DownloadBudget int64
+	// ParseMemory bounds the memory that parsing images (when downloaded,
+	// and stored ones after a restart) may take at once, node wide: each
+	// parse reserves an estimate (16 bytes per byte of image, what the
+	// worst images take) before it starts; parses that do not fit wait
+	// their turn (one larger than the whole budget runs alone). 0 means
+	// 256 MiB, negative means none.
+	ParseMemory int64
+	// MaxObjectSize refuses, before downloading anything, an image that
+	// needs an object larger (ErrResourceLimit); 0 means 16 GiB, negative
+	// means no limit.
+	MaxObjectSize int64
+	// MinFreeSpace is what downloads keep free on the store's filesystem:
+	// an image whose missing objects do not fit in the free space beyond
+	// it (less what downloads in progress reserved) is refused before
+	// downloading (ErrResourceLimit, and syscall.ENOSPC), and so is each
+	// object when its download starts; 0 means 1 GiB, negative means no
+	// check (writes may then fail with ENOSPC).
+	MinFreeSpace int64
+	// NamedTempFiles downloads objects into named files under tmp/ even
+	// where the filesystem has O_TMPFILE (as on filesystems without it;
+	// tests of that path).
+	NamedTempFiles bool
 }
 
 func (o *Options) setDefaults() {
@@ -106,8 +138,22 @@ func (o *Options) setDefaults() {
 	} else if o.MinRate < 0 {
 		o.MinRate = 0
 	}
-	if o.GCGrace <= 0 {
+	if o.DownloadBudget == 0 {
+		o.DownloadBudget = 1 << 30
+	}
+	if o.ParseMemory == 0 {
+		o.ParseMemory = 256 << 20
+	}
+	if o.MaxObjectSize == 0 {
+		o.MaxObjectSize = 16 << 30
+	}
+	if o.MinFreeSpace == 0 {
+		o.MinFreeSpace = 1 << 30
+	}
+	if o.GCGrace == 0 {
 		o.GCGrace = 10 * time.Minute
+	} else if o.GCGrace < 0 {
+		o.GCGrace = 0
 	}
 }
 
@@ -127,7 +173,11 @@ func (o *Options) setDefaults() {
 //
 // Pins are kept in memory: after a restart the driver re-pins the images its
 // volumes use (from its own state) before the first GC. Until then GCGrace
-// still protects recently used images from a budget GC.
+// still protects recently used images from a budget GC. A pin protects the
+// objects of its image independently of the image file: their list is kept
+// from pin time, so an image quarantined while mounted keeps its objects,
+// and a pinned image whose list is unknown (its file gone before this
+// process read it) makes GC remove no object at all.
 type Store struct {
 	root string
 	opts Options
@@ -137,6 +187,7 @@ type Store struct {
 
 	mu      sync.Mutex
 	pins    map[cfs.Digest]int          // Pin/Unpin counts
+	pinObjs map[cfs.Digest][]cfs.Object // objects of pinned images, kept even if the image file goes
 	busy    map[cfs.Digest]int          // images an Ensure call is working on
 	lastUse map[cfs.Digest]time.Time    // in-process last use, for GC grace and LRU
 	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
@@ -148,15 +199,26 @@ type Store struct {
 
 	downloads chan struct{} // node-wide object download slots
 
+	tmpBudget   *budget // bytes of downloads in tmp/ (DownloadBudget)
+	parseBudget *budget // memory of image parses (ParseMemory)
+
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
+
+	// open replaces os.Open for Verify and image parsing (tests inject
+	// I/O errors); nil means os.Open.
+	open func(path string) (storeFile, error)
+
+	prov   provenance // who showed what (provenance.go)
+	proofs proofCounters
 
 	c counters
 }
 
 type objectResult struct {
-	fetched uint64 // bytes downloaded
-	dir     string // object directory renamed into, to fsync
+	fetched uint64   // bytes downloaded
+	dir     string   // object directory renamed into, to fsync
+	found   location // where it was found when it arrived meanwhile
 }
 
 // Open opens (creating it if needed) the store at root, takes its lock and
@@ -164,6 +226,11 @@ type objectResult struct {
 func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	opts.setDefaults()
 	log := klog.FromContext(ctx)
+	if opts.MustExist {
+		if err := CheckStoreDir(root); err != nil {
+			return nil, err
+		}
+	}
 	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
@@ -185,11 +252,15 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		opts:    opts,
 		lock:    lf,
 		pins:    make(map[cfs.Digest]int),
+		pinObjs: make(map[cfs.Digest][]cfs.Object),
 		busy:    make(map[cfs.Digest]int),
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
 
 		downloads: make(chan struct{}, opts.MaxConcurrentDownloads),
+
+		tmpBudget:   newBudget(opts.DownloadBudget),
+		parseBudget: newBudget(opts.ParseMemory),
 	}
 	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	if s.durable, err = newGroupSync(root); err != nil {
@@ -200,6 +271,9 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		s.Close()
 		return nil, err
 	}
+	// Load (or create) the provenance key now rather than in the first
+	// publish that needs it.
+	s.provenanceKey(ctx)
 	for _, c := range "0123456789abcdef" {
 		if err := os.Mkdir(filepath.Join(root, tmpDir, string(c)), 0o755); err != nil {
 			s.Close()
@@ -326,6 +400,9 @@ type Counters struct {
 	GCImagesRemoved     uint64
 	GCObjectsRemoved    uint64
 	GCBytesFreed        uint64
+	Proofs              uint64 // proofs of possession that passed
+	ProofsFailed        uint64
+	ProofBytes          uint64 // bytes received by proofs
 }
 
 // Counters returns the cumulative counters.
@@ -343,5 +420,8 @@ func (s *Store) Counters() Counters {
 		GCImagesRemoved:     c.gcImages.Load(),
 		GCObjectsRemoved:    c.gcObjects.Load(),
 		GCBytesFreed:        c.gcBytes.Load(),
+		Proofs:              s.proofs.proofs.Load(),
+		ProofsFailed:        s.proofs.proofsFailed.Load(),
+		ProofBytes:          s.proofs.proofBytes.Load(),
 	}
 }

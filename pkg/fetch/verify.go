@@ -3,6 +3,8 @@ package fetch
 import (
 	"context"
 	"fmt"
+	"io"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -20,17 +22,27 @@ type Corrupt struct {
 	MovedTo string // relative to the store root
 }
 
+// Unreadable is one file Verify could not open or read (EMFILE, EIO…): an
+// error to report, not evidence of corruption, so the file stays.
+type Unreadable struct {
+	Path string // relative to the store root
+	Err  error
+}
+
 // VerifyReport tells what Verify checked and found.
 type VerifyReport struct {
 	Objects, Images int   // files checked
 	Bytes           int64 // bytes hashed
 	Corrupt         []Corrupt
+	Unreadable      []Unreadable
 }
 
 // Verify re-hashes every object and image and moves each file whose digest
-// is not the one its name says (or whose name is not a digest) to
-// quarantine/, never deleting it, and reports it. It runs while the store is
-// in use: files are only ever renamed in complete.
+// is not the one its name says (or whose name is not a digest, or that is
+// not a regular file) to quarantine/, never deleting it, and reports it. A
+// file it cannot open or read is left in place and reported in Unreadable,
+// and Verify then returns an error after checking everything else. It runs
+// while the store is in use: files are only ever renamed in complete.
 func (s *Store) Verify(ctx context.Context) (VerifyReport, error) {
 	var rep VerifyReport
 	type job struct {
@@ -130,7 +142,7 @@ func (s *Store) Verify(ctx context.Context) (VerifyReport, error) {
 					report(j, j.bad)
 					continue
 				}
-				got, n, err := hashFile(ctx, filepath.Join(s.root, j.rel))
+				got, n, err := s.hashFile(ctx, filepath.Join(s.root, j.rel))
 				if os.IsNotExist(err) {
 					continue // removed by GC meanwhile
 				}
@@ -141,7 +153,9 @@ func (s *Store) Verify(ctx context.Context) (VerifyReport, error) {
 					continue // the loop ends at the next job
 				}
 				if err != nil {
-					report(j, "unreadable: "+err.Error())
+					mu.Lock()
+					rep.Unreadable = append(rep.Unreadable, Unreadable{Path: j.rel, Err: err})
+					mu.Unlock()
 					continue
 				}
 				if got != j.want {
@@ -152,14 +166,19 @@ func (s *Store) Verify(ctx context.Context) (VerifyReport, error) {
 	}
 	wg.Wait()
 	sort.Slice(rep.Corrupt, func(i, j int) bool { return rep.Corrupt[i].Path < rep.Corrupt[j].Path })
+	sort.Slice(rep.Unreadable, func(i, j int) bool { return rep.Unreadable[i].Path < rep.Unreadable[j].Path })
 	if firstErr != nil {
 		return rep, fmt.Errorf("verifying store %s: %w", s.root, firstErr)
+	}
+	if n := len(rep.Unreadable); n > 0 {
+		u := rep.Unreadable[0]
+		return rep, fmt.Errorf("verifying store %s: %d files could not be read and were left in place (%s: %w)", s.root, n, u.Path, u.Err)
 	}
 	return rep, nil
 }
 
-func hashFile(ctx context.Context, path string) (cfs.Digest, int64, error) {
-	f, err := os.Open(path)
+func (s *Store) hashFile(ctx context.Context, path string) (cfs.Digest, int64, error) {
+	f, err := s.openFile(path)
 	if err != nil {
 		return cfs.Digest{}, 0, err
 	}
@@ -169,7 +188,7 @@ func hashFile(ctx context.Context, path string) (cfs.Digest, int64, error) {
 
 type ctxReader struct {
 	ctx context.Context
-	r   *os.File
+	r   io.Reader
 }
 
 func (c ctxReader) Read(p []byte) (int, error) {
@@ -177,4 +196,25 @@ func (c ctxReader) Read(p []byte) (int, error) {
 		return 0, err
 	}
 	return c.r.Read(p)
+}
+
+// storeFile is a stored file opened for reading.
+type storeFile interface {
+	io.Reader
+	io.ReaderAt
+	io.Closer
+	Stat() (fs.FileInfo, error)
+}
+
+// openFile opens a stored file for Verify and for parsing images; tests
+// replace it (Store.open) to inject I/O errors.
+func (s *Store) openFile(path string) (storeFile, error) {
+	if s.open != nil {
+		return s.open(path)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, err
+	}
+	return f, nil
 }
