@@ -30,7 +30,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
 SUBMODULES := hack/image test/deploy
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench demo e2e bench-e2e clean image image-check test-modules
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules
 
 all: build
 
@@ -70,6 +70,15 @@ test:
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchtime 3x ./pkg/cfs/
+
+# The reference C composefs tools, in a cache folder outside the repository
+# (the differential tests install them on demand too).
+c-tools:
+	./hack/c-tools.sh
+
+# Image tools against the C tools: ratios of medians, measured in one run.
+bench-cfs:
+	$(GO) run ./bench/cfsbench
 
 # The README's main job: a pod with a composefs volume on the local
 # cluster (./hack/demo.sh --tools-only: just the image tools).
