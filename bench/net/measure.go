@@ -1,0 +1,341 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// sample is one measured command.
+type sample struct {
+	wall     time.Duration
+	cpu      time.Duration // user + system of the command and its children
+	rssKiB   int64         // peak RSS of the largest process
+	wire     int64         // bytes the server side put on the link
+	requests int64         // requests nginx served
+}
+
+// endpoint is where the client of a profile reaches the repository, and
+// what it runs in.
+type endpoint struct {
+	ns, dev   string // namespace to run in; device (in the server namespace) whose tx is the wire
+	base      string // repository URL
+	h2        bool
+	curlFlags []string
+}
+
+func (b *bench) endpoint(p profile, proto string) endpoint {
+	e := endpoint{ns: b.net.cli, dev: b.net.srvDev}
+	host := b.net.srvAddr
+	httpPort, httpsPort := proxyHTTP, proxyHTTPS
+	if p.rate == 0 {
+		e.ns, e.dev, host = b.net.srv, "lo", "127.0.0.1"
+		httpPort, httpsPort = nginxHTTP, nginxHTTPS
+	}
+	switch proto {
+	case "h2":
+		e.h2 = true
+		e.base = fmt.Sprintf("https://%s:%d", host, httpsPort)
+		e.curlFlags = []string{"--http2", "--cacert", b.ca}
+	default:
+		e.base = fmt.Sprintf("http://%s:%d", host, httpPort)
+		e.curlFlags = []string{"--http1.1"}
+	}
+	return e
+}
+
+// measure runs script in e's namespace under GNU time (which forks the
+// command itself, so that the peak RSS is the command's own).
+func (b *bench) measure(ctx context.Context, e endpoint, script string) (sample, error) {
+	tf := filepath.Join(b.root, "time.out")
+	os.Remove(tf)
+	wire0, err := txBytes(b.net.srv, e.dev)
+	if err != nil {
+		return sample{}, err
+	}
+	req0 := b.ng.requests()
+	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, "/usr/bin/time", "-f", "%U %S %M", "-o", tf, "sh", "-c", script)
+	t0 := time.Now()
+	out, err := cmd.CombinedOutput()
+	wall := time.Since(t0)
+	if err != nil {
+		return sample{}, fmt.Errorf("%s: %v: %s", script, err, lastLines(string(out), 5))
+	}
+	time.Sleep(50 * time.Millisecond) // the access log's last lines
+	s := sample{wall: wall, requests: b.ng.requests() - req0}
+	if wire1, err := txBytes(b.net.srv, e.dev); err == nil {
+		s.wire = wire1 - wire0
+	}
+	tb, err := os.ReadFile(tf)
+	if err != nil {
+		return s, err
+	}
+	f := strings.Fields(lastLines(string(tb), 1))
+	if len(f) == 3 {
+		u, _ := strconv.ParseFloat(f[0], 64)
+		sy, _ := strconv.ParseFloat(f[1], 64)
+		s.cpu = time.Duration((u + sy) * float64(time.Second))
+		s.rssKiB, _ = strconv.ParseInt(f[2], 10, 64)
+	}
+	return s, nil
+}
+
+func lastLines(s string, n int) string {
+	l := strings.Split(strings.TrimSpace(s), "\n")
+	return strings.Join(l[max(len(l)-n, 0):], "\n")
+}
+
+// A cell's samples by what was measured ("curl", "tar", "CAND cold", "CAND warm").
+type cell struct {
+	p      profile
+	t      *tree
+	proto  string
+	rtt    time.Duration
+	s      map[string][]sample
+	ratios map[string][]float64 // per-run ratios, paired within the run
+}
+
+func (b *bench) runAll(ctx context.Context) error {
+	var cells []*cell
+	logf("load average: %s", loadavg())
+	for _, p := range b.profiles() {
+		if err := b.net.shape(p.rate); err != nil {
+			return err
+		}
+		for _, px := range []string{"http", "https"} {
+			if err := b.tp.setLatency(px, p.rtt); err != nil {
+				return err
+			}
+		}
+		for _, tn := range b.o.trees {
+			t, err := b.tree(tn, p.scale)
+			if err != nil {
+				return err
+			}
+			// Everything served from the page cache.
+			_ = sh("cat %s %s >/dev/null; find %s -type f -print0 | xargs -0 cat >/dev/null",
+				q(b.www+"/"+t.blob), q(b.www+"/"+t.tarball), q(b.www+"/images"))
+			_ = sh("find %s -type f -print0 | xargs -0 cat >/dev/null", q(b.www+"/objects"))
+			var cs []*cell
+			for _, proto := range b.o.protos {
+				c := &cell{p: p, t: t, proto: proto, s: map[string][]sample{}, ratios: map[string][]float64{}}
+				c.rtt = b.rtt(b.endpoint(p, proto))
+				cs = append(cs, c)
+			}
+			for r := range b.o.runs {
+				for i := range cs {
+					c := cs[(i+r)%len(cs)]
+					logf("%s %s %s round %d/%d (load %s)", p.name, t.name, c.proto, r+1, b.o.runs, loadavg())
+					if err := b.round(ctx, c, r); err != nil {
+						return err
+					}
+				}
+			}
+			os.RemoveAll(filepath.Join(b.root, "out"))
+			for _, c := range cs {
+				c.print(b)
+			}
+			cells = append(cells, cs...)
+		}
+	}
+	logf("load average: %s", loadavg())
+	b.summary(cells)
+	return nil
+}
+
+// rtt is the time to first byte of a request on a connection already open.
+func (b *bench) rtt(e endpoint) time.Duration {
+	u := e.base + "/images/"
+	args := append([]string{"netns", "exec", e.ns, "curl", "-s", "-o", "/dev/null", "-o", "/dev/null", "-w", "%{time_starttransfer} %{time_pretransfer}\n"}, e.curlFlags...)
+	var best time.Duration
+	for range 5 {
+		out, err := exec.Command("ip", append(args, u, u)...).Output()
+		if err != nil {
+			return 0
+		}
+		l := strings.Split(strings.TrimSpace(string(out)), "\n")
+		f := strings.Fields(l[len(l)-1])
+		if len(f) != 2 {
+			return 0
+		}
+		st, _ := strconv.ParseFloat(f[0], 64)
+		pt, _ := strconv.ParseFloat(f[1], 64)
+		d := time.Duration((st - pt) * float64(time.Second))
+		if best == 0 || d < best {
+			best = d
+		}
+	}
+	return best
+}
+
+// round measures once every baseline and candidate of c, in an order that
+// turns with the round.
+func (b *bench) round(ctx context.Context, c *cell, r int) error {
+	e := b.endpoint(c.p, c.proto)
+	out := filepath.Join(b.root, "out", fmt.Sprintf("%s-%s-%s-%d", c.p.name, c.t.name, c.proto, r))
+	if err := os.MkdirAll(out, 0o755); err != nil {
+		return err
+	}
+	curl := "curl -sf " + strings.Join(e.curlFlags, " ")
+	steps := []func() error{
+		func() error {
+			f := filepath.Join(out, "blob")
+			s, err := b.measure(ctx, e, fmt.Sprintf("%s -o %s %s && sync %s", curl, q(f), q(e.base+"/"+c.t.blob), q(f)))
+			c.s["curl"] = append(c.s["curl"], s)
+			return err
+		},
+		func() error {
+			d := filepath.Join(out, "tar")
+			if err := os.MkdirAll(d, 0o755); err != nil {
+				return err
+			}
+			s, err := b.measure(ctx, e, fmt.Sprintf("%s %s | tar -xzf - -C %s", curl, q(e.base+"/"+c.t.tarball), q(d)))
+			c.s["tar"] = append(c.s["tar"], s)
+			return err
+		},
+	}
+	for i, cand := range b.o.cands {
+		steps = append(steps, func() error {
+			store := filepath.Join(out, fmt.Sprintf("store-%d", i))
+			args := []string{q(cand.bin), "pull", "--store-dir", q(store), "--repository", q(e.base), "--progress", "none"}
+			if e.h2 {
+				args = append(args, "--ca-file", q(b.ca))
+			}
+			for _, a := range cand.args {
+				args = append(args, q(a))
+			}
+			pull := strings.Join(args, " ")
+			s, err := b.measure(ctx, e, pull+" "+q(c.t.image1)+" >/dev/null")
+			c.s[cand.name+" cold"] = append(c.s[cand.name+" cold"], s)
+			if err != nil {
+				return err
+			}
+			s, err = b.measure(ctx, e, pull+" "+q(c.t.image2)+" >/dev/null")
+			c.s[cand.name+" warm"] = append(c.s[cand.name+" warm"], s)
+			return err
+		})
+	}
+	for i := range steps {
+		if err := steps[(i+r)%len(steps)](); err != nil {
+			return err
+		}
+	}
+	_ = sh("sync")
+	last := func(k string) sample { l := c.s[k]; return l[len(l)-1] }
+	for _, cand := range b.o.cands {
+		cold := last(cand.name + " cold")
+		c.ratios[cand.name+" ÷curl"] = append(c.ratios[cand.name+" ÷curl"], cold.wall.Seconds()/last("curl").wall.Seconds())
+		c.ratios[cand.name+" ÷tar"] = append(c.ratios[cand.name+" ÷tar"], cold.wall.Seconds()/last("tar").wall.Seconds())
+		warm := last(cand.name + " warm")
+		c.ratios[cand.name+" warm"] = append(c.ratios[cand.name+" warm"], float64(warm.wire)/float64(c.t.newBytes+c.t.image2Bytes))
+	}
+	return nil
+}
+
+func median[T int64 | float64 | time.Duration](v []T) T {
+	if len(v) == 0 {
+		return 0
+	}
+	s := slices.Clone(v)
+	slices.Sort(s)
+	if len(s)%2 == 1 {
+		return s[len(s)/2]
+	}
+	return (s[len(s)/2-1] + s[len(s)/2]) / 2
+}
+
+func field[T any](ss []sample, f func(sample) T) []T {
+	out := make([]T, len(ss))
+	for i, s := range ss {
+		out[i] = f(s)
+	}
+	return out
+}
+
+func (p profile) describe() string {
+	if p.rate == 0 {
+		return "loopback (no link: nginx on the server namespace's loopback, no proxy)"
+	}
+	return fmt.Sprintf("%s: %s, %v RTT", p.name, rate(p.rate), p.rtt)
+}
+
+func rate(bits int64) string {
+	if bits >= 1e9 {
+		return fmt.Sprintf("%g Gbit/s", float64(bits)/1e9)
+	}
+	return fmt.Sprintf("%g Mbit/s", float64(bits)/1e6)
+}
+
+func (c *cell) print(b *bench) {
+	fmt.Printf("\n== %s | tree %s: %d files, %.0f MiB | %s | measured RTT %.2f ms | %d rounds, medians\n",
+		c.p.describe(), c.t.name, c.t.files, float64(c.t.bytes)/(1<<20), c.proto, float64(c.rtt)/1e6, b.o.runs)
+	fmt.Printf("%-14s %8s %8s %8s %8s %9s %12s\n", "", "time s", "MiB/s", "CPU s", "RSS MiB", "requests", "wire÷needed")
+	keys := []string{"curl", "tar"}
+	for _, cand := range b.o.cands {
+		keys = append(keys, cand.name+" cold", cand.name+" warm")
+	}
+	names := map[string]string{"curl": "curl+fsync", "tar": "curl|tar xz"}
+	for _, k := range keys {
+		ss := c.s[k]
+		needed := c.t.bytes
+		if strings.HasSuffix(k, " warm") {
+			needed = c.t.newBytes + c.t.image2Bytes
+		}
+		if k == "tar" {
+			if fi, err := os.Stat(filepath.Join(b.www, c.t.tarball)); err == nil {
+				needed = fi.Size()
+			}
+		}
+		wall := median(field(ss, func(s sample) time.Duration { return s.wall }))
+		name := names[k]
+		if name == "" {
+			name = k
+		}
+		fmt.Printf("%-14s %8.2f %8.0f %8.2f %8.0f %9d %12.3f\n", name, wall.Seconds(),
+			float64(needed)/(1<<20)/wall.Seconds(),
+			median(field(ss, func(s sample) time.Duration { return s.cpu })).Seconds(),
+			float64(median(field(ss, func(s sample) int64 { return s.rssKiB })))/1024,
+			median(field(ss, func(s sample) int64 { return s.requests })),
+			float64(median(field(ss, func(s sample) int64 { return s.wire })))/float64(needed))
+	}
+	for _, cand := range b.o.cands {
+		fmt.Printf("%s: cold ÷ curl+fsync %.2f (goal ≤ %s), cold ÷ curl|tar %.2f (≤ 0.5), warm wire ÷ (new + image) %.3f (≤ 1.05)\n",
+			cand.name, median(c.ratios[cand.name+" ÷curl"]), c.p.curlGoal(), median(c.ratios[cand.name+" ÷tar"]), median(c.ratios[cand.name+" warm"]))
+	}
+}
+
+func (p profile) curlGoal() string {
+	if p.rate == 0 || p.name == "lan" {
+		return "1.5"
+	}
+	return "1.25"
+}
+
+func (b *bench) summary(cells []*cell) {
+	fmt.Printf("\n== summary (medians of per-round ratios; each round runs baselines and pulls back to back)\n")
+	fmt.Printf("%-9s %-14s %-5s %-8s %10s %9s %10s %9s %8s %8s\n", "profile", "tree", "proto", "cand", "÷curl+fs", "÷tar", "warm wire", "cold s", "RSS MiB", "CPU s")
+	for _, c := range cells {
+		for _, cand := range b.o.cands {
+			ss := c.s[cand.name+" cold"]
+			fmt.Printf("%-9s %-14s %-5s %-8s %5.2f/%-4s %9.2f %10.3f %9.2f %8.0f %8.2f\n", c.p.name, c.t.name, c.proto, cand.name,
+				median(c.ratios[cand.name+" ÷curl"]), c.p.curlGoal(), median(c.ratios[cand.name+" ÷tar"]), median(c.ratios[cand.name+" warm"]),
+				median(field(ss, func(s sample) time.Duration { return s.wall })).Seconds(),
+				float64(median(field(ss, func(s sample) int64 { return s.rssKiB })))/1024,
+				median(field(ss, func(s sample) time.Duration { return s.cpu })).Seconds())
+		}
+	}
+}
+
+func loadavg() string {
+	b, err := os.ReadFile("/proc/loadavg")
+	if err != nil {
+		return "?"
+	}
+	return strings.Join(strings.Fields(string(b))[:3], " ")
+}
