@@ -60,7 +60,7 @@ type options struct {
 	profiles, trees, protos []string
 	runs                    int
 	work                    string
-	keep                    bool
+	keep, hold              bool
 	cands                   []candidate
 }
 
@@ -78,6 +78,7 @@ func main() {
 	flag.IntVar(&o.runs, "runs", 3, "rounds per cell (medians are printed)")
 	flag.StringVar(&o.work, "work", "", "work directory kept between runs (trees and repository are reused)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory")
+	flag.BoolVar(&o.hold, "hold", false, "set up the first profile, print how to reach it, and wait for Ctrl-C (to pull by hand)")
 	flag.StringVar(&bin, "bin", "", "csi-composefs binary (default: built from this repository)")
 	flag.StringVar(&pullArgs, "pull-args", "", "extra flags of the pull (space-separated)")
 	flag.Var(&cands, "cand", "another pull candidate NAME=BINARY[ FLAGS…] (repeatable), measured interleaved with the first")

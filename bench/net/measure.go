@@ -113,6 +113,15 @@ func (b *bench) runAll(ctx context.Context) error {
 				return err
 			}
 		}
+		if b.o.hold {
+			for _, proto := range b.o.protos {
+				e := b.endpoint(p, proto)
+				fmt.Printf("%s %s: ip netns exec %s CMD; repository %s; CA %s; measured RTT %v\n", p.name, proto, e.ns, e.base, b.ca, b.rtt(e))
+			}
+			fmt.Println("holding; Ctrl-C ends")
+			<-ctx.Done()
+			return nil
+		}
 		for _, tn := range b.o.trees {
 			t, err := b.tree(tn, p.scale)
 			if err != nil {

@@ -12,6 +12,7 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"strings"
 	"time"
 
@@ -222,6 +223,14 @@ func newTransport(opts HTTPOptions) (*http.Transport, error) {
 		}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		ForceAttemptHTTP2:     true,
+		// Many downloads share one connection as streams. Each stream may
+		// buffer up to its window when the store reads slower than the
+		// link delivers; the connection's window bounds all of them (and
+		// is still far above a long fat link's bandwidth-delay product).
+		HTTP2: &http.HTTP2Config{
+			MaxReceiveBufferPerStream:     4 << 20,
+			MaxReceiveBufferPerConnection: 16 << 20,
+		},
 		MaxIdleConns:          opts.MaxConnsPerHost * 2,
 		MaxIdleConnsPerHost:   opts.MaxConnsPerHost,
 		MaxConnsPerHost:       opts.MaxConnsPerHost,
@@ -340,6 +349,9 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 	_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 	resp.Body.Close()
 	se := &SourceError{Op: op, URL: rawURL, Status: resp.StatusCode}
+	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
+		se.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
+	}
 	switch {
 	case resp.StatusCode == http.StatusNotFound || resp.StatusCode == http.StatusGone:
 		se.Err = ErrNotFound
@@ -366,4 +378,20 @@ func (b httpBody) Read(p []byte) (int, error) {
 		err = &SourceError{Op: b.op, URL: b.url, Err: err}
 	}
 	return n, err
+}
+
+// parseRetryAfter reads a Retry-After header (RFC 9110 10.2.3): a number
+// of seconds or an HTTP date; 0 when absent, unparsable or past.
+func parseRetryAfter(v string, now time.Time) time.Duration {
+	v = strings.TrimSpace(v)
+	if v == "" {
+		return 0
+	}
+	if secs, err := strconv.ParseUint(v, 10, 32); err == nil {
+		return time.Duration(secs) * time.Second
+	}
+	if t, err := http.ParseTime(v); err == nil && t.After(now) {
+		return t.Sub(now)
+	}
+	return 0
 }

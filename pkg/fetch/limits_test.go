@@ -18,7 +18,7 @@ import (
 func TestLimitDefaults(t *testing.T) {
 	var o Options
 	o.setDefaults()
-	if o.MaxImageSize != 128<<20 || o.MinRate != 16<<10 || o.MaxConcurrentDownloads != 64 {
+	if o.MaxImageSize != 128<<20 || o.MinRate != 16<<10 || o.MaxConcurrentDownloads != 256 || o.Parallelism != 256 || o.MaxFetchWorkers != 1024 {
 		t.Fatalf("defaults %+v", o)
 	}
 	o = Options{MinRate: -1}

@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"sync"
 	"sync/atomic"
+	"time"
 
 	"k8s.io/klog/v2"
 
@@ -161,82 +162,12 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 	}
 
-	wctx, cancel := context.WithCancelCause(ctx)
-	defer cancel(nil)
-	var (
-		mu       sync.Mutex
-		firstErr error
-		dirs     = make(map[string]bool)
-		wg       sync.WaitGroup
-		next     atomic.Int64
-		// recheck: objects this call did not download itself (a
-		// concurrent call did, perhaps from another source).
-		recheck []cfs.Object
-	)
-	// At most Parallelism downloads run at once (slots); more workers than
-	// that keep the slots busy while finished downloads wait for the group
-	// sync that makes them durable before they are renamed into place.
-	slots := make(chan struct{}, s.opts.Parallelism)
-	workers := min(waitersPerSlot*s.opts.Parallelism, len(missing))
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				i := int(next.Add(1) - 1)
-				if i >= len(missing) || wctx.Err() != nil {
-					return
-				}
-				o := missing[i]
-				// Keyed by digest and size: a request recording a wrong
-				// size fails alone rather than failing its sharers.
-				key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
-				res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
-					return s.fetchObject(fctx, src, o, p, slots, pid)
-				})
-				mu.Lock()
-				if err != nil {
-					if firstErr == nil {
-						firstErr = err
-						cancel(err)
-					}
-					mu.Unlock()
-					return
-				}
-				if res.dir != "" {
-					dirs[res.dir] = true
-				}
-				if pid != nil && res.found != inExtra && (shared || res.fetched == 0) && !s.isShown(shownKey{d: o.Digest, p: *pid}) {
-					recheck = append(recheck, o)
-					mu.Unlock()
-					continue
-				}
-				switch {
-				case shared:
-					st.Shared++
-					st.SharedBytes += o.Size
-				case res.found == inExtra:
-					st.Extra++
-					st.ExtraBytes += o.Size
-				case res.fetched == 0: // arrived meanwhile
-					st.Present++
-					st.PresentBytes += o.Size
-				default:
-					st.Fetched++
-					st.FetchedBytes += res.fetched
-				}
-				mu.Unlock()
-				p.DoneObjects.Add(1)
-				p.DoneBytes.Add(int64(o.Size))
-			}
-		}()
-	}
-	wg.Wait()
-	if firstErr != nil {
-		if ctx.Err() != nil && !errors.Is(firstErr, context.Canceled) && !errors.Is(firstErr, context.DeadlineExceeded) {
-			firstErr = fmt.Errorf("%w (%w)", context.Cause(ctx), firstErr)
+	recheck, dirs, err := s.fetchEach(ctx, src, missing, p, pid, &st)
+	if err != nil {
+		if ctx.Err() != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (%w)", context.Cause(ctx), err)
 		}
-		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, firstErr)
+		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
 	}
 	if len(dirs) > 0 {
 		// One more group sync makes the renames durable (rather than one
@@ -258,6 +189,92 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	klog.FromContext(ctx).V(2).Info("objects ensured", "image", image.String(), "objects", st.Objects,
 		"fetched", st.Fetched, "fetchedBytes", st.FetchedBytes, "savedBytes", st.SavedBytes())
 	return st, nil
+}
+
+// fetchEach downloads each missing object with its own request, sharing
+// downloads with concurrent calls, in interleaved order (largest and
+// smallest alternately) and as many at once as the link rewards
+// (adaptiveLimit, at most Parallelism; MaxConcurrentDownloads node-wide).
+// Each object has a goroutine while it downloads or waits for the group
+// sync that makes it durable: at most waitersPerSlot per download slot of
+// the call, and MaxFetchWorkers node-wide. It returns the objects a
+// concurrent call brought in (to prove, with a principal) and the object
+// directories written.
+func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
+	wctx, cancel := context.WithCancelCause(ctx)
+	defer cancel(nil)
+	var (
+		mu       sync.Mutex
+		firstErr error
+		dirs     = make(map[string]bool)
+		wg       sync.WaitGroup
+		// recheck: objects this call did not download itself (a
+		// concurrent call did, perhaps from another source).
+		recheck []cfs.Object
+	)
+	lim := newAdaptiveLimit(s.opts.Parallelism, nil)
+	for _, o := range interleave(missing) {
+		if err := lim.acquireWorker(wctx); err != nil {
+			break
+		}
+		select {
+		case s.workers <- struct{}{}:
+		case <-wctx.Done():
+			lim.releaseWorker()
+		}
+		if wctx.Err() != nil {
+			break
+		}
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			defer func() { <-s.workers; lim.releaseWorker() }()
+			// Keyed by digest and size: a request recording a wrong
+			// size fails alone rather than failing its sharers.
+			key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
+			res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
+				return s.fetchObject(fctx, src, o, p, lim, pid)
+			})
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				if firstErr == nil {
+					firstErr = err
+					cancel(err)
+				}
+				return
+			}
+			if res.dir != "" {
+				dirs[res.dir] = true
+			}
+			if pid != nil && res.found != inExtra && (shared || res.fetched == 0) && !s.isShown(shownKey{d: o.Digest, p: *pid}) {
+				recheck = append(recheck, o)
+				return
+			}
+			switch {
+			case shared:
+				st.Shared++
+				st.SharedBytes += o.Size
+			case res.found == inExtra:
+				st.Extra++
+				st.ExtraBytes += o.Size
+			case res.fetched == 0: // arrived meanwhile
+				st.Present++
+				st.PresentBytes += o.Size
+			default:
+				st.Fetched++
+				st.FetchedBytes += res.fetched
+			}
+			p.DoneObjects.Add(1)
+			p.DoneBytes.Add(int64(o.Size))
+		}()
+	}
+	wg.Wait()
+	if firstErr == nil && wctx.Err() != nil {
+		firstErr = context.Cause(wctx)
+	}
+	klog.FromContext(ctx).V(3).Info("objects downloaded", "objects", len(missing), "concurrency", lim.current())
+	return recheck, dirs, firstErr
 }
 
 type location int
@@ -308,19 +325,31 @@ func (s *Store) inExtraDir(o cfs.Object) bool {
 // call works on at once: downloading, or waiting to be made durable.
 const waitersPerSlot = 4
 
-// fetchObject downloads o into the store, holding one of slots while it
-// downloads.
-func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}, pid *principalID) (objectResult, error) {
+// fetchObject downloads o into the store, holding a download slot of lim
+// while it downloads. A download cut short (a reset, a stall, a short
+// body) is resumed by the next attempt where the source serves ranges.
+func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, lim *adaptiveLimit, pid *principalID) (objectResult, error) {
 	if where, err := s.locate(o); err != nil {
 		return objectResult{}, err
 	} else if where != missingObject { // arrived while we queued
 		return objectResult{found: where}, nil
 	}
-	var res objectResult
-	err := s.retry(ctx, "object "+o.Digest.String(), func(ctx context.Context) error {
-		var err error
-		res, err = s.fetchObjectOnce(ctx, src, o, p, slots)
-		return err
+	var (
+		res  objectResult
+		part *partialObject
+	)
+	defer func() { part.discard(p) }()
+	err := s.retryWith(ctx, "object "+o.Digest.String(), lim.backOff, func(ctx context.Context) error {
+		f, err := s.downloadObject(ctx, src, o, p, lim, &part)
+		if err != nil {
+			return err
+		}
+		dir, err := s.publishObject(ctx, f, o)
+		if err != nil {
+			return err
+		}
+		res = objectResult{fetched: o.Size, dir: dir}
+		return nil
 	})
 	if err != nil {
 		return res, fmt.Errorf("object %s (%d bytes): %w", o.Digest, o.Size, err)
@@ -331,46 +360,43 @@ func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Pr
 	return res, nil
 }
 
-func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (objectResult, error) {
-	f, err := s.downloadObject(ctx, src, o, p, slots)
-	if err != nil {
-		return objectResult{}, err
-	}
+// publishObject makes a complete, verified temporary object durable and
+// gives it its name; it returns the object directory (to sync). f is
+// closed or discarded in every case.
+func (s *Store) publishObject(ctx context.Context, f *tempFile, o cfs.Object) (string, error) {
 	defer func() {
 		if f != nil {
 			f.discard()
 		}
 	}()
-	// Complete and verified: make it durable, then publish it.
 	if err := s.prepareTemp(f); err != nil {
-		return objectResult{}, err
+		return "", err
 	}
 	if err := s.durable.wait(ctx); err != nil {
-		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	final := s.objectPath(o.Digest)
-	dir := filepath.Dir(final)
-	err = f.publish(final)
+	err := f.publish(final)
 	f = nil
 	if err != nil {
-		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	s.c.objectsFetched.Add(1)
 	s.c.objectBytesFetched.Add(o.Size)
-	return objectResult{fetched: o.Size, dir: dir}, nil
+	return filepath.Dir(final), nil
 }
 
-// downloadObject streams o into a new file under tmp/ through the fs-verity
-// hasher, holding one of slots meanwhile, and checks its size and digest.
-// The returned file is complete and verified but not yet durable; on error
-// nothing is left behind.
-func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (_ *tempFile, err error) {
-	select {
-	case slots <- struct{}{}:
-		defer func() { <-slots }()
-	case <-ctx.Done():
-		return nil, context.Cause(ctx)
+// downloadObject streams o into a file under tmp/ through the fs-verity
+// hasher, holding a download slot of lim and a node-wide one meanwhile,
+// and checks its size and digest. *part is the download so far: nil on
+// the first attempt, and what an attempt cut short leaves for the next
+// one to resume. The returned file is complete and verified but not yet
+// durable (and *part is then nil).
+func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, lim *adaptiveLimit, part **partialObject) (*tempFile, error) {
+	if err := lim.acquire(ctx); err != nil {
+		return nil, err
 	}
+	defer lim.release()
 	// Then one of the node-wide slots, shared by all calls.
 	select {
 	case s.downloads <- struct{}{}:
@@ -378,62 +404,47 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}
-	// Then room in tmp/, held until the file is published or discarded.
-	room, err := s.admitObjectDownload(ctx, o)
-	if err != nil {
-		return nil, err
-	}
-	defer func() {
+	if *part == nil {
+		pt, err := s.newPartial(ctx, o)
 		if err != nil {
-			room.release()
+			return nil, err
 		}
-	}()
+		*part = pt
+	}
+	pt := *part
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
-	body, err := src.OpenObject(actx, o.Digest, o.Size)
+	t0 := time.Now()
+	body, err := s.openRest(actx, src, o, pt, p)
 	if err != nil {
 		return nil, s.stallError(ctx, actx, err)
 	}
+	lim.observeRTT(time.Since(t0))
 	defer body.Close()
-	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
-	// files are spread over 16 directories: one directory for all would
-	// serialise every create and rename on its lock.
-	f, err := s.createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
-	if err != nil {
-		return nil, fmt.Errorf("creating temporary file: %w", err)
-	}
-	f.room = room
-	var n int64
-	defer func() {
-		if err != nil {
-			p.Fetched.Add(-n)
-			f.discard()
-		}
-	}()
-	h := cfs.NewVerityHash()
-	wf := &writebackFile{f: f.File}
-	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), meterReader{body, meter}, int64(o.Size)+1)
+	f, err := s.receiveRest(objectLocation(src, o.Digest), o, meterReader{body, meter}, p, pt, &lim.received)
 	if err != nil {
 		return nil, s.stallError(ctx, actx, err)
 	}
-	if uint64(n) != o.Size {
-		if uint64(n) < o.Size {
-			return nil, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", objectLocation(src, o.Digest), n, o.Size))
-		}
-		return nil, fmt.Errorf("%s: more than the %d bytes the image records: %w", objectLocation(src, o.Digest), o.Size, ErrSizeMismatch)
-	}
-	if got := h.Digest(); got != o.Digest {
-		return nil, fmt.Errorf("%s: content has digest %s: %w", objectLocation(src, o.Digest), got, ErrDigestMismatch)
-	}
-	wf.startWriteback()
+	*part = nil
 	return f, nil
 }
+
+// Copy buffers: most objects are small, and each download in flight holds
+// one (HTTP/2 hands out at most a frame, 16 KiB by default, per read).
+const (
+	copyBufferSize      = 64 << 10
+	smallCopyBufferSize = 16 << 10
+)
 
 // copyBody copies at most limit bytes. Read errors are transient (resets,
 // truncation); write errors (disk full) are not.
 func (s *Store) copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
-	bp := s.bufs.Get().(*[]byte)
-	defer s.bufs.Put(bp)
+	pool := &s.bufs
+	if limit <= smallCopyBufferSize {
+		pool = &s.smallBufs
+	}
+	bp := pool.Get().(*[]byte)
+	defer pool.Put(bp)
 	buf := *bp
 	var n int64
 	for n < limit {

@@ -22,7 +22,7 @@ func (s *HTTPSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uin
 	if off < 0 || n <= 0 || uint64(off)+uint64(n) > size {
 		return nil, false, fmt.Errorf("range %d+%d of an object of %d bytes", off, n, size)
 	}
-	const op = "proving object"
+	const op = "fetching object range"
 	resp, err := s.get(ctx, op, s.ObjectLocation(d), "Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	if err != nil {
 		return nil, false, err

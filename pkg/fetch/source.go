@@ -10,6 +10,7 @@ import (
 	"fmt"
 	"io"
 	"strings"
+	"time"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
@@ -114,6 +115,9 @@ type SourceError struct {
 	Op     string // "fetching image", "fetching object"
 	URL    string // what was requested; Error redacts it (RedactURL)
 	Status int    // HTTP status, 0 when none
+	// RetryAfter is the wait the source asked for (Retry-After of a 429
+	// or 503), 0 when none.
+	RetryAfter time.Duration
 	Err    error  // wraps one of the errors above when it is classified
 }
 

@@ -37,12 +37,21 @@ type Options struct {
 	// data-only layers.
 	ExtraObjectDirs []string
 	// Parallelism bounds concurrent object downloads per EnsureObjects
-	// call; 0 means 16.
+	// call; 0 means 256. A call starts 16 at once (or Parallelism if
+	// fewer) and doubles that while the throughput grows with it, halving
+	// it on failures worth a retry (see adaptiveLimit).
 	Parallelism int
 	// MaxConcurrentDownloads bounds concurrent object downloads across all
 	// EnsureObjects calls of the store (node-wide, on top of Parallelism
-	// per call); 0 means 64.
+	// per call); 0 means 256. With it the memory downloads take is
+	// bounded: each holds a copy buffer of at most 64 KiB and what its
+	// response has buffered (HTTP/2: at most 4 MiB per stream, 16 MiB per
+	// connection).
 	MaxConcurrentDownloads int
+	// MaxFetchWorkers bounds the goroutines of object downloads node-wide
+	// (downloading, or waiting for the group sync that makes them
+	// durable); 0 means 4 × MaxConcurrentDownloads.
+	MaxFetchWorkers int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
 	// image takes 2 to 16 times its size in memory (see ParseMemory).
 	MaxImageSize int64
@@ -111,10 +120,13 @@ type Options struct {
 
 func (o *Options) setDefaults() {
 	if o.Parallelism <= 0 {
-		o.Parallelism = 16
+		o.Parallelism = 256
 	}
 	if o.MaxConcurrentDownloads <= 0 {
-		o.MaxConcurrentDownloads = 64
+		o.MaxConcurrentDownloads = 256
+	}
+	if o.MaxFetchWorkers <= 0 {
+		o.MaxFetchWorkers = waitersPerSlot * o.MaxConcurrentDownloads
 	}
 	if o.MaxImageSize <= 0 {
 		o.MaxImageSize = 128 << 20
@@ -193,11 +205,12 @@ type Store struct {
 	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
 	gen     uint64                      // bumped when pins or busy gain an image
 
-	bufs sync.Pool // *[]byte copy buffers
+	bufs, smallBufs sync.Pool // *[]byte copy buffers
 
 	durable *groupSync // makes downloaded objects durable in groups
 
 	downloads chan struct{} // node-wide object download slots
+	workers   chan struct{} // node-wide object download goroutines
 
 	tmpBudget   *budget // bytes of downloads in tmp/ (DownloadBudget)
 	parseBudget *budget // memory of image parses (ParseMemory)
@@ -258,11 +271,13 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		index:   make(map[cfs.Digest][]cfs.Object),
 
 		downloads: make(chan struct{}, opts.MaxConcurrentDownloads),
+		workers:   make(chan struct{}, opts.MaxFetchWorkers),
 
 		tmpBudget:   newBudget(opts.DownloadBudget),
 		parseBudget: newBudget(opts.ParseMemory),
 	}
-	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
+	s.bufs.New = func() any { b := make([]byte, copyBufferSize); return &b }
+	s.smallBufs.New = func() any { b := make([]byte, smallCopyBufferSize); return &b }
 	if s.durable, err = newGroupSync(root); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("opening store %s: %w", root, err)
@@ -384,6 +399,7 @@ type counters struct {
 	objectsFetched, objectBytesFetched     atomic.Uint64
 	objectsDeduplicated, bytesDeduplicated atomic.Uint64
 	retries, quarantined                   atomic.Uint64
+	resumes, resumedBytes                  atomic.Uint64
 	gcImages, gcObjects, gcBytes           atomic.Uint64
 }
 
@@ -396,6 +412,8 @@ type Counters struct {
 	ObjectsDeduplicated uint64 // objects not downloaded: present, in an extra dir, or shared
 	BytesDeduplicated   uint64 // bytes saved by deduplication
 	Retries             uint64
+	Resumes             uint64 // downloads resumed with a range request after being cut
+	ResumedBytes        uint64 // bytes those did not fetch again
 	Quarantined         uint64 // corrupt files moved to quarantine/
 	GCImagesRemoved     uint64
 	GCObjectsRemoved    uint64
@@ -416,6 +434,8 @@ func (s *Store) Counters() Counters {
 		ObjectsDeduplicated: c.objectsDeduplicated.Load(),
 		BytesDeduplicated:   c.bytesDeduplicated.Load(),
 		Retries:             c.retries.Load(),
+		Resumes:             c.resumes.Load(),
+		ResumedBytes:        c.resumedBytes.Load(),
 		Quarantined:         c.quarantined.Load(),
 		GCImagesRemoved:     c.gcImages.Load(),
 		GCObjectsRemoved:    c.gcObjects.Load(),

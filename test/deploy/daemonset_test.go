@@ -132,7 +132,7 @@ func TestDaemonSet(t *testing.T) {
 		goMemLimit      string   // "" : from the memory limit
 	}{
 		{name: "default", kubeletDir: "/var/lib/kubelet", store: "/var/lib/csi-composefs",
-			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 16,
+			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 256,
 			grace: 10 * time.Minute, hostNet: true, limits: [5]int64{128 << 20, 1 << 30, 256 << 20, 16 << 30, 1 << 30}},
 		{name: "non-default", vals: nonDefault, kubeletDir: "/var/snap/microk8s/common/var/lib/kubelet", store: "/mnt/verity/csi-composefs",
 			extra: []string{"/sysroot/ostree/repo/objects", "/var/lib/composefs/objects"}, sidecar: true, maxSize: 20 << 30,

@@ -1,0 +1,228 @@
+package fetch
+
+import (
+	"cmp"
+	"context"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"time"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// interleave orders the objects of one call for download: the largest,
+// then the smallest, then the next largest, and so on. Large objects keep
+// the link's bandwidth busy while small ones, a round trip each, are
+// fetched beside them; neither a tail of large objects (one stream each,
+// the link idling as they finish one by one) nor one of small objects (the
+// round trips, not the bandwidth, setting the pace) is left for the end.
+func interleave(objs []cfs.Object) []cfs.Object {
+	s := slices.Clone(objs)
+	slices.SortStableFunc(s, func(a, b cfs.Object) int { return cmp.Compare(b.Size, a.Size) })
+	out := make([]cfs.Object, 0, len(s))
+	for i, j := 0, len(s)-1; i <= j; {
+		out = append(out, s[i])
+		i++
+		if i <= j {
+			out = append(out, s[j])
+			j--
+		}
+	}
+	return out
+}
+
+// Concurrency that adapts to the link: a call starts initialParallelism
+// downloads at once and doubles that while the bytes received per interval
+// grow by growthFactor or more, up to Options.Parallelism; once two
+// doublings in a row bring no such gain it holds. A transient failure
+// (reset, timeout, 5xx) or an answer asking to slow down (429, 503) halves
+// it, and Retry-After holds back new requests until then. The interval is
+// four of the shortest round trips seen (time to the response headers),
+// within [minAdaptInterval, maxAdaptInterval], so that a doubling shows in
+// the throughput before it is judged.
+const (
+	initialParallelism = 16
+	growthFactor       = 1.1
+	minAdaptInterval   = 100 * time.Millisecond
+	maxAdaptInterval   = time.Second
+)
+
+// adaptiveLimit bounds the downloads of one EnsureObjects call in flight.
+type adaptiveLimit struct {
+	max int
+
+	mu          sync.Mutex
+	limit       int
+	inflight    int
+	workers     int // goroutines of the call: downloading or waiting to be durable
+	peak        int // most in flight since the last adjustment
+	wake        chan struct{}
+	pausedUntil time.Time
+	growing     bool
+	flat        int  // adjustments in a row without a gain
+	pending     bool // the last doubling is not judged yet
+	grewFrom    int  // the limit before it
+	lastRate    float64
+	lastAdjust  time.Time
+	lastBytes   int64
+	minRTT      time.Duration
+
+	received atomic.Int64 // bytes received, for the throughput
+	now      func() time.Time
+}
+
+func newAdaptiveLimit(max int, now func() time.Time) *adaptiveLimit {
+	if now == nil {
+		now = time.Now
+	}
+	return &adaptiveLimit{
+		max: max, limit: min(initialParallelism, max), growing: true,
+		wake: make(chan struct{}), now: now, lastAdjust: now(),
+	}
+}
+
+// acquire waits for a download slot (and for any Retry-After pause).
+func (l *adaptiveLimit) acquire(ctx context.Context) error {
+	for {
+		l.mu.Lock()
+		l.adjustLocked()
+		wait := l.pausedUntil.Sub(l.now())
+		if wait <= 0 && l.inflight < l.limit {
+			l.inflight++
+			l.peak = max(l.peak, l.inflight)
+			l.mu.Unlock()
+			return nil
+		}
+		wake := l.wake
+		l.mu.Unlock()
+		if wait <= 0 {
+			// Wake up for the next adjustment even when no slot frees.
+			wait = l.interval()
+		}
+		t := time.NewTimer(wait)
+		select {
+		case <-wake:
+		case <-t.C:
+		case <-ctx.Done():
+			t.Stop()
+			return context.Cause(ctx)
+		}
+		t.Stop()
+	}
+}
+
+// acquireWorker waits until the call has fewer than waitersPerSlot
+// goroutines per download slot.
+func (l *adaptiveLimit) acquireWorker(ctx context.Context) error {
+	for {
+		l.mu.Lock()
+		if l.workers < waitersPerSlot*l.limit {
+			l.workers++
+			l.mu.Unlock()
+			return nil
+		}
+		wake := l.wake
+		l.mu.Unlock()
+		select {
+		case <-wake:
+		case <-ctx.Done():
+			return context.Cause(ctx)
+		}
+	}
+}
+
+func (l *adaptiveLimit) releaseWorker() {
+	l.mu.Lock()
+	l.workers--
+	l.broadcastLocked()
+	l.mu.Unlock()
+}
+
+func (l *adaptiveLimit) release() {
+	l.mu.Lock()
+	l.inflight--
+	l.adjustLocked()
+	l.broadcastLocked()
+	l.mu.Unlock()
+}
+
+func (l *adaptiveLimit) broadcastLocked() {
+	close(l.wake)
+	l.wake = make(chan struct{})
+}
+
+// observeRTT records the time a request took to its response headers.
+func (l *adaptiveLimit) observeRTT(d time.Duration) {
+	l.mu.Lock()
+	if l.minRTT == 0 || d < l.minRTT {
+		l.minRTT = d
+	}
+	l.mu.Unlock()
+}
+
+func (l *adaptiveLimit) interval() time.Duration {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.intervalLocked()
+}
+
+func (l *adaptiveLimit) intervalLocked() time.Duration {
+	return min(max(4*l.minRTT, minAdaptInterval), maxAdaptInterval)
+}
+
+// adjustLocked judges the last interval's throughput once it has passed:
+// grow while the limit was reached and the throughput grew; after two
+// intervals without a gain, hold (undoing a doubling that brought none).
+func (l *adaptiveLimit) adjustLocked() {
+	now := l.now()
+	elapsed := now.Sub(l.lastAdjust)
+	if elapsed < l.intervalLocked() {
+		return
+	}
+	bytes := l.received.Load()
+	rate := float64(bytes-l.lastBytes) / elapsed.Seconds()
+	bound := l.peak >= l.limit
+	l.lastAdjust, l.lastBytes, l.peak = now, bytes, l.inflight
+	if !l.growing || !bound {
+		return
+	}
+	if l.lastRate == 0 || rate >= growthFactor*l.lastRate {
+		l.flat, l.lastRate, l.pending = 0, rate, false
+		if l.limit < l.max {
+			l.grewFrom, l.pending = l.limit, true
+			l.limit = min(2*l.limit, l.max)
+			l.broadcastLocked()
+		}
+		return
+	}
+	l.flat++
+	if l.flat >= 2 {
+		// The last doubling, if unrewarded, only costs memory: undo it.
+		l.growing = false
+		if l.pending {
+			l.limit, l.pending = l.grewFrom, false
+		}
+	}
+}
+
+// backOff halves the limit after a failure worth retrying, and holds new
+// requests back for retryAfter when the source asked for it.
+func (l *adaptiveLimit) backOff(retryAfter time.Duration) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.limit = max(l.limit/2, 1)
+	l.growing = false
+	if retryAfter > 0 {
+		if until := l.now().Add(retryAfter); until.After(l.pausedUntil) {
+			l.pausedUntil = until
+		}
+	}
+}
+
+// current is the limit now (tests, logs).
+func (l *adaptiveLimit) current() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.limit
+}

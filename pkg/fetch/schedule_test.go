@@ -1,0 +1,212 @@
+package fetch
+
+import (
+	"context"
+	"net/http"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+func TestInterleave(t *testing.T) {
+	var objs []cfs.Object
+	for _, size := range []uint64{5, 1, 9, 3, 7, 2} {
+		objs = append(objs, cfs.Object{Size: size})
+	}
+	var got []uint64
+	for _, o := range interleave(objs) {
+		got = append(got, o.Size)
+	}
+	want := []uint64{9, 1, 7, 2, 5, 3}
+	if len(got) != len(want) {
+		t.Fatalf("got %v, want %v", got, want)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("got %v, want %v", got, want)
+		}
+	}
+	if len(interleave(nil)) != 0 || len(interleave(objs[:1])) != 1 {
+		t.Fatal("short lists")
+	}
+}
+
+type fakeClock struct {
+	mu sync.Mutex
+	t  time.Time
+}
+
+func (c *fakeClock) now() time.Time {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.t
+}
+
+func (c *fakeClock) advance(d time.Duration) {
+	c.mu.Lock()
+	c.t = c.t.Add(d)
+	c.mu.Unlock()
+}
+
+// step runs one interval of a link that delivers rate(limit) bytes per
+// second while every slot of the limit is in use, and returns the limit
+// the adjustment then sets.
+func step(l *adaptiveLimit, clk *fakeClock, rate func(limit int) float64) int {
+	l.mu.Lock()
+	l.peak = l.limit
+	lim := l.limit
+	l.mu.Unlock()
+	clk.advance(minAdaptInterval)
+	l.received.Add(int64(rate(lim) * minAdaptInterval.Seconds()))
+	l.mu.Lock()
+	l.adjustLocked()
+	l.mu.Unlock()
+	return l.current()
+}
+
+func TestAdaptiveLimit(t *testing.T) {
+	for _, c := range []struct {
+		name  string
+		max   int
+		rate  func(limit int) float64
+		want  int
+		steps int
+	}{
+		// Round trips set the pace up to 64 in flight, the link beyond: the
+		// doubling to 128 brings nothing and is undone.
+		{"saturates at 64", 256, func(l int) float64 { return float64(min(l, 64)) * 1e6 }, 64, 10},
+		// CPU-bound: more in flight never helps.
+		{"flat", 256, func(int) float64 { return 1e6 }, initialParallelism, 10},
+		{"grows to the maximum", 100, func(l int) float64 { return float64(l) * 1e6 }, 100, 10},
+		{"maximum below the start", 4, func(l int) float64 { return float64(l) * 1e6 }, 4, 3},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			clk := &fakeClock{t: time.Unix(1e9, 0)}
+			l := newAdaptiveLimit(c.max, clk.now)
+			var got int
+			for range c.steps {
+				got = step(l, clk, c.rate)
+			}
+			if got != c.want {
+				t.Fatalf("limit %d, want %d", got, c.want)
+			}
+		})
+	}
+}
+
+// The limit grows only while it is reached: a call with fewer downloads
+// than slots learns nothing about the link.
+func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	l := newAdaptiveLimit(256, clk.now)
+	for range 5 {
+		clk.advance(minAdaptInterval)
+		l.received.Add(1 << 20)
+		l.mu.Lock()
+		l.peak = 3
+		l.adjustLocked()
+		l.mu.Unlock()
+	}
+	if got := l.current(); got != initialParallelism {
+		t.Fatalf("limit %d, want %d", got, initialParallelism)
+	}
+}
+
+// A failure halves the limit and stops the growth; Retry-After holds new
+// downloads back until it has passed.
+func TestAdaptiveLimitBackOff(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	l := newAdaptiveLimit(256, clk.now)
+	l.backOff(2 * time.Second)
+	if got := l.current(); got != initialParallelism/2 {
+		t.Fatalf("limit %d after a failure, want %d", got, initialParallelism/2)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Millisecond)
+	defer cancel()
+	if err := l.acquire(ctx); err == nil {
+		t.Fatal("a download started during the Retry-After pause")
+	}
+	clk.advance(2 * time.Second)
+	if err := l.acquire(context.Background()); err != nil {
+		t.Fatal(err)
+	}
+	l.release()
+	if got := step(l, clk, func(l int) float64 { return float64(l) * 1e6 }); got != initialParallelism/2 {
+		t.Fatalf("limit grew to %d after a failure", got)
+	}
+	for range 10 {
+		l.backOff(0)
+	}
+	if got := l.current(); got != 1 {
+		t.Fatalf("limit %d, want 1 at least", got)
+	}
+}
+
+func TestParseRetryAfter(t *testing.T) {
+	now := time.Date(2026, 1, 2, 3, 4, 5, 0, time.UTC)
+	for _, c := range []struct {
+		v    string
+		want time.Duration
+	}{
+		{"", 0},
+		{"3", 3 * time.Second},
+		{" 120 ", 2 * time.Minute},
+		{"-1", 0},
+		{"1.5", 0},
+		{"soon", 0},
+		{now.Add(90 * time.Second).Format(http.TimeFormat), 90 * time.Second},
+		{now.Add(-time.Hour).Format(http.TimeFormat), 0},
+		{"99999999999999", 0},
+	} {
+		if got := parseRetryAfter(c.v, now); got != c.want {
+			t.Errorf("parseRetryAfter(%q) = %v, want %v", c.v, got, c.want)
+		}
+	}
+}
+
+// A 503 with Retry-After makes the retry wait that long (the backoff
+// alone would retry within milliseconds here).
+func TestRetryAfterHonoured(t *testing.T) {
+	repo := t.TempDir()
+	files := makeFiles("f", 31, 4, 3000)
+	img := writeRepoImage(t, repo, "a.cfs", files)
+	ts := newTestServer(t, repo)
+	obj := "/objects/" + cfs.VerityDigestOf(files[0].data).ObjectPath()
+	var (
+		mu    sync.Mutex
+		times []time.Time
+	)
+	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if r.URL.Path != obj {
+			return false
+		}
+		mu.Lock()
+		times = append(times, time.Now())
+		mu.Unlock()
+		if n == 1 {
+			w.Header().Set("Retry-After", "1")
+			http.Error(w, "busy", http.StatusServiceUnavailable)
+			return true
+		}
+		return false
+	})
+	s := openStore(t, t.TempDir(), testOptions())
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := s.EnsureObjects(ctx, src, img); err != nil {
+		t.Fatal(err)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	if len(times) != 2 {
+		t.Fatalf("%d requests of the object, want 2", len(times))
+	}
+	if gap := times[1].Sub(times[0]); gap < 900*time.Millisecond {
+		t.Fatalf("retried after %v despite Retry-After: 1", gap)
+	}
+}
