@@ -221,8 +221,8 @@ func newTransport(opts HTTPOptions) (*http.Transport, error) {
 			Timeout:   30 * time.Second,
 			KeepAlive: 30 * time.Second,
 		}).DialContext,
-		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
-		ForceAttemptHTTP2:     true,
+		TLSClientConfig:   &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		ForceAttemptHTTP2: true,
 		// Many downloads share one connection as streams. Each stream may
 		// buffer up to its window when the store reads slower than the
 		// link delivers; the connection's window bounds all of them (and

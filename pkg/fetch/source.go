@@ -118,7 +118,7 @@ type SourceError struct {
 	// RetryAfter is the wait the source asked for (Retry-After of a 429
 	// or 503), 0 when none.
 	RetryAfter time.Duration
-	Err    error  // wraps one of the errors above when it is classified
+	Err        error // wraps one of the errors above when it is classified
 }
 
 func (e *SourceError) Error() string {
