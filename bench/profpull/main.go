@@ -9,16 +9,33 @@ import (
 	"fmt"
 	"os"
 	"runtime/pprof"
+	"strings"
 	"time"
+
+	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
+// peakRSS is this process's VmHWM.
+func peakRSS() string {
+	b, _ := os.ReadFile("/proc/self/status")
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(l, "VmHWM:") {
+			return strings.TrimSpace(strings.TrimPrefix(l, "VmHWM:"))
+		}
+	}
+	return "?"
+}
+
 func main() {
 	store := flag.String("store-dir", "", "store directory")
 	repo := flag.String("repository", "", "repository URL")
-	parallel := flag.Int("fetch-concurrency", 16, "concurrent object downloads")
+	parallel := flag.Int("fetch-concurrency", 256, "most concurrent object downloads")
 	prof := flag.String("cpuprofile", "", "CPU profile output")
+	memprof := flag.String("memprofile", "", "heap profile output (at the end)")
+	ca := flag.String("ca-file", "", "PEM bundle of extra trusted CAs")
+	klog.InitFlags(nil)
 	flag.Parse()
 	if *store == "" || *repo == "" || flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: profpull -store-dir DIR -repository URL [-fetch-concurrency N] [-cpuprofile FILE] NAME")
@@ -35,7 +52,7 @@ func main() {
 	}
 	ctx := context.Background()
 	start := time.Now()
-	src, err := fetch.NewHTTPSource(*repo, fetch.HTTPOptions{})
+	src, err := fetch.NewHTTPSource(*repo, fetch.HTTPOptions{CAFile: *ca})
 	if err == nil {
 		var s *fetch.Store
 		s, err = fetch.Open(ctx, *store, fetch.Options{Parallelism: *parallel})
@@ -47,7 +64,13 @@ func main() {
 			if err == nil {
 				var st fetch.Stats
 				st, err = s.EnsureObjects(ctx, src, dg)
-				fmt.Printf("%s: %d objects fetched, %d bytes, %.2f s\n", d, st.Fetched, st.FetchedBytes, time.Since(start).Seconds())
+				fmt.Printf("%s: %d objects fetched, %d bytes, %.2f s, peak RSS %s\n", d, st.Fetched, st.FetchedBytes, time.Since(start).Seconds(), peakRSS())
+				if *memprof != "" {
+					if f, err := os.Create(*memprof); err == nil {
+						pprof.WriteHeapProfile(f)
+						f.Close()
+					}
+				}
 			}
 		}
 	}

@@ -212,7 +212,7 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		// concurrent call did, perhaps from another source).
 		recheck []cfs.Object
 	)
-	lim := newAdaptiveLimit(s.opts.Parallelism, nil)
+	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
 	for _, o := range interleave(missing) {
 		if err := lim.acquireWorker(wctx); err != nil {
 			break

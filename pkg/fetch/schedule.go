@@ -8,6 +8,8 @@ import (
 	"sync/atomic"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
 
@@ -70,15 +72,16 @@ type adaptiveLimit struct {
 
 	received atomic.Int64 // bytes received, for the throughput
 	now      func() time.Time
+	log      klog.Logger // each adjustment at V(5)
 }
 
-func newAdaptiveLimit(max int, now func() time.Time) *adaptiveLimit {
+func newAdaptiveLimit(max int, now func() time.Time, log klog.Logger) *adaptiveLimit {
 	if now == nil {
 		now = time.Now
 	}
 	return &adaptiveLimit{
 		max: max, limit: min(initialParallelism, max), growing: true,
-		wake: make(chan struct{}), now: now, lastAdjust: now(),
+		wake: make(chan struct{}), now: now, lastAdjust: now(), log: log,
 	}
 }
 
@@ -183,6 +186,8 @@ func (l *adaptiveLimit) adjustLocked() {
 	bytes := l.received.Load()
 	rate := float64(bytes-l.lastBytes) / elapsed.Seconds()
 	bound := l.peak >= l.limit
+	l.log.V(5).Info("download concurrency judged", "interval", elapsed, "bytesPerSecond", int64(rate),
+		"peakInFlight", l.peak, "limit", l.limit, "inFlight", l.inflight, "growing", l.growing, "minRTT", l.minRTT)
 	l.lastAdjust, l.lastBytes, l.peak = now, bytes, l.inflight
 	if !l.growing || !bound {
 		return

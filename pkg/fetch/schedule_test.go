@@ -7,6 +7,8 @@ import (
 	"testing"
 	"time"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
 
@@ -84,7 +86,7 @@ func TestAdaptiveLimit(t *testing.T) {
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			clk := &fakeClock{t: time.Unix(1e9, 0)}
-			l := newAdaptiveLimit(c.max, clk.now)
+			l := newAdaptiveLimit(c.max, clk.now, klog.Background())
 			var got int
 			for range c.steps {
 				got = step(l, clk, c.rate)
@@ -100,7 +102,7 @@ func TestAdaptiveLimit(t *testing.T) {
 // than slots learns nothing about the link.
 func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
-	l := newAdaptiveLimit(256, clk.now)
+	l := newAdaptiveLimit(256, clk.now, klog.Background())
 	for range 5 {
 		clk.advance(minAdaptInterval)
 		l.received.Add(1 << 20)
@@ -118,7 +120,7 @@ func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
 // downloads back until it has passed.
 func TestAdaptiveLimitBackOff(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
-	l := newAdaptiveLimit(256, clk.now)
+	l := newAdaptiveLimit(256, clk.now, klog.Background())
 	l.backOff(2 * time.Second)
 	if got := l.current(); got != initialParallelism/2 {
 		t.Fatalf("limit %d after a failure, want %d", got, initialParallelism/2)
