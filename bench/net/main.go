@@ -61,6 +61,7 @@ type options struct {
 	runs                    int
 	work                    string
 	keep, hold              bool
+	diskGiB                 int
 	cands                   []candidate
 }
 
@@ -78,6 +79,7 @@ func main() {
 	flag.IntVar(&o.runs, "runs", 3, "rounds per cell (medians are printed)")
 	flag.StringVar(&o.work, "work", "", "work directory kept between runs (trees and repository are reused)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory")
+	flag.IntVar(&o.diskGiB, "disk-gib", 8, "size of the benchmark's own ext4 (loop device) that every download is written to; 0: write into the work directory's filesystem instead")
 	flag.BoolVar(&o.hold, "hold", false, "set up the first profile, print how to reach it, and wait for Ctrl-C (to pull by hand)")
 	flag.StringVar(&bin, "bin", "", "csi-composefs binary (default: built from this repository)")
 	flag.StringVar(&pullArgs, "pull-args", "", "extra flags of the pull (space-separated)")
@@ -132,6 +134,7 @@ type bench struct {
 	tp      toxiproxy
 	toxi    *exec.Cmd
 	ca      string
+	disk    *disk            // where downloads are written (nil: under root)
 	trees   map[string]*tree // by name (and scale)
 	cleaned bool
 }
@@ -217,6 +220,14 @@ func setup(ctx context.Context, o options, bin, pullArgs string, cands []string)
 		return b, err
 	}
 
+	if o.diskGiB > 0 {
+		logf("a %d GiB ext4 on a loop device for the downloads…", o.diskGiB)
+		d, err := newDisk(b.root, o.diskGiB)
+		if err != nil {
+			return b, err
+		}
+		b.disk = d
+	}
 	logf("network %s <-> %s", b.net.srv, b.net.cli)
 	if err := b.net.up(); err != nil {
 		return b, err
@@ -310,6 +321,7 @@ func (b *bench) cleanup() {
 	if b.net != nil {
 		b.net.down()
 	}
+	b.disk.remove()
 	if b.temp {
 		os.RemoveAll(b.root)
 	} else if b.root != "" {

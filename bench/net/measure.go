@@ -118,6 +118,7 @@ func (b *bench) runAll(ctx context.Context) error {
 				e := b.endpoint(p, proto)
 				fmt.Printf("%s %s: ip netns exec %s CMD; repository %s; CA %s; measured RTT %v\n", p.name, proto, e.ns, e.base, b.ca, b.rtt(e))
 			}
+			fmt.Printf("downloads go to %s\n", filepath.Join(b.root, "out"))
 			fmt.Println("holding; Ctrl-C ends")
 			<-ctx.Done()
 			return nil
@@ -146,7 +147,6 @@ func (b *bench) runAll(ctx context.Context) error {
 					}
 				}
 			}
-			os.RemoveAll(filepath.Join(b.root, "out"))
 			for _, c := range cs {
 				c.print(b)
 			}
@@ -191,6 +191,7 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 	if err := os.MkdirAll(out, 0o755); err != nil {
 		return err
 	}
+	defer os.RemoveAll(out)
 	curl := "curl -sf " + strings.Join(e.curlFlags, " ")
 	steps := []func() error{
 		func() error {

@@ -34,6 +34,14 @@ func run(name string, args ...string) error {
 	return nil
 }
 
+func output(name string, args ...string) (string, error) {
+	out, err := exec.Command(name, args...).Output()
+	if err != nil {
+		return "", fmt.Errorf("%s %s: %v", name, strings.Join(args, " "), err)
+	}
+	return string(out), nil
+}
+
 // up creates the namespaces and the link. Nothing is added to the
 // machine's own namespace: the veth pair is created inside the server
 // namespace and one end moved to the client's.

@@ -35,9 +35,14 @@ func interleave(objs []cfs.Object) []cfs.Object {
 }
 
 // Concurrency that adapts to the link: a call starts initialParallelism
-// downloads at once and doubles that while the bytes received per interval
-// grow by growthFactor or more, up to Options.Parallelism; once two
-// doublings in a row bring no such gain it holds. A transient failure
+// downloads at once and doubles that, up to Options.Parallelism, while
+// every slot is in use and either the bytes received per interval grow by
+// growthFactor or more, or the requests still find the link unqueued
+// (their mean time to the response headers within queueFactor of the
+// shortest seen, plus queueSlack): the round trips, not the bandwidth,
+// then set the pace, whatever the sizes of the objects the interval
+// happened to fetch (the byte rate alone swings with them). Once two
+// intervals in a row show neither, it holds. A transient failure
 // (reset, timeout, 5xx) or an answer asking to slow down (429, 503) halves
 // it, and Retry-After holds back new requests until then. The interval is
 // four of the shortest round trips seen (time to the response headers),
@@ -46,6 +51,8 @@ func interleave(objs []cfs.Object) []cfs.Object {
 const (
 	initialParallelism = 16
 	growthFactor       = 1.1
+	queueFactor        = 1.5
+	queueSlack         = 2 * time.Millisecond
 	minAdaptInterval   = 100 * time.Millisecond
 	maxAdaptInterval   = time.Second
 )
@@ -69,6 +76,8 @@ type adaptiveLimit struct {
 	lastAdjust  time.Time
 	lastBytes   int64
 	minRTT      time.Duration
+	rttSum      time.Duration // of the requests answered this interval
+	rttCount    int
 
 	received atomic.Int64 // bytes received, for the throughput
 	now      func() time.Time
@@ -161,6 +170,8 @@ func (l *adaptiveLimit) observeRTT(d time.Duration) {
 	if l.minRTT == 0 || d < l.minRTT {
 		l.minRTT = d
 	}
+	l.rttSum += d
+	l.rttCount++
 	l.mu.Unlock()
 }
 
@@ -175,8 +186,8 @@ func (l *adaptiveLimit) intervalLocked() time.Duration {
 }
 
 // adjustLocked judges the last interval's throughput once it has passed:
-// grow while the limit was reached and the throughput grew; after two
-// intervals without a gain, hold (undoing a doubling that brought none).
+// grow while the limit was reached and the throughput grew or the link
+// showed no queue; after two intervals without either, hold (undoing a doubling that brought none).
 func (l *adaptiveLimit) adjustLocked() {
 	now := l.now()
 	elapsed := now.Sub(l.lastAdjust)
@@ -186,13 +197,20 @@ func (l *adaptiveLimit) adjustLocked() {
 	bytes := l.received.Load()
 	rate := float64(bytes-l.lastBytes) / elapsed.Seconds()
 	bound := l.peak >= l.limit
+	var meanRTT time.Duration
+	if l.rttCount > 0 {
+		meanRTT = l.rttSum / time.Duration(l.rttCount)
+	}
+	unqueued := l.rttCount > 0 && meanRTT <= time.Duration(queueFactor*float64(l.minRTT))+queueSlack
 	l.log.V(5).Info("download concurrency judged", "interval", elapsed, "bytesPerSecond", int64(rate),
-		"peakInFlight", l.peak, "limit", l.limit, "inFlight", l.inflight, "growing", l.growing, "minRTT", l.minRTT)
+		"peakInFlight", l.peak, "limit", l.limit, "inFlight", l.inflight, "growing", l.growing,
+		"minRTT", l.minRTT, "meanRTT", meanRTT, "answered", l.rttCount)
 	l.lastAdjust, l.lastBytes, l.peak = now, bytes, l.inflight
+	l.rttSum, l.rttCount = 0, 0
 	if !l.growing || !bound {
 		return
 	}
-	if l.lastRate == 0 || rate >= growthFactor*l.lastRate {
+	if l.lastRate == 0 || rate >= growthFactor*l.lastRate || unqueued {
 		l.flat, l.lastRate, l.pending = 0, rate, false
 		if l.limit < l.max {
 			l.grewFrom, l.pending = l.limit, true

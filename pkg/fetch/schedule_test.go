@@ -100,6 +100,38 @@ func TestAdaptiveLimit(t *testing.T) {
 
 // The limit grows only while it is reached: a call with fewer downloads
 // than slots learns nothing about the link.
+// The byte rate falls as the objects left get smaller, while the time to
+// the response headers stays at the round trip (the link has no queue):
+// round trips set the pace, and the limit grows to the maximum. Once the
+// requests wait in a queue (three round trips), a flat rate holds it.
+func TestAdaptiveLimitLatencyBound(t *testing.T) {
+	for _, c := range []struct {
+		name     string
+		rttTimes float64
+		want     int
+	}{
+		{"unqueued", 1.2, 256},
+		{"queued", 3, initialParallelism}, // the first doubling, unrewarded, undone
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			clk := &fakeClock{t: time.Unix(1e9, 0)}
+			l := newAdaptiveLimit(256, clk.now, klog.Background())
+			l.observeRTT(20 * time.Millisecond)
+			rate := 100e6
+			for range 10 {
+				for range 5 {
+					l.observeRTT(time.Duration(c.rttTimes * float64(20*time.Millisecond)))
+				}
+				step(l, clk, func(int) float64 { return rate })
+				rate *= 0.8
+			}
+			if got := l.current(); got != c.want {
+				t.Fatalf("limit %d, want %d", got, c.want)
+			}
+		})
+	}
+}
+
 func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	l := newAdaptiveLimit(256, clk.now, klog.Background())
