@@ -14,6 +14,7 @@ func newImageCmd() *cobra.Command {
 		newImageLsCmd(),
 		newImageObjectsCmd(),
 		newImageMountCmd(),
+		newImagePushCmd(),
 		newImageUmountCmd(),
 	)
 	return cmd

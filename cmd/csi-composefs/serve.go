@@ -27,6 +27,7 @@ func newServeCmd() *cobra.Command {
 		fetchConcurrency                      int
 		gcInterval, verifyInterval            time.Duration
 		trustShared                           bool
+		insecureRegs, mirrors                 []string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -64,13 +65,18 @@ to the log only.`,
 			if verifyInterval < 0 {
 				return usageErrorf("--verify-interval must not be negative")
 			}
+			mirrorMap, err := parseMirrors(mirrors)
+			if err != nil {
+				return usageErrorf("--registry-mirror: %v", err)
+			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
 				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize},
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
-					TrustSharedContent: trustShared},
+					TrustSharedContent: trustShared,
+					Registries:         driver.RegistryConfig{Insecure: insecureRegs, Mirrors: mirrorMap}},
 			})
 		},
 	}
@@ -88,6 +94,8 @@ to the log only.`,
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	f.StringArrayVar(&insecureRegs, "insecure-registry", nil, "registry HOST[:PORT] (or pattern) reached over plain HTTP (repeatable; tests and local registries)")
+	f.StringArrayVar(&mirrors, "registry-mirror", nil, "REGISTRY=URL: a mirror tried first for the blobs of REGISTRY (repeatable, in order; containerd hosts.toml mirrors); manifests always come from REGISTRY with the volume's credentials")
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
 	f.AddGoFlagSet(gfs)
