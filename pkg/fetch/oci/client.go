@@ -52,6 +52,8 @@ type Options struct {
 	UserAgent string
 	// Transport replaces the transport built from the options (tests).
 	Transport http.RoundTripper
+	// Convert bounds the conversion of container images.
+	Convert ConvertLimits
 }
 
 // Client reaches one registry repository (and its mirrors) with one set of

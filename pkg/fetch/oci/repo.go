@@ -67,7 +67,7 @@ func (r *RepoSource) BindRef(ref fetch.ImageRef) (fetch.Source, error) {
 	case SchemeArtifact:
 		s = NewArtifactSource(r.c, full)
 	default:
-		return nil, fmt.Errorf("%s: plain images are not supported yet", full)
+		s = NewImageSource(r.c, full, r.c.opts.Convert)
 	}
 	if len(r.bound) >= 256 {
 		clear(r.bound)

@@ -1,0 +1,309 @@
+package oci
+
+import (
+	"archive/tar"
+	"bytes"
+	"context"
+	"errors"
+	"io"
+	"os"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/google/go-containerregistry/pkg/compression"
+	"github.com/google/go-containerregistry/pkg/name"
+	v1 "github.com/google/go-containerregistry/pkg/v1"
+	"github.com/google/go-containerregistry/pkg/v1/empty"
+	"github.com/google/go-containerregistry/pkg/v1/mutate"
+	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/tarball"
+	"github.com/google/go-containerregistry/pkg/v1/types"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+)
+
+// tarEntry is one entry of a test layer.
+type tarEntry struct {
+	name   string
+	typ    byte
+	body   string
+	mode   int64
+	link   string
+	xattrs map[string]string
+	mtime  int64
+}
+
+func dirE(n string) tarEntry { return tarEntry{name: n, typ: tar.TypeDir, mode: 0o755} }
+func fileE(n, body string) tarEntry {
+	return tarEntry{name: n, typ: tar.TypeReg, mode: 0o644, body: body}
+}
+func linkE(n, target string) tarEntry { return tarEntry{name: n, typ: tar.TypeLink, link: target} }
+func symlinkE(n, target string) tarEntry {
+	return tarEntry{name: n, typ: tar.TypeSymlink, link: target, mode: 0o777}
+}
+
+func layerTar(t testing.TB, ents []tarEntry) []byte {
+	t.Helper()
+	var b bytes.Buffer
+	tw := tar.NewWriter(&b)
+	for _, e := range ents {
+		h := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link, Size: int64(len(e.body)),
+			ModTime: time.Unix(1700000000+e.mtime, 0), Format: tar.FormatPAX}
+		if e.typ != tar.TypeReg {
+			h.Size = 0
+		}
+		if len(e.xattrs) > 0 {
+			h.PAXRecords = map[string]string{}
+			for k, v := range e.xattrs {
+				h.PAXRecords["SCHILY.xattr."+k] = v
+			}
+		}
+		if err := tw.WriteHeader(h); err != nil {
+			t.Fatal(err)
+		}
+		if h.Size > 0 {
+			if _, err := tw.Write([]byte(e.body)); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	if err := tw.Close(); err != nil {
+		t.Fatal(err)
+	}
+	return b.Bytes()
+}
+
+// testImage builds a container image of layers (gzip, zstd, then
+// uncompressed in turn) with go-containerregistry.
+func testImage(t testing.TB, layers ...[]byte) v1.Image {
+	t.Helper()
+	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
+	for i, raw := range layers {
+		raw := raw
+		opener := func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(raw)), nil }
+		var opts []tarball.LayerOption
+		switch i % 3 {
+		case 1:
+			opts = append(opts, tarball.WithCompression(compression.ZStd), tarball.WithMediaType(types.OCILayerZStd))
+		case 2:
+			opts = append(opts, tarball.WithMediaType(types.OCILayer))
+		}
+		l, err := tarball.LayerFromOpener(opener, opts...)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if img, err = mutate.AppendLayers(img, l); err != nil {
+			t.Fatal(err)
+		}
+	}
+	cf, err := img.ConfigFile()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cf = cf.DeepCopy()
+	cf.OS, cf.Architecture = "linux", runtime.GOARCH
+	img, err = mutate.ConfigFile(img, cf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func pushImage(t testing.TB, host, repo string, img v1.Image) {
+	t.Helper()
+	ref, err := name.ParseReference(host+"/"+repo, name.Insecure)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Write(ref, img); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func convert(t *testing.T, s *fetch.Store, reg *testRegistry, repo string) (cfs.Digest, error) {
+	t.Helper()
+	ref, err := ParseReference("docker://" + reg.host + "/" + repo)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := NewClient(ref, Options{Insecure: []string{reg.host}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	src := NewImageSource(c, ref, ConvertLimits{})
+	d, err := s.EnsureImage(context.Background(), src, fetch.ImageRef{Name: ref.Name()})
+	if err != nil {
+		return d, err
+	}
+	_, err = s.EnsureObjects(context.Background(), src, d)
+	return d, err
+}
+
+func readImage(t *testing.T, s *fetch.Store, d cfs.Digest) *cfs.Image {
+	t.Helper()
+	b, err := os.ReadFile(s.ImagePath(d))
+	if err != nil {
+		t.Fatal(err)
+	}
+	img, err := cfs.Open(bytes.NewReader(b), int64(len(b)), cfs.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return img
+}
+
+func TestConvertLayers(t *testing.T) {
+	big := strings.Repeat("0123456789abcdef", 8<<10) // 128 KiB
+	l1 := layerTar(t, []tarEntry{
+		dirE("usr/"), dirE("usr/bin/"), dirE("etc/"), dirE("run/"), dirE("data/"), dirE("data/old/"),
+		fileE("usr/bin/tool", big),
+		{name: "usr/bin/ping", typ: tar.TypeReg, mode: 0o4755, body: big + "ping",
+			xattrs: map[string]string{"security.capability": "\x01\x00\x00\x02", "user.note": "dropped"}},
+		fileE("etc/removed", "gone soon"),
+		fileE("etc/small", "tiny"),
+		fileE("run/pid", "123"),
+		fileE("data/old/a", big+"a"),
+		fileE("data/old/b", "b"),
+		fileE("data/keep", big+"keep"),
+	})
+	l2 := layerTar(t, []tarEntry{
+		{name: "usr/", typ: tar.TypeDir, mode: 0o750, mtime: 99},
+		fileE("etc/.wh.removed", ""),
+		fileE("data/old/.wh..wh..opq", ""),
+		fileE("data/old/c", big+"c"),
+		linkE("usr/bin/tool2", "usr/bin/tool"),
+		symlinkE("usr/bin/sh", "tool"),
+	})
+	l3 := layerTar(t, []tarEntry{
+		fileE("usr/bin/tool", big+"new"), // tool2 keeps the old content
+		fileE("data/keep", big+"keep"),   // same content again
+	})
+	reg := newTestRegistry(t)
+	pushImage(t, reg.host, "app:1", testImage(t, l1, l2, l3))
+	s := openStore(t)
+	d, err := convert(t, s, reg, "app:1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	img := readImage(t, s, d)
+	root := img.Root()
+	if root.Mode&0o7777 != 0o750 || root.Mtime.Sec != 1700000099 {
+		t.Errorf("root: mode %o mtime %d, want /usr's (0750, 1700000099)", root.Mode&0o7777, root.Mtime.Sec)
+	}
+	obj := func(p string) []byte {
+		t.Helper()
+		n, err := img.Lookup(p)
+		if err != nil || n == nil {
+			t.Fatalf("%s: missing (%v)", p, err)
+		}
+		n = n.Target()
+		if n.Content != nil {
+			return n.Content
+		}
+		if n.Digest == nil {
+			t.Fatalf("%s: no content", p)
+		}
+		b, err := os.ReadFile(s.ObjectsDir() + "/" + n.Digest.ObjectPath())
+		if err != nil {
+			t.Fatal(err)
+		}
+		return b
+	}
+	for p, want := range map[string]string{
+		"/usr/bin/tool": big + "new", "/usr/bin/tool2": big, "/data/old/c": big + "c",
+		"/etc/small": "tiny", "/data/keep": big + "keep", "/usr/bin/ping": big + "ping",
+	} {
+		if got := obj(p); string(got) != want {
+			t.Errorf("%s: %d bytes, want %d", p, len(got), len(want))
+		}
+	}
+	for _, p := range []string{"/etc/removed", "/data/old/a", "/data/old/b", "/run/pid"} {
+		if n, _ := img.Lookup(p); n != nil {
+			t.Errorf("%s is still there", p)
+		}
+	}
+	ping, _ := img.Lookup("/usr/bin/ping")
+	if _, ok := ping.Xattr("security.capability"); !ok || len(ping.Xattrs) != 1 || ping.Mode&0o7777 != 0o4755 {
+		t.Errorf("/usr/bin/ping: xattrs %v mode %o, want only security.capability and 4755", ping.Xattrs, ping.Mode&0o7777)
+	}
+	if sh, _ := img.Lookup("/usr/bin/sh"); sh == nil || sh.Payload != "tool" {
+		t.Errorf("/usr/bin/sh: want a symlink to tool")
+	}
+
+	// Deterministic: converting again in another store gives the same digest.
+	s2 := openStore(t)
+	d2, err := convert(t, s2, reg, "app:1")
+	if err != nil || d2 != d {
+		t.Fatalf("second conversion: %s, %v; want %s", d2, err, d)
+	}
+}
+
+func TestConvertRefusesHostileLayers(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ents []tarEntry
+	}{
+		{"absolute path", []tarEntry{fileE("/etc/passwd", "x")}},
+		{"dot-dot", []tarEntry{dirE("a/"), fileE("a/../../escape", "x")}},
+		{"link to a missing entry", []tarEntry{linkE("l", "nope")}},
+		{"link to a later entry", []tarEntry{linkE("l", "f"), fileE("f", "x")}},
+		{"device node", []tarEntry{{name: "null", typ: tar.TypeChar, mode: 0o666}}},
+		{"missing parent", []tarEntry{fileE("no/such/dir/f", "x")}},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			reg := newTestRegistry(t)
+			pushImage(t, reg.host, "bad:1", testImage(t, layerTar(t, tc.ents)))
+			s := openStore(t)
+			_, err := convert(t, s, reg, "bad:1")
+			if !errors.Is(err, fetch.ErrInvalidImage) || fetch.IsTransient(err) {
+				t.Fatalf("got %v, want a final ErrInvalidImage", err)
+			}
+			t.Log(err)
+			assertEmptyStore(t, s)
+		})
+	}
+}
+
+// assertEmptyStore fails when the store holds any image, object or
+// temporary file.
+func assertEmptyStore(t *testing.T, s *fetch.Store) {
+	t.Helper()
+	for _, d := range []string{"images", "objects", "tmp"} {
+		_ = walkFiles(s.Root()+"/"+d, func(p string) { t.Errorf("left in the store: %s", p) })
+	}
+}
+
+func walkFiles(dir string, fn func(string)) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		p := dir + "/" + e.Name()
+		if e.IsDir() {
+			walkFiles(p, fn)
+		} else {
+			fn(p)
+		}
+	}
+	return nil
+}
+
+func TestConvertMissingPlatform(t *testing.T) {
+	reg := newTestRegistry(t)
+	img := testImage(t, layerTar(t, []tarEntry{dirE("usr/")}))
+	ix := mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img,
+		Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}})
+	ref, _ := name.ParseReference(reg.host+"/multi:1", name.Insecure)
+	if err := remote.WriteIndex(ref, ix); err != nil {
+		t.Fatal(err)
+	}
+	s := openStore(t)
+	_, err := convert(t, s, reg, "multi:1")
+	if !errors.Is(err, fetch.ErrNotFound) || !strings.Contains(err.Error(), "linux/s390x") {
+		t.Fatalf("got %v, want ErrNotFound naming the platforms the image has", err)
+	}
+}
