@@ -4,12 +4,17 @@ GO ?= go
 VERSION ?= $(shell git describe --tags --always --dirty 2>/dev/null || echo dev)
 LDFLAGS := -X main.version=$(VERSION)
 BIN := bin/csi-composefs
-# Each fuzz target runs this many executions in `make test` (CI): a count, not a duration, because
-# Go 1.26's fuzz coordinator can fail a duration-bounded run with "context deadline exceeded" at the
-# deadline (go.dev/issue/75804). Run longer by hand with `make fuzz FUZZTIME=10m`.
-# Minimisation is capped: the seeds are whole images, and minimising one costs up to a minute.
-FUZZTIME ?= 300000x
-FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange
+# Each fuzz target runs a count of executions in `make test` (CI), given after a second colon
+# (default FUZZCOUNT): a count, not a duration, because Go 1.26's fuzz coordinator can fail a
+# duration-bounded run with "context deadline exceeded" at the deadline (go.dev/issue/75804).
+# FUZZTIME, when set, replaces every target's budget: run longer by hand with
+# `make fuzz FUZZTIME=10m`. Minimisation is capped: the seeds are whole images, and minimising
+# one costs up to a minute. The attribute and secret parsers are cheap: 100000x each.
+FUZZCOUNT ?= 300000x
+FUZZTIME ?=
+FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange \
+	./pkg/driver:FuzzParseVolumeContext:100000x ./pkg/driver:FuzzParseSecrets:100000x \
+	./pkg/cfs:FuzzParseMountInfo:50000x
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench demo clean
 
@@ -31,9 +36,10 @@ unit:
 	$(GO) test -race -count=1 ./...
 
 fuzz:
-	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; fn=$${t##*:}; \
-	  echo "fuzz $$fn in $$pkg for $(FUZZTIME)"; \
-	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $(FUZZTIME) -fuzzminimizetime 50x $$pkg; done
+	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; \
+	  budget=$(FUZZCOUNT); [ "$$rest" = "$$fn" ] || budget=$${rest#*:}; [ -z "$(FUZZTIME)" ] || budget=$(FUZZTIME); \
+	  echo "fuzz $$fn in $$pkg for $$budget"; \
+	  $(GO) test -run '^$$' -fuzz "^$$fn\$$" -fuzztime $$budget -fuzzminimizetime 50x $$pkg; done
 
 # The test command of the README and of CI: installs what it needs, then
 # checks formatting, vets, runs every test with the race detector, and fuzzes

@@ -138,8 +138,8 @@ t0=$(now); curl -sf "$base/tree.tar.gz" | tar -xzf - -C "$T/extract"; t1=$(now)
 t_tar=$(elapsed "$t0" "$t1"); sync
 
 t0=$(now)
-/usr/bin/time -f '%M' -o "$T/rss" "$BIN" pull --store "$T/store" --repository "$base" \
-	--parallel "$PARALLEL" --progress none app-1.cfs >/dev/null
+/usr/bin/time -f '%M' -o "$T/rss" "$BIN" pull --store-dir "$T/store" --repository "$base" \
+	--fetch-concurrency "$PARALLEL" --progress none app-1.cfs >/dev/null
 t1=$(now)
 t_pull=$(elapsed "$t0" "$t1")
 rss_kib=$(tail -1 "$T/rss")
@@ -164,14 +164,14 @@ new_bytes=$(cat "$T/new-bytes")
 img2=$(stat -c %s "$www/images/app-2.cfs")
 : >"$T/access.log"; kill -USR1 "$(cat "$T/nginx.pid")"; sleep 0.3
 t0=$(now)
-"$BIN" pull --store "$T/store" --repository "$base" --parallel "$PARALLEL" --progress none app-2.cfs >/dev/null
+"$BIN" pull --store-dir "$T/store" --repository "$base" --fetch-concurrency "$PARALLEL" --progress none app-2.cfs >/dev/null
 t1=$(now)
 t_pull2=$(elapsed "$t0" "$t1")
 sleep 0.3
 sent=$(awk '{s+=$3} END {print s+0}' "$T/access.log")
 reqs=$(wc -l <"$T/access.log")
 
-"$BIN" store verify --store "$T/store" >/dev/null
+"$BIN" store verify --store-dir "$T/store" >/dev/null
 
 python3 - <<EOF
 tree, curl, tar, pull = $tree_bytes, $t_curl, $t_tar, $t_pull

@@ -1,6 +1,6 @@
 // Command profpull pulls one image into a fresh store like `csi-composefs
 // pull`, writing a CPU profile: go run ./bench/profpull -cpuprofile cpu.out
-// -store DIR -repository URL NAME (used to find where a pull spends time).
+// -store-dir DIR -repository URL NAME (used to find where a pull spends time).
 package main
 
 import (
@@ -15,13 +15,13 @@ import (
 )
 
 func main() {
-	store := flag.String("store", "", "store directory")
+	store := flag.String("store-dir", "", "store directory")
 	repo := flag.String("repository", "", "repository URL")
-	parallel := flag.Int("parallel", 16, "parallel downloads")
+	parallel := flag.Int("fetch-concurrency", 16, "concurrent object downloads")
 	prof := flag.String("cpuprofile", "", "CPU profile output")
 	flag.Parse()
 	if *store == "" || *repo == "" || flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: profpull -store DIR -repository URL [-parallel N] [-cpuprofile FILE] NAME")
+		fmt.Fprintln(os.Stderr, "usage: profpull -store-dir DIR -repository URL [-fetch-concurrency N] [-cpuprofile FILE] NAME")
 		os.Exit(2)
 	}
 	if *prof != "" {

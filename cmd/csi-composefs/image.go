@@ -3,11 +3,7 @@ package main
 import "github.com/spf13/cobra"
 
 func newImageCmd() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "image",
-		Short: "Build, inspect and mount composefs images",
-	}
-	cmd.AddCommand(
+	return newGroupCmd("image", "Build, inspect and mount composefs images",
 		newImageBuildCmd(),
 		newImageDigestCmd(),
 		newImageDumpCmd(),
@@ -17,5 +13,4 @@ func newImageCmd() *cobra.Command {
 		newImagePushCmd(),
 		newImageUmountCmd(),
 	)
-	return cmd
 }

@@ -25,6 +25,7 @@ type buildFlags struct {
 	threads         int
 	repo            string
 	name            string
+	force           bool
 }
 
 func newImageBuildCmd() *cobra.Command {
@@ -58,6 +59,7 @@ object store laid out as xx/yyyy… (the layout volumes are served from).`,
 	fl.IntVar(&f.threads, "threads", 0, "files hashed in parallel (default: one per CPU); the output does not depend on it")
 	fl.StringVar(&f.repo, "repo", "", "publish into this HTTP repository directory (REPO/images/NAME and REPO/objects/); takes SRC only and prints the digest")
 	fl.StringVar(&f.name, "name", "", "image name in the repository, with --repo (for example app-1.2.cfs)")
+	fl.BoolVar(&f.force, "force", false, "with --repo, replace an image of that name that has other content")
 	// With --print-digest-only the output argument is optional.
 	cmd.Args = func(cmd *cobra.Command, args []string) error {
 		if f.repo != "" {
@@ -93,6 +95,9 @@ func (f buildFlags) validate(out string) error {
 	if (f.repo == "") != (f.name == "") {
 		return usageErrorf("--repo and --name go together")
 	}
+	if f.force && f.repo == "" {
+		return usageErrorf("--force goes with --repo")
+	}
 	if f.repo != "" && (f.fromFile || f.digestStore != "" || f.printDigestOnly) {
 		return usageErrorf("--repo publishes a directory; it does not combine with --from-file, --digest-store or --print-digest-only")
 	}
@@ -113,7 +118,7 @@ func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
 		SkipXattrs: f.skipXattrs, UserXattrs: f.userXattrs, Threads: f.threads,
 	}
 	if f.repo != "" {
-		d, err := buildIntoRepo(ctx, src, f.repo, f.name, dirOpts, opts)
+		d, err := buildIntoRepo(ctx, src, f.repo, f.name, f.force, dirOpts, opts)
 		if err != nil {
 			return err
 		}

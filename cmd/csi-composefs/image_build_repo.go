@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"errors"
+	"fmt"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
@@ -10,9 +12,18 @@ import (
 // buildIntoRepo is `image build --repo REPO --name NAME SRC`: it writes the
 // image of the directory src to REPO/images/NAME (and REPO/images/<digest>)
 // and its objects, deduplicated against what REPO has, to REPO/objects.
-func buildIntoRepo(ctx context.Context, src, repo, name string, dirOpts cfs.DirOptions, opts cfs.WriteOptions) (cfs.Digest, error) {
+// An image of other content already named NAME stays unless force.
+func buildIntoRepo(ctx context.Context, src, repo, name string, force bool, dirOpts cfs.DirOptions, opts cfs.WriteOptions) (cfs.Digest, error) {
 	if err := fetch.ValidImageName(name); err != nil {
 		return cfs.Digest{}, usageError{err}
 	}
-	return fetch.PublishImage(ctx, src, repo, name, dirOpts, opts)
+	var popts []fetch.PublishOption
+	if !force {
+		popts = append(popts, fetch.KeepExisting())
+	}
+	d, err := fetch.PublishImage(ctx, src, repo, name, dirOpts, opts, popts...)
+	if errors.Is(err, fetch.ErrImageExists) {
+		return d, fmt.Errorf("%w; --force replaces it", err)
+	}
+	return d, err
 }

@@ -2,6 +2,8 @@ package main
 
 import (
 	"fmt"
+	"os"
+	"path/filepath"
 
 	"github.com/spf13/cobra"
 
@@ -17,7 +19,7 @@ func newImageMountCmd() *cobra.Command {
 		legacy  bool
 	)
 	cmd := &cobra.Command{
-		Use:   "mount [--objects DIR]... [--verity MODE] [--digest HEX] IMG MNT",
+		Use:   "mount --objects DIR [--objects DIR]... [--verity MODE] [--digest HEX] IMG MNT",
 		Short: "Mount a composefs image read-only (erofs + overlayfs)",
 		Long: `Mount the composefs image IMG read-only on the directory MNT: a file-backed
 erofs of the image under an overlayfs whose data-only lower layers are the
@@ -31,18 +33,22 @@ object directories, searched in the order given (nodev, nosuid; noexec with
              the image is checked before mounting (the default with --digest)
   off        nothing is checked (the default without --digest)
 
+The image is read and checked first (a truncated or corrupt image is refused,
+as pull refuses it), and a warning goes to standard error when objects it
+needs are in none of the --objects directories (those files would read EIO).
+
 Prints how the image was mounted: the verity mode, the mount path taken and
 the overlay source that identifies the mount in /proc/self/mountinfo.`,
 		Args: exactArgs(2),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if len(objects) == 0 {
-				return usageErrorf("image mount: at least one --objects DIR is required")
+				return usageErrorf("at least one --objects DIR is required")
 			}
 			opts := cfs.MountOptions{ObjectDirs: objects, NoExec: noexec, ForceLegacy: legacy}
 			if digest != "" {
-				d, err := cfs.ParseDigest(digest)
+				d, err := cfs.ParseUserDigest(digest)
 				if err != nil {
-					return usageErrorf("image mount: --digest: %v", err)
+					return usageErrorf("--digest: %v", err)
 				}
 				opts.ImageDigest = &d
 				if verity == "" {
@@ -51,9 +57,17 @@ the overlay source that identifies the mount in /proc/self/mountinfo.`,
 			}
 			mode, err := cfs.ParseVerityMode(verity)
 			if err != nil {
-				return usageErrorf("image mount: --verity: %v", err)
+				return usageErrorf("--verity: %v", err)
 			}
 			opts.Verity = mode
+			missing, total, first, err := checkImageForMount(args[0], objects)
+			if err != nil {
+				return err
+			}
+			if missing > 0 {
+				fmt.Fprintf(cmd.ErrOrStderr(), "%s: warning: %d of %d objects the image needs are in none of the --objects directories (the first: %s); reading those files fails with EIO\n",
+					cmd.CommandPath(), missing, total, first)
+			}
 			res, err := cfs.Mount(cmd.Context(), args[0], args[1], opts)
 			if err != nil {
 				return err
@@ -68,12 +82,48 @@ the overlay source that identifies the mount in /proc/self/mountinfo.`,
 		},
 	}
 	f := cmd.Flags()
-	f.StringArrayVar(&objects, "objects", nil, "object directory (data-only lower layer); repeat for more, searched in order")
+	f.StringArrayVar(&objects, "objects", nil, "object directory (data-only lower layer), required; repeat for more, searched in order")
+	_ = cmd.MarkFlagRequired("objects")
 	f.StringVar(&verity, "verity", "", "verity mode: require, userspace or off")
 	f.StringVar(&digest, "digest", "", "expected fs-verity digest of the image (64 hex characters)")
 	f.BoolVar(&noexec, "noexec", false, "mount with noexec")
 	f.BoolVar(&legacy, "legacy", false, "use the fallback path (loop device and mount(2)) even where the new mount API works")
 	return cmd
+}
+
+// checkImageForMount reads the image with the strict reader, as pull does,
+// and counts the objects it needs that are in none of dirs.
+func checkImageForMount(image string, dirs []string) (missing, total int, first string, err error) {
+	f, err := os.Open(image)
+	if err != nil {
+		return 0, 0, "", err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return 0, 0, "", err
+	}
+	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
+	if err != nil {
+		return 0, 0, "", fmt.Errorf("%s is not a valid composefs image (truncated or corrupt?), not mounting it: %w", image, err)
+	}
+	objs := img.Objects()
+	for _, o := range objs {
+		found := false
+		for _, d := range dirs {
+			if st, err := os.Stat(filepath.Join(d, o.Path)); err == nil && st.Mode().IsRegular() {
+				found = true
+				break
+			}
+		}
+		if !found {
+			if missing == 0 {
+				first = o.Path
+			}
+			missing++
+		}
+	}
+	return missing, len(objs), first, nil
 }
 
 func newImageUmountCmd() *cobra.Command {

@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"os/signal"
+	"strings"
 	"syscall"
 
 	"github.com/spf13/cobra"
@@ -56,35 +57,71 @@ func run(args []string) int {
 }
 
 // runWith executes root with args and maps the outcome to an exit code,
-// printing any error to stderr.
+// printing any error to stderr, prefixed with the command that failed. A
+// usage error points at that command's --help.
 func runWith(root *cobra.Command, args []string, stderr io.Writer) int {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 	root.SetArgs(args)
-	err := root.ExecuteContext(ctx)
+	cmd, err := root.ExecuteContextC(ctx)
 	if err == nil {
 		return exitOK
 	}
-	fmt.Fprintf(stderr, "csi-composefs: %v\n", err)
+	if cmd == nil {
+		cmd = root
+	}
+	fmt.Fprintf(stderr, "%s: %v\n", cmd.CommandPath(), err)
 	var ue usageError
 	if errors.As(err, &ue) || isCobraUsageError(err) {
-		fmt.Fprintln(stderr, "Run 'csi-composefs --help' for usage.")
+		fmt.Fprintf(stderr, "Run '%s --help' for usage.\n", cmd.CommandPath())
 		return exitUsage
 	}
 	return exitFailure
 }
 
-// isCobraUsageError recognises cobra's own argument errors (unknown command).
+// isCobraUsageError recognises cobra's own argument errors (unknown
+// command, unknown flag, a required flag missing).
 func isCobraUsageError(err error) bool {
 	msg := err.Error()
-	return len(msg) > 16 && (msg[:16] == "unknown command " || msg[:15] == "unknown flag: -")
+	for _, p := range []string{"unknown command ", "unknown flag: -", "unknown shorthand flag: ", "required flag(s) "} {
+		if strings.HasPrefix(msg, p) {
+			return true
+		}
+	}
+	return false
+}
+
+// newGroupCmd is a command that only holds subcommands: without
+// arguments it prints its help, and an unknown subcommand is a usage
+// error, as at the top level.
+func newGroupCmd(use, short string, subs ...*cobra.Command) *cobra.Command {
+	cmd := &cobra.Command{
+		Use:   use,
+		Short: short,
+		Args:  cobra.ArbitraryArgs,
+		// The usage line is "csi-composefs image [command]".
+		DisableFlagsInUseLine:      true,
+		SuggestionsMinimumDistance: 2,
+		RunE: func(cmd *cobra.Command, args []string) error {
+			if len(args) == 0 {
+				return cmd.Help()
+			}
+			msg := fmt.Sprintf("unknown command %q for %q", args[0], cmd.CommandPath())
+			if s := cmd.SuggestionsFor(args[0]); len(s) > 0 {
+				msg += "; did you mean " + strings.Join(s, " or ") + "?"
+			}
+			return usageError{errors.New(msg)}
+		},
+	}
+	cmd.AddCommand(subs...)
+	return cmd
 }
 
 // exactArgs is cobra.ExactArgs reporting a usage error.
 func exactArgs(n int) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) != n {
-			return usageErrorf("%s: want %d argument(s), got %d", cmd.CommandPath(), n, len(args))
+			return usageErrorf("want %d argument(s), got %d", n, len(args))
 		}
 		return nil
 	}
@@ -94,7 +131,7 @@ func exactArgs(n int) cobra.PositionalArgs {
 func rangeArgs(lo, hi int) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) < lo || len(args) > hi {
-			return usageErrorf("%s: want %d to %d arguments, got %d", cmd.CommandPath(), lo, hi, len(args))
+			return usageErrorf("want %d to %d arguments, got %d", lo, hi, len(args))
 		}
 		return nil
 	}
@@ -104,7 +141,7 @@ func rangeArgs(lo, hi int) cobra.PositionalArgs {
 func minArgs(n int) cobra.PositionalArgs {
 	return func(cmd *cobra.Command, args []string) error {
 		if len(args) < n {
-			return usageErrorf("%s: want at least %d argument(s), got %d", cmd.CommandPath(), n, len(args))
+			return usageErrorf("want at least %d argument(s), got %d", n, len(args))
 		}
 		return nil
 	}

@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -60,34 +61,46 @@ func (f *sourceFlags) source() (*fetch.HTTPSource, error) {
 	return src, nil
 }
 
-// storeFlags are the flags that open a store.
+// storeFlags are the flags that open a store. Every command names a thing
+// the same way: --store-dir, --extra-object-dir, --fetch-concurrency,
+// --store-max-size, --max-image-size (serve too).
 type storeFlags struct {
 	dir          string
 	extra        []string
-	parallel     int
+	concurrency  int
 	maxImageSize string
 	maxSize      string
 	retries      int
+	named        bool
 }
 
-func (f *storeFlags) add(cmd *cobra.Command, fetching bool) {
-	cmd.Flags().StringVar(&f.dir, "store", fetch.DefaultStoreDir, "the node store directory")
-	if fetching {
-		cmd.Flags().StringArrayVar(&f.extra, "extra-objects", nil, "read-only object directory whose objects need not be fetched (repeatable)")
-		cmd.Flags().IntVar(&f.parallel, "parallel", 16, "concurrent object downloads")
-		cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes about ten times its size in memory")
-		cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
-	} else {
-		cmd.Flags().StringVar(&f.maxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
-	}
+// addDir adds --store-dir.
+func (f *storeFlags) addDir(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.dir, "store-dir", fetch.DefaultStoreDir, "the node store directory")
+}
+
+// addFetch adds the flags of a command that fetches into the store.
+func (f *storeFlags) addFetch(cmd *cobra.Command) {
+	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
+	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 16, "concurrent object downloads")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes 2 to 16 times its size in memory")
+	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
+	_ = cmd.Flags().MarkHidden("named-temp-files")
+}
+
+// addMaxSize adds --store-max-size.
+func (f *storeFlags) addMaxSize(cmd *cobra.Command) {
+	cmd.Flags().StringVar(&f.maxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
 }
 
 func (f *storeFlags) options() (fetch.Options, error) {
 	var o fetch.Options
 	o.ExtraObjectDirs = f.extra
-	o.Parallelism = f.parallel
-	if f.parallel < 0 {
-		return o, usageErrorf("--parallel must be positive")
+	o.Parallelism = f.concurrency
+	o.NamedTempFiles = f.named
+	if f.concurrency < 0 {
+		return o, usageErrorf("--fetch-concurrency must be positive")
 	}
 	o.Retries = f.retries
 	if f.retries == 0 {
@@ -106,6 +119,17 @@ func (f *storeFlags) options() (fetch.Options, error) {
 		return o, usageErrorf("--store-max-size: %v", err)
 	}
 	return o, nil
+}
+
+// openExisting opens the store of --store-dir, refusing a directory that
+// is not a store yet (a usage error: the path is wrong).
+func (f *storeFlags) openExisting(ctx context.Context, opts fetch.Options) (*fetch.Store, error) {
+	opts.MustExist = true
+	s, err := fetch.Open(ctx, f.dir, opts)
+	if errors.Is(err, fetch.ErrNotAStore) {
+		return nil, usageErrorf("--store-dir: %v", err)
+	}
+	return s, err
 }
 
 // parseSize parses "123", "10K", "512M", "1G", "2T" (powers of 1024).
@@ -143,10 +167,10 @@ func newPullCmd() *cobra.Command {
 		bar    string
 	)
 	cmd := &cobra.Command{
-		Use:   "pull (--repository URL NAME | oci://REGISTRY/REPO:TAG | docker://REGISTRY/REPO:TAG) [--store DIR] [--digest D]",
+		Use:   "pull (--repository URL NAME | oci://REGISTRY/REPO:TAG | docker://REGISTRY/REPO:TAG) [--store-dir DIR] [--digest D]",
 		Short: "Fetch an image and the objects the store lacks into the node store",
 		Long: `Fetch the composefs image NAME from an HTTP repository into the node store,
-then every object it references that the store (or an --extra-objects
+then every object it references that the store (or an --extra-object-dir
 directory) does not have yet, verifying each against its fs-verity digest.
 An oci:// reference names a composefs artifact in a registry (its objects
 are fetched by range from its packs); a docker:// reference a container
@@ -159,7 +183,7 @@ A progress bar is shown on a terminal, plain progress lines otherwise.`,
 			ctx := cmd.Context()
 			ref := fetch.ImageRef{Name: args[0]}
 			if digest != "" {
-				d, err := cfs.ParseDigest(strings.TrimPrefix(digest, "sha256:"))
+				d, err := cfs.ParseUserDigest(digest)
 				if err != nil {
 					return usageErrorf("--digest: %v", err)
 				}
@@ -208,7 +232,8 @@ A progress bar is shown on a terminal, plain progress lines otherwise.`,
 	}
 	sf.add(cmd)
 	rf.add(cmd, true)
-	stf.add(cmd, true)
+	stf.addDir(cmd)
+	stf.addFetch(cmd)
 	cmd.Flags().StringVar(&digest, "digest", "", "expected fs-verity digest of the image (64 hex)")
 	cmd.Flags().StringVar(&bar, "progress", "auto", "progress display: auto (bar on a terminal), bar, plain, none")
 	return cmd

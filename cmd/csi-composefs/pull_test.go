@@ -30,39 +30,39 @@ func TestPullAndStoreCommands(t *testing.T) {
 	t.Cleanup(srv.Close)
 	store := t.TempDir()
 
-	code, stdout, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--progress", "plain", "--digest", digest, "app.cfs")
+	code, stdout, stderr = runCmd(t, "pull", "--store-dir", store, "--repository", srv.URL, "--progress", "plain", "--digest", digest, "app.cfs")
 	if code != exitOK || !strings.Contains(stdout, digest) {
 		t.Fatalf("pull: %d %q %s", code, stdout, stderr)
 	}
 	if !strings.Contains(stderr, "fetched 3") {
 		t.Errorf("pull summary: %s", stderr)
 	}
-	code, _, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--progress", "plain", "app.cfs")
+	code, _, stderr = runCmd(t, "pull", "--store-dir", store, "--repository", srv.URL, "--progress", "plain", "app.cfs")
 	if code != exitOK || !strings.Contains(stderr, "fetched 0") {
 		t.Fatalf("second pull: %d %s", code, stderr)
 	}
-	code, stdout, _ = runCmd(t, "store", "du", "--store", store)
+	code, stdout, _ = runCmd(t, "store", "du", "--store-dir", store)
 	if code != exitOK || !strings.Contains(stdout, "objects") {
 		t.Errorf("store du: %d %s", code, stdout)
 	}
-	code, stdout, _ = runCmd(t, "store", "verify", "--store", store)
+	code, stdout, _ = runCmd(t, "store", "verify", "--store-dir", store)
 	if code != exitOK || !strings.Contains(stdout, "3 objects and 1 images") {
 		t.Errorf("store verify: %d %s", code, stdout)
 	}
-	code, stdout, _ = runCmd(t, "store", "gc", "--store", store, "--store-max-size", "1")
+	code, stdout, _ = runCmd(t, "store", "gc", "--store-dir", store, "--store-max-size", "1")
 	if code != exitOK || !strings.Contains(stdout, "removed 1 images and 3 objects") {
 		t.Errorf("store gc: %d %s", code, stdout)
 	}
 
 	// Failures: 404 is exit 1, usage errors exit 2.
-	if code, _, stderr = runCmd(t, "pull", "--store", store, "--repository", srv.URL, "--retries", "0", "missing.cfs"); code != exitFailure {
+	if code, _, stderr = runCmd(t, "pull", "--store-dir", store, "--repository", srv.URL, "--retries", "0", "missing.cfs"); code != exitFailure {
 		t.Errorf("pull of a missing image: exit %d %s", code, stderr)
 	}
 	for _, args := range [][]string{
-		{"pull", "--store", store, "app.cfs"},
-		{"pull", "--store", store, "--repository", srv.URL, "a/b"},
-		{"pull", "--store", store, "--repository", srv.URL, "--digest", "xyz", "app.cfs"},
-		{"store", "gc", "--store", store, "--store-max-size", "lots"},
+		{"pull", "--store-dir", store, "app.cfs"},
+		{"pull", "--store-dir", store, "--repository", srv.URL, "a/b"},
+		{"pull", "--store-dir", store, "--repository", srv.URL, "--digest", "xyz", "app.cfs"},
+		{"store", "gc", "--store-dir", store, "--store-max-size", "lots"},
 	} {
 		if code, _, _ := runCmd(t, args...); code != exitUsage {
 			t.Errorf("%v: exit %d, want %d", args, code, exitUsage)

@@ -25,7 +25,8 @@ func newServeCmd() *cobra.Command {
 		metricsAddr                           string
 		extraDirs                             []string
 		fetchConcurrency                      int
-		gcInterval, verifyInterval            time.Duration
+		gcInterval, gcGrace, verifyInterval   time.Duration
+		limits                                limitFlags
 		trustShared                           bool
 		insecureRegs, mirrors                 []string
 	)
@@ -62,6 +63,13 @@ to the log only.`,
 			if gcInterval < 0 {
 				return usageErrorf("--gc-interval must not be negative")
 			}
+			if gcGrace < 0 {
+				return usageErrorf("--gc-grace must not be negative")
+			}
+			grace := gcGrace
+			if grace == 0 {
+				grace = -1 // none
+			}
 			if verifyInterval < 0 {
 				return usageErrorf("--verify-interval must not be negative")
 			}
@@ -69,9 +77,13 @@ to the log only.`,
 			if err != nil {
 				return usageErrorf("--registry-mirror: %v", err)
 			}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			if err := limits.apply(&so); err != nil {
+				return err
+			}
 			return serve(cmd.Context(), serveConfig{
 				endpoint: endpoint, metricsAddr: metricsAddr,
-				store:    fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize},
+				store:    so,
 				storeDir: storeDir,
 				driver: driver.Config{DriverName: driverName, Version: version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
@@ -92,10 +104,12 @@ to the log only.`,
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
+	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
 	f.StringArrayVar(&insecureRegs, "insecure-registry", nil, "registry HOST[:PORT] (or pattern) reached over plain HTTP (repeatable; tests and local registries)")
 	f.StringArrayVar(&mirrors, "registry-mirror", nil, "REGISTRY=URL: a mirror tried first for the blobs of REGISTRY (repeatable, in order; containerd hosts.toml mirrors); manifests always come from REGISTRY with the volume's credentials")
+	limits.add(f)
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
 	f.AddGoFlagSet(gfs)

@@ -10,18 +10,14 @@ import (
 )
 
 func newStoreCmd() *cobra.Command {
-	cmd := &cobra.Command{
-		Use:   "store",
-		Short: "Maintain the node store: gc, verify, du",
-	}
-	cmd.AddCommand(newStoreGCCmd(), newStoreVerifyCmd(), newStoreDuCmd())
-	return cmd
+	return newGroupCmd("store", "Maintain the node store: gc, verify, du",
+		newStoreGCCmd(), newStoreVerifyCmd(), newStoreDuCmd())
 }
 
 func newStoreGCCmd() *cobra.Command {
 	var stf storeFlags
 	cmd := &cobra.Command{
-		Use:   "gc [--store DIR] [--store-max-size SIZE]",
+		Use:   "gc [--store-dir DIR] [--store-max-size SIZE]",
 		Short: "Remove objects no image references; over the budget, least recently used images first",
 		Long: `Remove objects no stored image references. With --store-max-size, first
 remove images, least recently used first, until the store fits. Only for a
@@ -34,7 +30,7 @@ store no plugin is using (the store is locked); the plugin runs GC itself.`,
 			}
 			// A maintenance GC has no in-process users: no grace needed.
 			opts.GCGrace = 1
-			s, err := fetch.Open(cmd.Context(), stf.dir, opts)
+			s, err := stf.openExisting(cmd.Context(), opts)
 			if err != nil {
 				return err
 			}
@@ -48,18 +44,19 @@ store no plugin is using (the store is locked); the plugin runs GC itself.`,
 			return nil
 		},
 	}
-	stf.add(cmd, false)
+	stf.addDir(cmd)
+	stf.addMaxSize(cmd)
 	return cmd
 }
 
 func newStoreVerifyCmd() *cobra.Command {
 	var stf storeFlags
 	cmd := &cobra.Command{
-		Use:   "verify [--store DIR]",
+		Use:   "verify [--store-dir DIR]",
 		Short: "Re-hash every object and image; move corrupt files to quarantine/ (exit 1 if any)",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
-			s, err := fetch.Open(cmd.Context(), stf.dir, fetch.Options{})
+			s, err := stf.openExisting(cmd.Context(), fetch.Options{})
 			if err != nil {
 				return err
 			}
@@ -83,17 +80,20 @@ func newStoreVerifyCmd() *cobra.Command {
 			return nil
 		},
 	}
-	stf.add(cmd, false)
+	stf.addDir(cmd)
 	return cmd
 }
 
 func newStoreDuCmd() *cobra.Command {
 	var stf storeFlags
 	cmd := &cobra.Command{
-		Use:   "du [--store DIR]",
+		Use:   "du [--store-dir DIR]",
 		Short: "Show the files and bytes of the store (works while the plugin runs)",
 		Args:  exactArgs(0),
 		RunE: func(cmd *cobra.Command, args []string) error {
+			if err := fetch.CheckStoreDir(stf.dir); err != nil {
+				return usageErrorf("--store-dir: %v", err)
+			}
 			u, err := fetch.DiskUsage(cmd.Context(), stf.dir)
 			if err != nil {
 				return err
@@ -111,6 +111,6 @@ func newStoreDuCmd() *cobra.Command {
 			return tw.Flush()
 		},
 	}
-	stf.add(cmd, false)
+	stf.addDir(cmd)
 	return cmd
 }

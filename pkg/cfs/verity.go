@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"hash"
 	"io"
+	"strings"
 )
 
 // VerityBlockSize is the fs-verity Merkle tree block size composefs uses.
@@ -39,6 +40,21 @@ func ParseDigest(s string) (Digest, error) {
 	}
 	if _, err := hex.Decode(d[:], []byte(s)); err != nil {
 		return d, fmt.Errorf("digest %q: %w", truncateForError(s), err)
+	}
+	return d, nil
+}
+
+// ParseUserDigest parses a digest a user gives (a command's --digest, a
+// volume's digest attribute): 64 hex characters, optionally after
+// "sha256:". The all-zero digest is refused: no content has it, and the
+// tools would take it for "no digest" and use an image unverified.
+func ParseUserDigest(s string) (Digest, error) {
+	d, err := ParseDigest(strings.TrimPrefix(s, "sha256:"))
+	if err != nil {
+		return d, err
+	}
+	if d.IsZero() {
+		return d, fmt.Errorf("digest %s: the all-zero digest names no content (give the image's fs-verity digest)", s)
 	}
 	return d, nil
 }

@@ -7,6 +7,7 @@ import (
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"net"
 	"net/http"
@@ -180,10 +181,9 @@ func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
 	spec.Source = src
 
 	if d := vc[AttrDigest]; d != "" {
-		d = strings.TrimPrefix(d, "sha256:")
-		dg, err := cfs.ParseDigest(d)
+		dg, err := cfs.ParseUserDigest(d)
 		if err != nil {
-			return spec, invalidArg(AttrDigest, "want %d hex characters (the image's fs-verity digest)", 2*cfs.DigestSize)
+			return spec, invalidArg(AttrDigest, "want the image's fs-verity digest, %d hex characters, not all zero", 2*cfs.DigestSize)
 		}
 		spec.Ref.Digest = dg
 	}
@@ -289,6 +289,11 @@ func canonicalHTTPURL(raw string) (string, error) {
 	if u.Host == "" {
 		return "", fmt.Errorf("no host")
 	}
+	for i := 0; i < len(u.Host); i++ {
+		if c := u.Host[i]; c <= ' ' || c >= 0x7f {
+			return "", fmt.Errorf("the host must be ASCII (an international name in its xn-- form)")
+		}
+	}
 	if u.RawQuery != "" || u.Fragment != "" || u.ForceQuery {
 		return "", fmt.Errorf("query and fragment are not allowed")
 	}
@@ -311,7 +316,9 @@ func canonicalHTTPURL(raw string) (string, error) {
 }
 
 // ParseSecrets reads the nodePublishSecretRef secret. Errors name the key,
-// never the value.
+// never the value. A value that cannot go in an HTTP header (a control
+// character, as a newline inside a token) is invalid input, refused here
+// rather than failing every request.
 func ParseSecrets(secrets map[string]string) (Credentials, error) {
 	var c Credentials
 	keys := make([]string, 0, len(secrets))
@@ -324,6 +331,9 @@ func ParseSecrets(secrets map[string]string) (Credentials, error) {
 		switch k {
 		case SecretUsername:
 			c.Username = v
+			if strings.Contains(v, ":") {
+				return c, invalidArg("secrets", "key %q: must not contain ':' (basic auth)", k)
+			}
 		case SecretPassword:
 			c.Password = v
 		case SecretToken:
@@ -335,19 +345,55 @@ func ParseSecrets(secrets map[string]string) (Credentials, error) {
 			}
 		case SecretDockerConfig:
 			c.DockerConfig = []byte(v)
-			var dc dockerConfig
-			if err := json.Unmarshal(c.DockerConfig, &dc); err != nil {
-				return c, invalidArg("secrets", "key %q: not a docker config JSON", k)
+			if err := checkDockerConfig(c.DockerConfig); err != nil {
+				return c, invalidArg("secrets", "key %q: %v", k, err)
 			}
 		default:
 			return c, invalidArg("secrets", "unknown key %q (known: %s, %s, %s, %s, %s)",
 				k, SecretUsername, SecretPassword, SecretToken, SecretCA, SecretDockerConfig)
 		}
 	}
+	for _, f := range []struct{ key, v string }{
+		{SecretUsername, c.Username}, {SecretPassword, c.Password}, {SecretToken, c.Token},
+	} {
+		if strings.ContainsFunc(f.v, isControl) {
+			return c, invalidArg("secrets", "key %q: contains a control character (a newline inside the value?)", f.key)
+		}
+	}
 	if c.Password != "" && c.Username == "" {
 		return c, invalidArg("secrets", "key %q given without %q", SecretPassword, SecretUsername)
 	}
 	return c, nil
+}
+
+func isControl(r rune) bool { return r < ' ' || r == 0x7f }
+
+// checkDockerConfig checks a .dockerconfigjson: JSON with an "auths" map
+// whose entries give username and password, or auth = base64(user:pass),
+// none with a control character. Errors name the registry, never a value.
+func checkDockerConfig(raw []byte) error {
+	var dc dockerConfig
+	if err := json.Unmarshal(raw, &dc); err != nil {
+		return fmt.Errorf("not a docker config JSON")
+	}
+	hosts := make([]string, 0, len(dc.Auths))
+	for h := range dc.Auths {
+		hosts = append(hosts, h)
+	}
+	sort.Strings(hosts)
+	for _, h := range hosts {
+		user, pass, err := dockerEntryAuth(dc.Auths[h])
+		if err != nil {
+			return fmt.Errorf("auths[%q]: %v", h, err)
+		}
+		if strings.ContainsFunc(user+pass, isControl) {
+			return fmt.Errorf("auths[%q]: the credentials contain a control character", h)
+		}
+		if strings.Contains(user, ":") {
+			return fmt.Errorf("auths[%q]: the username must not contain ':'", h)
+		}
+	}
+	return nil
 }
 
 // AllowList holds the URL prefixes sources must start with.
@@ -452,6 +498,9 @@ func newHTTPSource(base string, creds Credentials, allowRedirect func(*url.URL) 
 		opts.Transport = t
 	}
 	src, err := fetch.NewHTTPSource(base, opts)
+	if errors.Is(err, fetch.ErrInvalidCredentials) {
+		return nil, invalidArg("secrets", "%v", err)
+	}
 	if err != nil {
 		return nil, invalidArg(AttrRepository, "%v", err)
 	}
@@ -481,11 +530,30 @@ func transportWithCA(ca []byte) (http.RoundTripper, error) {
 }
 
 type dockerConfig struct {
-	Auths map[string]struct {
-		Auth     string `json:"auth"`
-		Username string `json:"username"`
-		Password string `json:"password"`
-	} `json:"auths"`
+	Auths map[string]dockerAuth `json:"auths"`
+}
+
+type dockerAuth struct {
+	Auth     string `json:"auth"`
+	Username string `json:"username"`
+	Password string `json:"password"`
+}
+
+// dockerEntryAuth returns the credentials of one auths entry: username
+// and password, or auth = base64(user:password).
+func dockerEntryAuth(e dockerAuth) (user, pass string, err error) {
+	if e.Username != "" || e.Auth == "" {
+		return e.Username, e.Password, nil
+	}
+	b, err := base64.StdEncoding.DecodeString(e.Auth)
+	if err != nil {
+		return "", "", fmt.Errorf("auth is not base64")
+	}
+	user, pass, ok := strings.Cut(string(b), ":")
+	if !ok {
+		return "", "", fmt.Errorf("auth is not base64 of user:password")
+	}
+	return user, pass, nil
 }
 
 // dockerConfigAuth finds the credentials a .dockerconfigjson holds for
@@ -495,7 +563,13 @@ func dockerConfigAuth(raw []byte, host string) (user, pass string, ok bool) {
 	if json.Unmarshal(raw, &dc) != nil {
 		return "", "", false
 	}
-	for k, e := range dc.Auths {
+	keys := make([]string, 0, len(dc.Auths))
+	for k := range dc.Auths {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys) // the same entry every time when two name the host
+	for _, k := range keys {
+		e := dc.Auths[k]
 		h := k
 		if u, err := url.Parse(k); err == nil && u.Host != "" {
 			h = u.Host
@@ -503,15 +577,8 @@ func dockerConfigAuth(raw []byte, host string) (user, pass string, ok bool) {
 		if !strings.EqualFold(h, host) {
 			continue
 		}
-		if e.Username != "" {
-			return e.Username, e.Password, true
-		}
-		b, err := base64.StdEncoding.DecodeString(e.Auth)
-		if err != nil {
-			return "", "", false
-		}
-		user, pass, ok = strings.Cut(string(b), ":")
-		return user, pass, ok
+		user, pass, err := dockerEntryAuth(e)
+		return user, pass, err == nil && (user != "" || pass != "")
 	}
 	return "", "", false
 }

@@ -54,9 +54,12 @@ func TestParseVolumeContext(t *testing.T) {
 		{name: "bad scheme", vc: map[string]string{"repository": "ftp://r", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
 		{name: "credentials in URL", vc: map[string]string{"repository": "https://u:secretpw@r", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
 		{name: "query", vc: map[string]string{"repository": "https://r/?x=1", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository"},
+		{name: "host not ASCII", vc: map[string]string{"repository": "http://\xb7", "image": "a"}, errCode: codes.InvalidArgument, errHas: "repository: the host must be ASCII"},
 		{name: "no image nor digest", vc: map[string]string{"repository": "https://r"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad image name", vc: map[string]string{"repository": "https://r", "image": "../x"}, errCode: codes.InvalidArgument, errHas: "image"},
 		{name: "bad digest", vc: map[string]string{"repository": "https://r", "digest": "abc"}, errCode: codes.InvalidArgument, errHas: "digest"},
+		{name: "all-zero digest", vc: map[string]string{"repository": "https://r", "image": "a", "digest": strings.Repeat("0", 64)}, errCode: codes.InvalidArgument, errHas: "digest: want the image's fs-verity digest"},
+		{name: "all-zero digest with prefix", vc: map[string]string{"repository": "https://r", "digest": "sha256:" + strings.Repeat("0", 64)}, errCode: codes.InvalidArgument, errHas: "not all zero"},
 		{name: "bad pull policy", vc: map[string]string{"repository": "https://r", "image": "a", "pullPolicy": "Sometimes"}, errCode: codes.InvalidArgument, errHas: "pullPolicy"},
 		{name: "bad verity", vc: map[string]string{"repository": "https://r", "image": "a", "verity": "maybe"}, errCode: codes.InvalidArgument, errHas: "verity"},
 		{name: "empty verity", vc: map[string]string{"repository": "https://r", "image": "a", "verity": ""}, errCode: codes.InvalidArgument, errHas: "verity"},
@@ -100,6 +103,15 @@ func TestParseSecrets(t *testing.T) {
 		{name: "bad CA", secrets: map[string]string{"ca.crt": "hunter2"}, errHas: "ca.crt"},
 		{name: "bad docker config", secrets: map[string]string{".dockerconfigjson": "hunter2"}, errHas: ".dockerconfigjson"},
 		{name: "password alone", secrets: map[string]string{"password": "hunter2"}, errHas: "username"},
+		{name: "newline inside the token", secrets: map[string]string{"token": "hunter2\nX-Injected: 1\n"}, errHas: `"token"`},
+		{name: "NUL in the token", secrets: map[string]string{"token": "hunter2\x00"}, errHas: `"token"`},
+		{name: "CR in the password", secrets: map[string]string{"username": "u", "password": "hunter2\r\n"}, errHas: `"password"`},
+		{name: "tab in the username", secrets: map[string]string{"username": "hunter2\t"}, errHas: `"username"`},
+		{name: "colon in the username", secrets: map[string]string{"username": "hunter2:x", "password": "p"}, errHas: `"username"`},
+		{name: "docker auth not base64", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r.example":{"auth":"hunter2!"}}}`}, errHas: `auths["r.example"]: auth is not base64`},
+		{name: "docker auth without colon", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"auth":"aHVudGVyMg=="}}}`}, errHas: "user:password"},
+		{name: "docker password with a newline", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"username":"u","password":"hunter2\n"}}}`}, errHas: "control character"},
+		{name: "docker auth with a newline", secrets: map[string]string{".dockerconfigjson": `{"auths":{"r":{"auth":"dTpodW50ZXIyCg=="}}}`}, errHas: "control character"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -202,9 +214,13 @@ func TestErrorCode(t *testing.T) {
 		{"no verity", wrap(cfs.ErrVerityUnsupported), codes.FailedPrecondition},
 		{"pull never", wrap(errNotOnNode), codes.FailedPrecondition},
 		{"disk full", wrap(syscall.ENOSPC), codes.ResourceExhausted},
+		{"object over the node limit", wrap(fmt.Errorf("object x is 9 bytes: %w", fetch.ErrResourceLimit)), codes.ResourceExhausted},
 		{"transient exhausted", wrap(fetch.Transient(errors.New("503"))), codes.Unavailable},
 		{"deadline", wrap(context.DeadlineExceeded), codes.Aborted},
 		{"canceled", wrap(context.Canceled), codes.Aborted},
+		{"redirect refused", wrap(&fetch.SourceError{Err: fmt.Errorf("to x: %w", fetch.ErrRedirectRefused)}), codes.PermissionDenied},
+		{"redirect loop", wrap(&fetch.SourceError{Err: fmt.Errorf("loop: %w", fetch.ErrRedirectLoop)}), codes.FailedPrecondition},
+		{"invalid credentials", wrap(fetch.ErrInvalidCredentials), codes.InvalidArgument},
 		{"other", errors.New("boom"), codes.Internal},
 	} {
 		t.Run(tt.name, func(t *testing.T) {

@@ -15,7 +15,6 @@ import (
 	"time"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
-	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
@@ -31,6 +30,7 @@ type Store interface {
 	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
+	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool
 	ImageShown(ctx context.Context, d cfs.Digest, principal string) bool
 	ImagePath(d cfs.Digest) string
@@ -49,7 +49,8 @@ var _ Store = (*fetch.Store)(nil)
 // Mounter mounts and finds composefs mounts (KernelMounter in production).
 type Mounter interface {
 	Mount(ctx context.Context, image, target string, opts cfs.MountOptions) (cfs.MountResult, error)
-	// Unmount unmounts target; nothing mounted is not an error.
+	// Unmount unmounts target; nothing mounted is not an error. A busy
+	// mount is not detached: the error wraps unix.EBUSY.
 	Unmount(target string) error
 	// MountAt returns the topmost mount at target.
 	MountAt(target string) (cfs.MountInfo, bool, error)
@@ -65,15 +66,10 @@ func (KernelMounter) Mount(ctx context.Context, image, target string, opts cfs.M
 	return cfs.Mount(ctx, image, target, opts)
 }
 
-// Unmount unmounts target, lazily when it is busy (a process still holds
-// a file: the mount goes away when it closes it).
-func (KernelMounter) Unmount(target string) error {
-	err := cfs.Unmount(target, false)
-	if err != nil && errors.Is(err, unix.EBUSY) {
-		return cfs.Unmount(target, true)
-	}
-	return err
-}
+// Unmount unmounts target. A busy mount (a process still holds a file or
+// its working directory inside) fails with EBUSY and stays: detaching it
+// lazily would let GC remove content that process still reads.
+func (KernelMounter) Unmount(target string) error { return cfs.Unmount(target, false) }
 
 // MountAt calls cfs.IsMounted.
 func (KernelMounter) MountAt(target string) (cfs.MountInfo, bool, error) {
@@ -273,6 +269,11 @@ func (d *Driver) Recover(ctx context.Context) error {
 			continue
 		}
 		log.Info("Volume no longer mounted; forgetting it", "target", r.Target, "volumeID", r.VolumeID, "image", r.Image)
+		// The record is the only memory that the driver made the directory:
+		// remove it now if it is still the empty directory it made.
+		if err := removeTarget(klog.NewContext(ctx, log.WithValues("target", r.Target)), r.Target, r.CreatedDir); err != nil {
+			log.Error(err, "Removing the target directory of a volume no longer mounted", "target", r.Target)
+		}
 		if err := st.remove(r.Target); err != nil {
 			return fmt.Errorf("recovering state: %w", err)
 		}

@@ -36,6 +36,12 @@ func errorCode(err error) codes.Code {
 		return codes.Aborted
 	case errors.Is(err, errNotAuthorized), errors.Is(err, errNotOnNode):
 		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrRedirectRefused):
+		return codes.PermissionDenied
+	case errors.Is(err, fetch.ErrRedirectLoop):
+		return codes.FailedPrecondition
+	case errors.Is(err, fetch.ErrInvalidCredentials):
+		return codes.InvalidArgument
 	case errors.Is(err, fetch.ErrNotProven):
 		return codes.PermissionDenied
 	case errors.Is(err, fetch.ErrNotFound):
@@ -47,7 +53,7 @@ func errorCode(err error) codes.Code {
 		errors.Is(err, cfs.ErrNotComposefsImage), errors.Is(err, cfs.ErrVerityUnsupported),
 		errors.Is(err, cfs.ErrVerityNotEnabled):
 		return codes.FailedPrecondition
-	case errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
+	case errors.Is(err, fetch.ErrResourceLimit), errors.Is(err, syscall.ENOSPC), errors.Is(err, syscall.EDQUOT):
 		return codes.ResourceExhausted
 	case fetch.IsTransient(err):
 		return codes.Unavailable

@@ -19,10 +19,14 @@ import (
 // fetchOps runs at most one fetch per key (the volume's content and pull
 // policy). A fetch runs under the driver's context, not the caller's: when
 // kubelet's deadline comes first the caller answers Aborted and the fetch
-// goes on; kubelet's retry joins it or finds it done.
+// goes on; kubelet's retry joins it or finds it done. A fetch that failed
+// while nobody waited for it is kept for the next caller (for a while), so
+// that kubelet learns why it failed instead of starting it over and being
+// told "in progress" forever.
 type fetchOps struct {
-	mu sync.Mutex
-	m  map[string]*fetchOp
+	mu     sync.Mutex
+	m      map[string]*fetchOp
+	failed map[string]*fetchOp // failures no caller has been told of yet
 }
 
 type fetchOp struct {
@@ -33,9 +37,20 @@ type fetchOp struct {
 	digest   cfs.Digest
 	stats    fetch.Stats
 	err      error
+	waiters  int       // callers waiting for the result (under fetchOps.mu)
+	ended    time.Time // when it failed, for failed
 }
 
-func newFetchOps() *fetchOps { return &fetchOps{m: make(map[string]*fetchOp)} }
+// keepFailure is how long an unreported failure waits for the next call;
+// kubelet retries well within it. maxFailures bounds how many are kept.
+const (
+	keepFailure = 5 * time.Minute
+	maxFailures = 1024
+)
+
+func newFetchOps() *fetchOps {
+	return &fetchOps{m: make(map[string]*fetchOp), failed: make(map[string]*fetchOp)}
+}
 
 // inFlight returns how many fetches run.
 func (g *fetchOps) inFlight() int {
@@ -44,26 +59,47 @@ func (g *fetchOps) inFlight() int {
 	return len(g.m)
 }
 
-// join returns the fetch running for key, or starts one with run. The
-// result stays available to every holder of the op; the op leaves the
-// map when run returns, so a later call starts afresh (and finds the
-// work done).
+// join returns the fetch running for key, or a recent failure for key no
+// caller has been told of, or starts a fetch with start. The caller waits
+// for the result or calls leave. The op leaves the map when it is done, so
+// a later call starts afresh (and finds the work done).
 func (g *fetchOps) join(key string, now time.Time, start func(op *fetchOp)) (*fetchOp, bool) {
 	g.mu.Lock()
 	defer g.mu.Unlock()
 	if op, ok := g.m[key]; ok {
+		op.waiters++
 		return op, false
 	}
-	op := &fetchOp{key: key, started: now, done: make(chan struct{})}
+	if op, ok := g.failed[key]; ok {
+		delete(g.failed, key)
+		if now.Sub(op.ended) < keepFailure {
+			return op, false
+		}
+	}
+	op := &fetchOp{key: key, started: now, done: make(chan struct{}), waiters: 1}
 	g.m[key] = op
 	start(op)
 	return op, true
 }
 
-func (g *fetchOps) finish(op *fetchOp) {
+// leave says a caller stopped waiting for op without its result.
+func (g *fetchOps) leave(op *fetchOp) {
+	g.mu.Lock()
+	op.waiters--
+	g.mu.Unlock()
+}
+
+func (g *fetchOps) finish(op *fetchOp, now time.Time) {
 	g.mu.Lock()
 	if g.m[op.key] == op {
 		delete(g.m, op.key)
+	}
+	if op.err != nil && op.waiters <= 0 {
+		if len(g.failed) >= maxFailures {
+			clear(g.failed)
+		}
+		op.ended = now
+		g.failed[op.key] = op
 	}
 	g.mu.Unlock()
 	close(op.done)
@@ -86,13 +122,13 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, 
 			op.digest, op.stats, op.err = d.fetch(fctx, spec, src, credFP, &op.progress)
 			d.metrics.observeFetch(op.stats, op.err)
 			if op.err != nil && fctx.Err() == nil {
-				log.Error(op.err, "Fetch failed", "source", spec.Source.URL, "image", spec.Ref.String())
+				log.Error(op.err, "Fetch failed", "source", fetch.RedactURL(spec.Source.URL), "image", spec.Ref.String())
 			}
-			d.ops.finish(op)
+			d.ops.finish(op, d.now())
 		})
 		if !ok {
 			op.err = status.Error(codes.Unavailable, "the plugin is shutting down")
-			go d.ops.finish(op) // finish takes the lock join holds
+			go d.ops.finish(op, d.now()) // finish takes the lock join holds
 		}
 	})
 	if !started {
@@ -108,10 +144,16 @@ func (d *Driver) ensure(ctx context.Context, spec VolumeSpec, src fetch.Source, 
 	case <-op.done:
 		return op.digest, op.err
 	case <-wctx.Done():
+		d.ops.leave(op)
+		select {
+		case <-op.done: // it ended meanwhile: that is the answer
+			return op.digest, op.err
+		default:
+		}
 		p := &op.progress
 		return cfs.Digest{}, status.Errorf(codes.Aborted,
 			"fetching image %s from %s is still in progress (%d of %d objects, %d of %d bytes downloaded); it goes on in the background",
-			spec.Ref, spec.Source.URL, p.DoneObjects.Load(), p.Objects.Load(), p.Fetched.Load(), p.FetchBytes.Load())
+			spec.Ref, fetch.RedactURL(spec.Source.URL), p.DoneObjects.Load(), p.Objects.Load(), p.Fetched.Load(), p.FetchBytes.Load())
 	}
 }
 

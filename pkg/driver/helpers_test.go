@@ -157,7 +157,10 @@ func (e *testEnv) open(cfg Config, opts ...Option) {
 	e.t.Helper()
 	ctx := klog.NewContext(context.Background(), klog.Background())
 	so := e.storeOpts
-	so.ExtraObjectDirs, so.Retries = cfg.ExtraObjectDirs, -1
+	so.ExtraObjectDirs = cfg.ExtraObjectDirs
+	if so.Retries == 0 {
+		so.Retries = -1 // tests that count requests set storeOpts.Retries
+	}
 	st, err := fetch.Open(ctx, e.root, so)
 	if err != nil {
 		e.t.Fatal(err)

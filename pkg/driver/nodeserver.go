@@ -9,11 +9,13 @@ import (
 	"path/filepath"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
+	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
 // Access modes a read-only volume accepts: the reader-only ones, and
@@ -122,7 +124,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	}
 	ctx = klog.NewContext(ctx, log)
 	if !d.cfg.AllowedSources.Allows(spec.Source) {
-		return status.Errorf(codes.PermissionDenied, "%s: source %s is not allowed on this node (--allowed-sources)", AttrRepository, spec.Source.URL)
+		return status.Errorf(codes.PermissionDenied, "%s: source %s is not allowed on this node (--allowed-sources)", AttrRepository, fetch.RedactURL(spec.Source.URL))
 	}
 	mode := effectiveVerity(spec.Verity, d.cfg.MinVerity)
 	if mode == cfs.VerityRequire && !d.store.VerityEnabled() {
@@ -146,8 +148,14 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		return toStatus("checking target_path", err)
 	}
 	rec, hasRec := d.state.get(target)
+	params := publishParams(req)
 	switch {
+	case mounted && hasRec && rec.VolumeID != req.GetVolumeId():
+		return status.Errorf(codes.AlreadyExists, "target_path %s already has volume %s published, not %s", target, rec.VolumeID, req.GetVolumeId())
 	case mounted && hasRec && rec.Key == spec.Key():
+		if why := rec.incompatibility(params, mi); why != "" {
+			return status.Errorf(codes.AlreadyExists, "target_path %s: volume %s is already published there incompatibly: %s", target, rec.VolumeID, why)
+		}
 		if md, ok := mi.ImageDigest(); mi.IsComposefs() && (!ok || md.String() == rec.Image) {
 			log.V(4).Info("Volume already published")
 			return nil
@@ -176,7 +184,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	dg, err := d.ensure(ctx, spec, src, creds.fingerprint())
 	if err != nil {
 		d.reportFailure(ctx, spec.Pod, err)
-		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, spec.Source.URL), err)
+		return toStatus(fmt.Sprintf("fetching image %s from %s", spec.Ref, fetch.RedactURL(spec.Source.URL)), err)
 	}
 	newRec := Record{
 		Target:    target,
@@ -187,6 +195,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		Name:      spec.Ref.Name,
 		Verity:    mode,
 		Published: d.now().UTC(),
+		Publish:   params,
 	}
 	if spec.Pod.Name != "" {
 		newRec.Pod = spec.Pod.Namespace + "/" + spec.Pod.Name
@@ -194,6 +203,9 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 	if adopt {
 		if md, ok := mi.ImageDigest(); !ok || md != dg {
 			return status.Errorf(codes.AlreadyExists, "target_path %s already has another composefs image mounted (%s)", target, mi.Source)
+		}
+		if why := (Record{}).incompatibility(params, mi); why != "" {
+			return status.Errorf(codes.AlreadyExists, "target_path %s: a composefs mount is there, %s", target, why)
 		}
 		d.pin(target, dg)
 		if err := d.state.put(newRec); err != nil {
@@ -330,6 +342,12 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 	log := klog.FromContext(ctx).WithValues("volumeID", req.GetVolumeId(), "target", target)
 
 	rec, hasRec := d.state.get(target)
+	if hasRec && rec.VolumeID != req.GetVolumeId() {
+		// Not this volume's publish: leave it alone (NOT_FOUND is the
+		// spec's code for a volume_id that does not exist, here at this
+		// target).
+		return status.Errorf(codes.NotFound, "volume %s is not published at target_path %s (volume %s is); nothing was unmounted", req.GetVolumeId(), target, rec.VolumeID)
+	}
 	// Unmount every composefs mount stacked at target (normally one).
 	for i := 0; ; i++ {
 		mi, mounted, err := d.mounter.MountAt(target)
@@ -346,10 +364,15 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 			return status.Errorf(codes.Internal, "target_path %s: still mounted after %d unmounts", target, i)
 		}
 		if err := d.mounter.Unmount(target); err != nil {
+			if errors.Is(err, unix.EBUSY) {
+				// Never detach lazily: the content would lose its pin while a
+				// process can still read it. Kubelet retries.
+				return status.Errorf(codes.Unavailable, "target_path %s is busy: a process still uses the volume (or something is mounted inside it); it stays mounted and its content stays pinned until it is released", target)
+			}
 			return toStatus("unmounting target_path", err)
 		}
 	}
-	if err := os.Remove(target); err != nil && !errors.Is(err, fs.ErrNotExist) {
+	if err := removeTarget(ctx, target, hasRec && rec.CreatedDir); err != nil {
 		return toStatus("removing target_path", err)
 	}
 	d.unpin(target)
@@ -361,6 +384,38 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 	}
 	d.metrics.setVolumes(d.state.len())
 	return nil
+}
+
+// removeTarget removes the target directory if the driver created it and
+// it is still an empty directory. Whatever else is at the path (a
+// directory that was there before publish, a file or a symlink put there,
+// content written into the directory) is not the driver's and stays; a
+// symlink is never followed.
+func removeTarget(ctx context.Context, target string, created bool) error {
+	log := klog.FromContext(ctx)
+	if !created {
+		log.V(4).Info("Leaving target_path in place: the driver did not create it")
+		return nil
+	}
+	fi, err := os.Lstat(target)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return err
+	case !fi.IsDir():
+		log.Info("Leaving target_path in place: it is no longer the directory the driver created", "mode", fi.Mode().String())
+		return nil
+	}
+	err = unix.Rmdir(target)
+	switch {
+	case err == nil, errors.Is(err, unix.ENOENT):
+		return nil
+	case errors.Is(err, unix.ENOTEMPTY), errors.Is(err, unix.EEXIST):
+		log.Info("Leaving target_path in place: something not of the driver's is inside")
+		return nil
+	}
+	return fmt.Errorf("removing %s: %w", target, err)
 }
 
 // NodeGetVolumeStats reports the image's bytes and inodes, and the
@@ -387,7 +442,12 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	if err != nil {
 		return nil, status.Errorf(codes.Internal, "volume record of %s: %v", path, err)
 	}
-	st, err := d.imageStats(dg)
+	st, err := d.imageStats(ctx, dg)
+	if err != nil && ctx.Err() != nil {
+		// Gave up waiting for the parse memory budget: the call failed,
+		// not the volume.
+		return nil, toStatus("reading the image's stats", err)
+	}
 	if err != nil {
 		// The image file is gone or unreadable: that is the volume's
 		// condition, not a failure of the call. Usage is unknown.
@@ -412,28 +472,19 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 	return resp, nil
 }
 
-// imageStats parses the image once and caches its summary.
-func (d *Driver) imageStats(dg cfs.Digest) (cfs.ImageStats, error) {
+// imageStats parses the image once (within the store's parse memory
+// budget) and caches its summary.
+func (d *Driver) imageStats(ctx context.Context, dg cfs.Digest) (cfs.ImageStats, error) {
 	d.mu.Lock()
 	ir, ok := d.infos[dg]
 	d.mu.Unlock()
 	if ok {
 		return ir.stats, nil
 	}
-	f, err := os.Open(d.store.ImagePath(dg))
+	st, err := d.store.ImageStats(ctx, dg)
 	if err != nil {
 		return cfs.ImageStats{}, err
 	}
-	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil {
-		return cfs.ImageStats{}, err
-	}
-	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
-	if err != nil {
-		return cfs.ImageStats{}, fmt.Errorf("image %s: %w", dg, err)
-	}
-	st := img.Stats()
 	d.mu.Lock()
 	d.infos[dg] = &imgRef{stats: st}
 	d.mu.Unlock()

@@ -431,6 +431,11 @@ func TestPublishAdoptsUnrecordedMount(t *testing.T) {
 	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
 		t.Fatal(err)
 	}
+	// Whether the driver made the directory died with the record: it stays
+	// (kubelet removes its mount directory after a successful unpublish).
+	if err := os.Remove(target); err != nil {
+		t.Errorf("the target is not left as an empty directory: %v", err)
+	}
 	assertClean(t, e, target)
 }
 
@@ -559,8 +564,8 @@ func TestCredentialsAreCheckedForStoredContent(t *testing.T) {
 	if n := repo.requests("/objects/") - before; n != 0 {
 		t.Errorf("%d object requests for content already on the node", n)
 	}
-	for _, tg := range []string{good, again} {
-		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", tg)); err != nil {
+	for tg, volID := range map[string]string{good: "v1", again: "v3"} {
+		if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq(volID, tg)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -598,5 +603,64 @@ func TestMountFlags(t *testing.T) {
 			t.Errorf("flags %q: %v, want InvalidArgument naming mount_flags", flags, err)
 		}
 		assertClean(t, e, other)
+	}
+}
+
+// TestVerifyIntervalSchedule: with VerifyInterval set, the driver re-hashes
+// the store by itself, again and again: an object corrupted after publish
+// is quarantined without anyone calling RunVerify, and so is another one
+// corrupted after that first pass; the volume then reports abnormal.
+func TestVerifyIntervalSchedule(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	dg := repo.publish(t, "app", sampleFiles(6))
+	e := newTestEnv(t, Config{VerifyInterval: 20 * time.Millisecond})
+	target := filepath.Join(t.TempDir(), "vol")
+	cleanupMounts(t, target)
+	vc := map[string]string{"repository": repo.srv.URL, "digest": dg.String()}
+	if _, err := e.d.NodePublishVolume(context.Background(), publishReq("v", target, vc)); err != nil {
+		t.Fatal(err)
+	}
+	objs := objectsOf(t, e.store.ImagePath(dg))
+	if len(objs) < 2 {
+		t.Fatalf("the sample image has %d objects, want at least 2", len(objs))
+	}
+	quarantined := func() int {
+		ents, err := os.ReadDir(filepath.Join(e.store.Root(), "quarantine"))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(ents)
+	}
+	if n := quarantined(); n != 0 {
+		t.Fatalf("%d files quarantined before any corruption", n)
+	}
+	for i, o := range objs[:2] {
+		p := filepath.Join(e.store.ObjectsDir(), o.Digest.ObjectPath())
+		b, err := os.ReadFile(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		b[0] ^= 0xff
+		if err := os.WriteFile(p, b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		// Bounded wait for the background pass (not a timing assertion).
+		deadline := time.Now().Add(30 * time.Second)
+		for quarantined() < i+1 {
+			if time.Now().After(deadline) {
+				t.Fatalf("object %d corrupted, not quarantined within 30s: the periodic verification does not run", i)
+			}
+			time.Sleep(10 * time.Millisecond)
+		}
+		if _, err := os.Stat(p); !os.IsNotExist(err) {
+			t.Fatalf("corrupt object %s still in objects/: %v", o.Digest, err)
+		}
+	}
+	if c := e.volumeCondition(t, target); !c.GetAbnormal() {
+		t.Fatalf("condition %+v, want abnormal", c)
+	}
+	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
+		t.Fatal(err)
 	}
 }

@@ -9,10 +9,13 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"slices"
 	"sort"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/container-storage-interface/spec/lib/go/csi"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
@@ -29,10 +32,55 @@ type Record struct {
 	Source string         `json:"source"`
 	Name   string         `json:"name,omitempty"`
 	Verity cfs.VerityMode `json:"verity"`
-	// CreatedDir: the driver made the target directory (and removes it).
+	// CreatedDir: the driver made the target directory (and removes it);
+	// a directory it did not make stays.
 	CreatedDir bool      `json:"createdDir"`
 	Pod        string    `json:"pod,omitempty"` // namespace/name, for logs
 	Published  time.Time `json:"published"`
+	// Publish is what the publish asked for beyond the content, so that a
+	// repeat with other flags, access mode or readonly is refused. Records
+	// written before it was kept have none: then noexec is compared with
+	// what the mount shows.
+	Publish *PublishParams `json:"publish,omitempty"`
+}
+
+// PublishParams are the parts of a NodePublishVolume request besides the
+// volume context that make two publishes at one target compatible.
+type PublishParams struct {
+	MountFlags []string `json:"mountFlags,omitempty"` // as given, sorted, without repeats
+	AccessMode string   `json:"accessMode"`
+	Readonly   bool     `json:"readonly"`
+}
+
+// publishParams reads the parameters of req.
+func publishParams(req *csi.NodePublishVolumeRequest) *PublishParams {
+	flags := slices.Clone(req.GetVolumeCapability().GetMount().GetMountFlags())
+	slices.Sort(flags)
+	return &PublishParams{
+		MountFlags: slices.Compact(flags),
+		AccessMode: req.GetVolumeCapability().GetAccessMode().GetMode().String(),
+		Readonly:   req.GetReadonly(),
+	}
+}
+
+// incompatibility says how p differs from what r was published with (""
+// when it does not); mi is the mount at the target.
+func (r Record) incompatibility(p *PublishParams, mi cfs.MountInfo) string {
+	if r.Publish == nil { // an older record: the mount tells noexec
+		if want := slices.Contains(p.MountFlags, "noexec"); mi.HasOption("noexec") != want {
+			return fmt.Sprintf("mounted with noexec=%v, asked for noexec=%v", !want, want)
+		}
+		return ""
+	}
+	switch {
+	case !slices.Equal(r.Publish.MountFlags, p.MountFlags):
+		return fmt.Sprintf("published with mount_flags %q, asked for %q", r.Publish.MountFlags, p.MountFlags)
+	case r.Publish.AccessMode != p.AccessMode:
+		return fmt.Sprintf("published with access mode %s, asked for %s", r.Publish.AccessMode, p.AccessMode)
+	case r.Publish.Readonly != p.Readonly:
+		return fmt.Sprintf("published with readonly=%v, asked for readonly=%v", r.Publish.Readonly, p.Readonly)
+	}
+	return ""
 }
 
 func (r Record) digest() (cfs.Digest, error) { return cfs.ParseDigest(r.Image) }

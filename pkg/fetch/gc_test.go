@@ -48,8 +48,15 @@ func TestGCKeepsPinnedAndInFlight(t *testing.T) {
 	// An orphan object: GC always removes it.
 	orphan := content(99, 5000)
 	op := filepath.Join(root, "objects", cfs.VerityDigestOf(orphan).ObjectPath())
-	os.MkdirAll(filepath.Dir(op), 0o755)
-	os.WriteFile(op, orphan, 0o644)
+	if err := os.MkdirAll(filepath.Dir(op), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(op, orphan, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if fi, err := os.Stat(op); err != nil || fi.Size() != int64(len(orphan)) {
+		t.Fatalf("the orphan object is not in place before GC: %v", err)
+	}
 
 	// b's objects block after the first few, so GC runs mid-download.
 	release := make(chan struct{})

@@ -4,6 +4,7 @@ import (
 	"context"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"io"
@@ -24,6 +25,9 @@ type HTTPOptions struct {
 	// Username and Password enable basic auth.
 	Username, Password string
 	// BearerToken enables bearer auth (it wins over basic auth).
+	// Credentials go only to the repository's own origin (scheme, host and
+	// port), never to where a redirect leads elsewhere; control characters
+	// in them are refused (ErrInvalidCredentials).
 	BearerToken string
 	// MaxConnsPerHost bounds the connections to the server; 0 = 64. Idle
 	// connections kept for reuse are as many.
@@ -35,8 +39,9 @@ type HTTPOptions struct {
 	// Transport replaces the transport built from the options above (tests).
 	Transport http.RoundTripper
 	// AllowRedirect, when set, must accept every URL a redirect leads to
-	// (the driver re-applies its allow-list). Redirects from https to http
-	// and chains longer than 10 are always refused.
+	// (the driver re-applies its allow-list). Redirects from https to http,
+	// loops and chains longer than 10 are always refused, for good
+	// (ErrRedirectRefused, ErrRedirectLoop: no retry).
 	AllowRedirect func(*url.URL) bool
 }
 
@@ -56,14 +61,14 @@ var _ Source = (*HTTPSource)(nil)
 // NewHTTPSource returns a source for the repository at baseURL.
 func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 	u, err := url.Parse(strings.TrimSuffix(baseURL, "/"))
-	if err != nil {
-		return nil, fmt.Errorf("repository URL %q: %w", baseURL, err)
+	if err != nil { // url's error quotes the URL whole
+		return nil, fmt.Errorf("repository URL %s: not a valid URL", RedactURL(baseURL))
 	}
 	if u.Scheme != "http" && u.Scheme != "https" {
-		return nil, fmt.Errorf("repository URL %q: scheme must be http or https", redactURL(u))
+		return nil, fmt.Errorf("repository URL %q: scheme must be http or https", redactedURL(u))
 	}
 	if u.Host == "" {
-		return nil, fmt.Errorf("repository URL %q: no host", redactURL(u))
+		return nil, fmt.Errorf("repository URL %q: no host", redactedURL(u))
 	}
 	if u.User != nil { // credentials in the URL become basic auth
 		if opts.Username == "" && opts.BearerToken == "" {
@@ -73,6 +78,9 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 		u.User = nil
 	}
 	u.RawQuery, u.Fragment = "", ""
+	if err := checkCredentials(opts); err != nil {
+		return nil, err
+	}
 	if opts.MaxConnsPerHost <= 0 {
 		opts.MaxConnsPerHost = 64
 	}
@@ -90,19 +98,106 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 		}
 		rt = t
 	}
+	if auth := authorization(opts); auth != "" {
+		rt = &originAuth{rt: rt, origin: origin(u), auth: auth}
+	}
 	client := &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
-		if len(via) >= 10 {
-			return fmt.Errorf("stopped after 10 redirects")
-		}
-		if via[0].URL.Scheme == "https" && req.URL.Scheme != "https" {
-			return fmt.Errorf("refusing a redirect from https to %s", redactURL(req.URL))
-		}
-		if opts.AllowRedirect != nil && !opts.AllowRedirect(req.URL) {
-			return fmt.Errorf("redirect to %s is not an allowed source", redactURL(req.URL))
-		}
-		return nil
+		return checkRedirect(req, via, opts.AllowRedirect)
 	}}
 	return &HTTPSource{base: u, client: client, opts: opts}, nil
+}
+
+// maxRedirects bounds a redirect chain.
+const maxRedirects = 10
+
+// checkRedirect refuses, for good (no retry), a redirect chain longer than
+// maxRedirects or back to a URL it went through, one from https to http,
+// and one the allow-list refuses.
+func checkRedirect(req *http.Request, via []*http.Request, allow func(*url.URL) bool) error {
+	to := req.URL.String()
+	for _, v := range via {
+		if v.URL.String() == to {
+			return fmt.Errorf("redirect loop back to %s: %w", redactedURL(req.URL), ErrRedirectLoop)
+		}
+	}
+	if len(via) >= maxRedirects {
+		return fmt.Errorf("stopped after %d redirects: %w", maxRedirects, ErrRedirectLoop)
+	}
+	for _, v := range via {
+		if v.URL.Scheme == "https" && req.URL.Scheme != "https" {
+			return fmt.Errorf("redirect from https to %s would drop TLS: %w", redactedURL(req.URL), ErrRedirectRefused)
+		}
+	}
+	if allow != nil && !allow(req.URL) {
+		return fmt.Errorf("redirect to %s is not an allowed source: %w", redactedURL(req.URL), ErrRedirectRefused)
+	}
+	return nil
+}
+
+// checkCredentials refuses credentials that cannot go in an HTTP header
+// (a newline would end it): that is bad input, not a transient failure.
+func checkCredentials(opts HTTPOptions) error {
+	for _, c := range []struct{ what, v string }{
+		{"username", opts.Username}, {"password", opts.Password}, {"bearer token", opts.BearerToken},
+	} {
+		if i := strings.IndexFunc(c.v, isControl); i >= 0 {
+			return fmt.Errorf("%s: control character at byte %d (a stray newline?): %w", c.what, i, ErrInvalidCredentials)
+		}
+	}
+	if strings.Contains(opts.Username, ":") {
+		return fmt.Errorf("username: must not contain ':' (basic auth): %w", ErrInvalidCredentials)
+	}
+	return nil
+}
+
+func isControl(r rune) bool { return r < ' ' || r == 0x7f }
+
+// authorization is the Authorization header the options ask for, or "".
+func authorization(opts HTTPOptions) string {
+	switch {
+	case opts.BearerToken != "":
+		return "Bearer " + opts.BearerToken
+	case opts.Username != "" || opts.Password != "":
+		return "Basic " + base64.StdEncoding.EncodeToString([]byte(opts.Username+":"+opts.Password))
+	}
+	return ""
+}
+
+// origin is scheme://host:port of u, lower-case, with the default port
+// spelled out.
+func origin(u *url.URL) string {
+	scheme := strings.ToLower(u.Scheme)
+	port := u.Port()
+	if port == "" {
+		port = map[string]string{"http": "80", "https": "443"}[scheme]
+	}
+	return scheme + "://" + net.JoinHostPort(strings.ToLower(u.Hostname()), port)
+}
+
+// originAuth adds the credentials to requests for the repository's own
+// origin (scheme, host and port) only. net/http would forward a header set
+// on the first request to every port of the same host, and to subdomains.
+type originAuth struct {
+	rt     http.RoundTripper
+	origin string
+	auth   string
+}
+
+func (t *originAuth) RoundTrip(req *http.Request) (*http.Response, error) {
+	if origin(req.URL) != t.origin || req.Header.Get("Authorization") != "" {
+		return t.rt.RoundTrip(req)
+	}
+	r := req.Clone(req.Context())
+	r.Header.Set("Authorization", t.auth)
+	return t.rt.RoundTrip(r)
+}
+
+// CloseIdleConnections lets http.Client.CloseIdleConnections reach the
+// transport.
+func (t *originAuth) CloseIdleConnections() {
+	if c, ok := t.rt.(interface{ CloseIdleConnections() }); ok {
+		c.CloseIdleConnections()
+	}
 }
 
 func newTransport(opts HTTPOptions) (*http.Transport, error) {
@@ -140,7 +235,7 @@ func newTransport(opts HTTPOptions) (*http.Transport, error) {
 }
 
 // String returns the base URL (without credentials).
-func (s *HTTPSource) String() string { return s.base.String() }
+func (s *HTTPSource) String() string { return redactedURL(s.base) }
 
 // CloseIdleConnections closes idle keep-alive connections.
 func (s *HTTPSource) CloseIdleConnections() { s.client.CloseIdleConnections() }
@@ -206,18 +301,12 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...string) (*http.Response, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
 	if err != nil {
-		return nil, &SourceError{Op: op, URL: rawURL, Err: err}
+		return nil, &SourceError{Op: op, URL: rawURL, Err: errors.New(redactURLsIn(err.Error()))}
 	}
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
 	req.Header.Set("User-Agent", s.opts.UserAgent)
-	switch {
-	case s.opts.BearerToken != "":
-		req.Header.Set("Authorization", "Bearer "+s.opts.BearerToken)
-	case s.opts.Username != "" || s.opts.Password != "":
-		req.SetBasicAuth(s.opts.Username, s.opts.Password)
-	}
 	resp, err := s.client.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
@@ -228,13 +317,21 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 		if errors.As(err, &ue) {
 			err = ue.Err
 		}
+		if errors.Is(err, ErrRedirectRefused) || errors.Is(err, ErrRedirectLoop) {
+			return nil, &SourceError{Op: op, URL: rawURL, Err: err} // final: the next try goes the same way
+		}
 		var certErr *tls.CertificateVerificationError
 		var unknownCA x509.UnknownAuthorityError
 		var hostErr x509.HostnameError
 		if errors.As(err, &certErr) || errors.As(err, &unknownCA) || errors.As(err, &hostErr) {
 			return nil, &SourceError{Op: op, URL: rawURL, Err: err} // retrying will not help
 		}
-		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(err)}
+		// The caller's context is alive, so a timeout here is ours (no
+		// response headers in time, a dial or TLS handshake that hung): a
+		// transient failure of the server, not the caller giving up, which
+		// is what net/http's errors.Is(err, context.DeadlineExceeded) would
+		// say. Messages of net/http may quote a URL (a bad Location).
+		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(errors.New(redactURLsIn(err.Error())))}
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {
 		return resp, nil
@@ -270,5 +367,3 @@ func (b httpBody) Read(p []byte) (int, error) {
 	}
 	return n, err
 }
-
-func redactURL(u *url.URL) string { return u.Redacted() }

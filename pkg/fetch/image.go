@@ -112,6 +112,11 @@ func (s *Store) fetchImage(ctx context.Context, src Source, ref ImageRef, pid *p
 }
 
 func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pid *principalID) (cfs.Digest, error) {
+	room, err := s.reserveImageDownload(ctx)
+	if err != nil {
+		return cfs.Digest{}, err
+	}
+	defer room.release()
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, size, err := src.OpenImage(actx, ref)
@@ -121,6 +126,9 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	defer body.Close()
 	if size > s.opts.MaxImageSize {
 		return cfs.Digest{}, fmt.Errorf("image is %d bytes, more than the limit of %d: %w", size, s.opts.MaxImageSize, ErrSizeMismatch)
+	}
+	if size >= 0 {
+		room.shrink(size + 1)
 	}
 	f, err := os.CreateTemp(filepath.Join(s.root, tmpDir), "image-*")
 	if err != nil {
@@ -147,7 +155,12 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if !ref.Digest.IsZero() && d != ref.Digest {
 		return cfs.Digest{}, fmt.Errorf("image has digest %s, want %s: %w", d, ref.Digest, ErrDigestMismatch)
 	}
+	mem, err := s.reserveParse(ctx, n)
+	if err != nil {
+		return cfs.Digest{}, err
+	}
 	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	mem.release()
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
@@ -215,8 +228,13 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 	// No inode limit here: the image passed the limit in force when it was
 	// downloaded, and failing it now would make GC quarantine an image
 	// volumes use (and remove its objects).
+	mem, err := s.reserveParse(ctx, fi.Size())
+	if err != nil {
+		return nil, err
+	}
 	r := &readErrAt{r: f}
 	objs, err := parseImage(r, fi.Size(), math.MaxInt)
+	mem.release()
 	if err != nil {
 		if r.err != nil {
 			// The disk failed, not the image: not a reason to quarantine.
@@ -262,4 +280,28 @@ func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) 
 		}
 	}
 	return objs, nil
+}
+
+// ImageStats parses the stored image (within the parse memory budget) and
+// returns its summary.
+func (s *Store) ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error) {
+	f, err := os.Open(s.ImagePath(image))
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	defer f.Close()
+	fi, err := f.Stat()
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	mem, err := s.reserveParse(ctx, fi.Size())
+	if err != nil {
+		return cfs.ImageStats{}, err
+	}
+	defer mem.release()
+	img, err := cfs.Open(f, fi.Size(), cfs.OpenOptions{})
+	if err != nil {
+		return cfs.ImageStats{}, fmt.Errorf("image %s: %w", image, err)
+	}
+	return img.Stats(), nil
 }

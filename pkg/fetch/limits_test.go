@@ -152,7 +152,10 @@ func TestTrickleIsTooSlow(t *testing.T) {
 	checkInvariant(t, root)
 }
 
-// MaxConcurrentDownloads bounds object downloads across EnsureObjects calls.
+// MaxConcurrentDownloads bounds object downloads across EnsureObjects calls,
+// and downloads do overlap up to it: the first requests are held until
+// limit of them run at once (or more, a bug), so a store that never
+// overlaps downloads fails too.
 func TestNodeWideDownloadCap(t *testing.T) {
 	repo := t.TempDir()
 	a := makeFiles("a", 11, 10, 2000)
@@ -165,7 +168,10 @@ func TestNodeWideDownloadCap(t *testing.T) {
 		mu      sync.Mutex
 		cur     int
 		maxSeen int
+		full    = make(chan struct{}) // closed when limit run at once
 		more    = make(chan struct{}) // closed when limit+1 run at once
+		gaveUp  = make(chan struct{}) // closed when a request waited in vain
+		once    sync.Once
 	)
 	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
 		if !strings.HasPrefix(r.URL.Path, "/objects/") {
@@ -175,16 +181,28 @@ func TestNodeWideDownloadCap(t *testing.T) {
 		cur++
 		if cur > maxSeen {
 			maxSeen = cur
-			if maxSeen == limit+1 {
+			switch maxSeen {
+			case limit:
+				close(full)
+			case limit + 1:
 				close(more)
 			}
 		}
 		mu.Unlock()
-		// Hold the request until more than the limit overlap (a bug), or
-		// briefly, to let them overlap.
+		// Hold the request until limit overlap (then briefly, to give a
+		// bug the chance to start one more), or until more than the limit
+		// overlap (a bug). A store that downloads fewer at once gets there
+		// only by the timeout, and fails below.
 		select {
+		case <-full:
+			select {
+			case <-more:
+			case <-time.After(5 * time.Millisecond):
+			}
 		case <-more:
-		case <-time.After(20 * time.Millisecond):
+		case <-gaveUp:
+		case <-time.After(10 * time.Second):
+			once.Do(func() { close(gaveUp) })
 		}
 		mu.Lock()
 		cur--
@@ -216,8 +234,8 @@ func TestNodeWideDownloadCap(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	if maxSeen > limit {
-		t.Fatalf("%d object downloads at once, limit %d", maxSeen, limit)
+	if maxSeen != limit {
+		t.Fatalf("at most %d object downloads ran at once, want exactly the limit %d", maxSeen, limit)
 	}
 	if len(ts.objectHits()) != 20 {
 		t.Fatalf("%d objects requested", len(ts.objectHits()))

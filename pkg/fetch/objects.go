@@ -172,6 +172,9 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	if len(missing) == 0 {
 		return st, nil
 	}
+	if err := s.admitObjects(missing); err != nil {
+		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
+	}
 
 	var (
 		recheck []cfs.Object
@@ -416,6 +419,16 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	case <-ctx.Done():
 		return nil, context.Cause(ctx)
 	}
+	// Then room in tmp/, held until the file is published or discarded.
+	room, err := s.admitObjectDownload(ctx, o)
+	if err != nil {
+		return nil, err
+	}
+	defer func() {
+		if err != nil {
+			room.release()
+		}
+	}()
 	actx, meter, stop := s.stallContext(ctx)
 	defer stop()
 	body, err := src.OpenObject(actx, o.Digest, o.Size)
@@ -423,7 +436,7 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 		return nil, s.stallError(ctx, actx, err)
 	}
 	defer body.Close()
-	f, err := s.receiveObject(objectLocation(src, o.Digest), o, meterReader{body, meter}, p)
+	f, err := s.receiveObject(objectLocation(src, o.Digest), o, meterReader{body, meter}, p, room)
 	if err != nil {
 		return nil, s.stallError(ctx, actx, err)
 	}
@@ -435,14 +448,18 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 // and checks its size and digest; where names the source of the bytes in
 // errors. The returned file is complete and verified but not yet durable;
 // on error nothing is left behind.
-func (s *Store) receiveObject(where string, o cfs.Object, body io.Reader, p *Progress) (_ *tempFile, err error) {
+//
+// room is the object's reservation in the download budget: the file holds
+// it until it leaves tmp/ (published or discarded).
+func (s *Store) receiveObject(where string, o cfs.Object, body io.Reader, p *Progress, room *reservation) (_ *tempFile, err error) {
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
-	f, err := createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
+	f, err := s.createTemp(filepath.Join(s.root, tmpDir, o.Digest.String()[:1]), "object-"+o.Digest.String()[:16]+"-*")
 	if err != nil {
 		return nil, fmt.Errorf("creating temporary file: %w", err)
 	}
+	f.room = room
 	var n int64
 	defer func() {
 		if err != nil {

@@ -190,8 +190,14 @@ func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run
 				done++
 				continue
 			}
-			f, err := s.receiveObject(fmt.Sprintf("%s (object %s)", run.Where, o.Digest), o.Object, io.LimitReader(r, int64(o.Size)), p)
+			// Room in tmp/ for it (the request stays open meanwhile).
+			room, err := s.admitObjectDownload(ctx, o.Object)
 			if err != nil {
+				return err
+			}
+			f, err := s.receiveObject(fmt.Sprintf("%s (object %s)", run.Where, o.Digest), o.Object, io.LimitReader(r, int64(o.Size)), p, room)
+			if err != nil {
+				room.release()
 				return s.stallError(ctx, actx, err)
 			}
 			got(o.Object, f)

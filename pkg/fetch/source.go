@@ -98,12 +98,21 @@ var (
 	ErrSizeMismatch = errors.New("size mismatch")
 	// ErrInvalidImage: the image is not a valid composefs image. Permanent.
 	ErrInvalidImage = errors.New("invalid composefs image")
+	// ErrRedirectRefused: the source redirected outside the allowed
+	// sources, or from https to http. Permanent.
+	ErrRedirectRefused = errors.New("redirect refused")
+	// ErrRedirectLoop: the source redirected in a loop or too many times.
+	// Permanent.
+	ErrRedirectLoop = errors.New("too many redirects")
+	// ErrInvalidCredentials: credentials that cannot be sent (a control
+	// character in a token). Permanent.
+	ErrInvalidCredentials = errors.New("invalid credentials")
 )
 
 // SourceError is a failed request to a source.
 type SourceError struct {
 	Op     string // "fetching image", "fetching object"
-	URL    string // what was requested, without credentials
+	URL    string // what was requested; Error redacts it (RedactURL)
 	Status int    // HTTP status, 0 when none
 	Err    error  // wraps one of the errors above when it is classified
 }
@@ -112,7 +121,7 @@ func (e *SourceError) Error() string {
 	var b strings.Builder
 	b.WriteString(e.Op)
 	b.WriteString(" ")
-	b.WriteString(e.URL)
+	b.WriteString(RedactURL(e.URL))
 	if e.Status != 0 {
 		fmt.Fprintf(&b, ": HTTP %d", e.Status)
 	}

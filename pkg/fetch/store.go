@@ -44,7 +44,7 @@ type Options struct {
 	// per call); 0 means 64.
 	MaxConcurrentDownloads int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
-	// image takes about ten times its size in memory.
+	// image takes 2 to 16 times its size in memory (see ParseMemory).
 	MaxImageSize int64
 	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
 	// MaxInodes); 0 means the reader's default (4,000,000).
@@ -70,11 +70,43 @@ type Options struct {
 	// check.
 	MinRate int64
 	// GCGrace keeps images used within that long from GC even when not
-	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m.
+	// pinned, covering the gap between EnsureImage and Pin; 0 means 10m,
+	// negative means none.
 	GCGrace time.Duration
 	// DisableVerity skips enabling fs-verity on stored files even where the
 	// filesystem supports it.
 	DisableVerity bool
+	// MustExist makes Open refuse a directory that is not a store already
+	// (CheckStoreDir) instead of creating one there.
+	MustExist bool
+	// DownloadBudget bounds the bytes downloads hold in tmp/ at once, node
+	// wide: an object download reserves its size before it starts, an
+	// image download MaxImageSize until the response announces its length;
+	// downloads that do not fit wait their turn (one larger than the whole
+	// budget runs alone). 0 means 1 GiB, negative means none.
+	DownloadBudget int64
+	// ParseMemory bounds the memory that parsing images (when downloaded,
+	// and stored ones after a restart) may take at once, node wide: each
+	// parse reserves an estimate (16 bytes per byte of image, what the
+	// worst images take) before it starts; parses that do not fit wait
+	// their turn (one larger than the whole budget runs alone). 0 means
+	// 256 MiB, negative means none.
+	ParseMemory int64
+	// MaxObjectSize refuses, before downloading anything, an image that
+	// needs an object larger (ErrResourceLimit); 0 means 16 GiB, negative
+	// means no limit.
+	MaxObjectSize int64
+	// MinFreeSpace is what downloads keep free on the store's filesystem:
+	// an image whose missing objects do not fit in the free space beyond
+	// it (less what downloads in progress reserved) is refused before
+	// downloading (ErrResourceLimit, and syscall.ENOSPC), and so is each
+	// object when its download starts; 0 means 1 GiB, negative means no
+	// check (writes may then fail with ENOSPC).
+	MinFreeSpace int64
+	// NamedTempFiles downloads objects into named files under tmp/ even
+	// where the filesystem has O_TMPFILE (as on filesystems without it;
+	// tests of that path).
+	NamedTempFiles bool
 }
 
 func (o *Options) setDefaults() {
@@ -106,8 +138,22 @@ func (o *Options) setDefaults() {
 	} else if o.MinRate < 0 {
 		o.MinRate = 0
 	}
-	if o.GCGrace <= 0 {
+	if o.DownloadBudget == 0 {
+		o.DownloadBudget = 1 << 30
+	}
+	if o.ParseMemory == 0 {
+		o.ParseMemory = 256 << 20
+	}
+	if o.MaxObjectSize == 0 {
+		o.MaxObjectSize = 16 << 30
+	}
+	if o.MinFreeSpace == 0 {
+		o.MinFreeSpace = 1 << 30
+	}
+	if o.GCGrace == 0 {
 		o.GCGrace = 10 * time.Minute
+	} else if o.GCGrace < 0 {
+		o.GCGrace = 0
 	}
 }
 
@@ -153,6 +199,9 @@ type Store struct {
 
 	downloads chan struct{} // node-wide object download slots
 
+	tmpBudget   *budget // bytes of downloads in tmp/ (DownloadBudget)
+	parseBudget *budget // memory of image parses (ParseMemory)
+
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
 
@@ -177,6 +226,11 @@ type objectResult struct {
 func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 	opts.setDefaults()
 	log := klog.FromContext(ctx)
+	if opts.MustExist {
+		if err := CheckStoreDir(root); err != nil {
+			return nil, err
+		}
+	}
 	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
@@ -204,6 +258,9 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		index:   make(map[cfs.Digest][]cfs.Object),
 
 		downloads: make(chan struct{}, opts.MaxConcurrentDownloads),
+
+		tmpBudget:   newBudget(opts.DownloadBudget),
+		parseBudget: newBudget(opts.ParseMemory),
 	}
 	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
 	if s.durable, err = newGroupSync(root); err != nil {

@@ -17,16 +17,22 @@ import (
 // otherwise.
 type tempFile struct {
 	*os.File
-	anon bool // O_TMPFILE: published with linkat, never removed by name
+	anon bool         // O_TMPFILE: published with linkat, never removed by name
+	room *reservation // its room in the download budget, given back once it leaves tmp/
 }
 
 // noTmpfile is set once O_TMPFILE was refused by the store's filesystem.
 var noTmpfile atomic.Bool
 
 // createTemp creates a temporary file in dir (on the store's filesystem);
-// pattern names the file when O_TMPFILE is not available.
-func createTemp(dir, pattern string) (*tempFile, error) {
-	if !noTmpfile.Load() {
+// pattern names the file when O_TMPFILE is not available or the store is
+// told not to use it (Options.NamedTempFiles).
+func (s *Store) createTemp(dir, pattern string) (*tempFile, error) {
+	return createTemp(dir, pattern, s.opts.NamedTempFiles)
+}
+
+func createTemp(dir, pattern string, named bool) (*tempFile, error) {
+	if !named && !noTmpfile.Load() {
 		fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
 		if err == nil {
 			return &tempFile{File: os.NewFile(uintptr(fd), filepath.Join(dir, "(anonymous "+pattern+")")), anon: true}, nil
@@ -49,6 +55,7 @@ func (t *tempFile) discard() {
 	if !t.anon {
 		os.Remove(t.Name())
 	}
+	t.room.release()
 }
 
 // reopenReadOnly replaces the writable descriptor of an anonymous file by a
@@ -86,6 +93,7 @@ func (t *tempFile) publish(final string) error {
 		// Already durable (the group sync came first) and linked.
 		_ = t.Close()
 	}
+	t.room.release()
 	return nil
 }
 

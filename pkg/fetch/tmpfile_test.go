@@ -14,16 +14,14 @@ func TestTempFileKinds(t *testing.T) {
 	for _, named := range []bool{false, true} {
 		name := map[bool]string{false: "anonymous", true: "named"}[named]
 		t.Run(name, func(t *testing.T) {
-			if named {
-				noTmpfile.Store(true)
-				defer noTmpfile.Store(false)
-			}
 			repo := t.TempDir()
 			files := makeFiles("f", 5, 30, 300000)
 			d := writeRepoImage(t, repo, "img.cfs", files)
 			ts := newTestServer(t, repo)
 			root := t.TempDir()
-			s := openStore(t, root, testOptions())
+			opts := testOptions()
+			opts.NamedTempFiles = named
+			s := openStore(t, root, opts)
 			src := newSource(t, ts.URL, HTTPOptions{})
 			ctx := context.Background()
 			if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "img.cfs"}); err != nil {
@@ -53,7 +51,7 @@ func TestTempFileKinds(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			tf, err := createTemp(filepath.Join(root, tmpDir), "object-*")
+			tf, err := createTemp(filepath.Join(root, tmpDir), "object-*", named)
 			if err != nil {
 				t.Fatal(err)
 			}

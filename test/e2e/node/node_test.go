@@ -110,6 +110,8 @@ type env struct {
 	sock    string
 	allowed string
 	runs    int
+	flags   []string // more serve flags
+	environ []string // more environment variables of the plugin
 }
 
 func buildBinary(t *testing.T) string {
@@ -130,9 +132,10 @@ func (e *env) start() *plugin {
 		e.t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
+	cmd := exec.Command(e.bin, append([]string{"serve", "--endpoint", "unix://" + e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "0", "-v", "2")
+		"--gc-interval", "0", "-v", "2"}, e.flags...)...)
+	cmd.Env = append(os.Environ(), e.environ...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		e.t.Fatal(err)
@@ -308,15 +311,38 @@ func TestNode(t *testing.T) {
 	}
 	checkFiles(t, lateTarget, imageFiles(99))
 
-	// A GC pass with everything pinned removes nothing (the plugin runs
-	// GC at start-up when --gc-interval is set; here it is triggered by a
-	// restart with a short interval, observed through /metrics).
+	// An image no volume uses any more: published once, then unpublished.
+	unused := r.publish(t, "unused", imageFiles(77))
+	unusedTarget := filepath.Join(pods, "unused", "vol")
+	if _, err := p.node.NodePublishVolume(ctx, publishReq("vol-unused", unusedTarget,
+		map[string]string{"repository": r.srv.URL, "image": "unused", "digest": unused.String()})); err != nil {
+		t.Fatalf("publishing the image GC is to remove: %v", err)
+	}
+	if _, err := p.node.NodeUnpublishVolume(ctx, &csi.NodeUnpublishVolumeRequest{VolumeId: "vol-unused", TargetPath: unusedTarget}); err != nil {
+		t.Fatal(err)
+	}
+
+	// A GC pass over budget (1 byte) and without grace removes every image
+	// no volume pins, here the unused one and its 4 files of its own, and
+	// nothing that a mounted volume uses (the plugin runs GC once the
+	// state is recovered; here a restart with a short interval triggers it).
 	before := countObjects(t, e.store)
 	gcPass(t, e, &p)
-	if after := countObjects(t, e.store); after != before {
-		t.Errorf("GC with every image pinned removed %d objects", before-after)
+	if _, err := os.Stat(filepath.Join(e.store, "images", unused.String()+".cfs")); !os.IsNotExist(err) {
+		t.Errorf("GC over budget kept the unpinned image: %v", err)
 	}
-	checkFiles(t, target(1), imageFiles(1))
+	if after := countObjects(t, e.store); after != before-4 {
+		t.Errorf("GC removed %d objects, want the 4 of the unpinned image only", before-after)
+	}
+	for _, dg := range append(digests, late) {
+		if _, err := os.Stat(filepath.Join(e.store, "images", dg.String()+".cfs")); err != nil {
+			t.Errorf("GC removed the image %s of mounted volumes: %v", dg, err)
+		}
+	}
+	for i := 0; i < nTargets; i++ {
+		checkFiles(t, target(i), imageFiles(i%nImages))
+	}
+	checkFiles(t, lateTarget, imageFiles(99))
 
 	// Final errors, each with its code, leaving nothing behind.
 	broken := r.publish(t, "broken", map[string]string{"only": strings.Repeat("unique ", 300)})
@@ -365,8 +391,9 @@ func TestNode(t *testing.T) {
 	}
 }
 
-// gcPass restarts the plugin with a short GC interval and waits until
-// /metrics shows one GC run.
+// gcPass restarts the plugin with a short GC interval, a store budget of
+// one byte and no grace (so GC removes every image no volume pins), and
+// waits for the log line of a finished GC.
 func gcPass(t *testing.T, e *env, pp **plugin) {
 	t.Helper()
 	(*pp).kill()
@@ -379,7 +406,7 @@ func gcPass(t *testing.T, e *env, pp **plugin) {
 	defer logf.Close()
 	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "100ms", "-v", "2")
+		"--gc-interval", "100ms", "--store-max-size", "1", "--gc-grace", "0", "-v", "2")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)
