@@ -239,6 +239,12 @@ func TestConvertLayers(t *testing.T) {
 	if err != nil || d2 != d {
 		t.Fatalf("second conversion: %s, %v; want %s", d2, err, d)
 	}
+	// `oci digest` gives it without storing anything.
+	ref, _ := ParseReference("docker://" + reg.host + "/app:1")
+	c, _ := NewClient(ref, Options{Insecure: []string{reg.host}})
+	if d3, err := ConvertedDigest(context.Background(), NewImageSource(c, ref, ConvertLimits{})); err != nil || d3 != d {
+		t.Fatalf("ConvertedDigest: %s, %v; want %s", d3, err, d)
+	}
 }
 
 func TestConvertRefusesHostileLayers(t *testing.T) {
