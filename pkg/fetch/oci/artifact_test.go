@@ -104,7 +104,7 @@ func TestArtifactSecondVersionFetchesOnlyNewObjects(t *testing.T) {
 			if _, err := pull(t, s, NewArtifactSource(c1, ref1), "v1"); err != nil {
 				t.Fatal(err)
 			}
-			reg.ignoreRange.Store(tc.ignoreRange)
+			reg.IgnoreRange.Store(tc.ignoreRange)
 			reg.reset()
 			src := NewArtifactSource(c2, ref2)
 			st, err := pull(t, s, src, "v2")

@@ -4,105 +4,34 @@ import (
 	"bytes"
 	"context"
 	"fmt"
-	"io"
-	"log"
 	"math/rand/v2"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"path/filepath"
-	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 
-	"github.com/google/go-containerregistry/pkg/registry"
+	"github.com/csi-composefs/csi-composefs/internal/testoci"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
-// testRegistry is go-containerregistry's in-memory registry on loopback,
-// counting what it serves.
+// testRegistry is a registry on loopback (internal/testoci).
 type testRegistry struct {
-	srv  *httptest.Server
+	*testoci.Registry
 	host string
-
-	ignoreRange atomic.Bool // serve blobs whole, as a server without Range
-	// tamper, when set, rewrites blob bodies (digest → body → new body).
-	tamper atomic.Pointer[func(path string, body []byte) []byte]
-
-	mu        sync.Mutex
-	requests  int   // every request
-	blobGets  int   // GETs of blobs
-	blobBytes int64 // body bytes of blob GETs
-	ranges    []string
 }
 
 func newTestRegistry(t *testing.T) *testRegistry {
 	t.Helper()
-	r := &testRegistry{}
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
-	r.srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
-		r.mu.Lock()
-		r.requests++
-		r.mu.Unlock()
-		isBlob := req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/blobs/sha256:")
-		if isBlob && r.ignoreRange.Load() {
-			req.Header.Del("Range")
-		}
-		if !isBlob {
-			inner.ServeHTTP(w, req)
-			return
-		}
-		cw := &countingResponse{ResponseWriter: w}
-		if f := r.tamper.Load(); f != nil {
-			rec := httptest.NewRecorder()
-			inner.ServeHTTP(rec, req)
-			body := (*f)(req.URL.Path, rec.Body.Bytes())
-			for k, v := range rec.Header() {
-				w.Header()[k] = v
-			}
-			w.Header().Set("Content-Length", fmt.Sprint(len(body)))
-			cw.WriteHeader(rec.Code)
-			cw.Write(body)
-		} else {
-			inner.ServeHTTP(cw, req)
-		}
-		r.mu.Lock()
-		r.blobGets++
-		r.blobBytes += cw.n
-		if rg := req.Header.Get("Range"); rg != "" {
-			r.ranges = append(r.ranges, rg)
-		}
-		r.mu.Unlock()
-	}))
-	t.Cleanup(r.srv.Close)
-	r.host = strings.TrimPrefix(r.srv.URL, "http://")
-	return r
+	r := testoci.NewRegistry(t, testoci.Options{})
+	return &testRegistry{Registry: r, host: r.Host}
 }
 
-func (r *testRegistry) reset() {
-	r.mu.Lock()
-	r.requests, r.blobGets, r.blobBytes, r.ranges = 0, 0, 0, nil
-	r.mu.Unlock()
-}
+func (r *testRegistry) reset() { r.Reset() }
 
 func (r *testRegistry) counts() (requests, blobGets int, blobBytes int64) {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.requests, r.blobGets, r.blobBytes
-}
-
-type countingResponse struct {
-	http.ResponseWriter
-	n int64
-}
-
-func (c *countingResponse) Write(b []byte) (int, error) {
-	n, err := c.ResponseWriter.Write(b)
-	c.n += int64(n)
-	return n, err
+	c := r.Counts()
+	return c.Requests, c.BlobGets, c.BlobBytes
 }
 
 func (r *testRegistry) ref(t *testing.T, s string) Reference {

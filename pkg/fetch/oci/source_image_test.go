@@ -5,123 +5,33 @@ import (
 	"bytes"
 	"context"
 	"errors"
-	"io"
 	"os"
-	"runtime"
 	"strings"
 	"testing"
-	"time"
 
-	"github.com/google/go-containerregistry/pkg/compression"
-	"github.com/google/go-containerregistry/pkg/name"
 	v1 "github.com/google/go-containerregistry/pkg/v1"
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
-	"github.com/google/go-containerregistry/pkg/v1/remote"
-	"github.com/google/go-containerregistry/pkg/v1/tarball"
-	"github.com/google/go-containerregistry/pkg/v1/types"
 
+	"github.com/csi-composefs/csi-composefs/internal/testoci"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
-// tarEntry is one entry of a test layer.
-type tarEntry struct {
-	name   string
-	typ    byte
-	body   string
-	mode   int64
-	link   string
-	xattrs map[string]string
-	mtime  int64
-}
+type tarEntry = testoci.Entry
 
-func dirE(n string) tarEntry { return tarEntry{name: n, typ: tar.TypeDir, mode: 0o755} }
-func fileE(n, body string) tarEntry {
-	return tarEntry{name: n, typ: tar.TypeReg, mode: 0o644, body: body}
-}
-func linkE(n, target string) tarEntry { return tarEntry{name: n, typ: tar.TypeLink, link: target} }
-func symlinkE(n, target string) tarEntry {
-	return tarEntry{name: n, typ: tar.TypeSymlink, link: target, mode: 0o777}
-}
+var (
+	dirE     = testoci.Dir
+	fileE    = testoci.File
+	linkE    = testoci.Link
+	symlinkE = testoci.Symlink
+)
 
-func layerTar(t testing.TB, ents []tarEntry) []byte {
-	t.Helper()
-	var b bytes.Buffer
-	tw := tar.NewWriter(&b)
-	for _, e := range ents {
-		h := &tar.Header{Name: e.name, Typeflag: e.typ, Mode: e.mode, Linkname: e.link, Size: int64(len(e.body)),
-			ModTime: time.Unix(1700000000+e.mtime, 0), Format: tar.FormatPAX}
-		if e.typ != tar.TypeReg {
-			h.Size = 0
-		}
-		if len(e.xattrs) > 0 {
-			h.PAXRecords = map[string]string{}
-			for k, v := range e.xattrs {
-				h.PAXRecords["SCHILY.xattr."+k] = v
-			}
-		}
-		if err := tw.WriteHeader(h); err != nil {
-			t.Fatal(err)
-		}
-		if h.Size > 0 {
-			if _, err := tw.Write([]byte(e.body)); err != nil {
-				t.Fatal(err)
-			}
-		}
-	}
-	if err := tw.Close(); err != nil {
-		t.Fatal(err)
-	}
-	return b.Bytes()
-}
+func layerTar(t testing.TB, ents []tarEntry) []byte { return testoci.Layer(t, ents) }
 
-// testImage builds a container image of layers (gzip, zstd, then
-// uncompressed in turn) with go-containerregistry.
-func testImage(t testing.TB, layers ...[]byte) v1.Image {
-	t.Helper()
-	img := mutate.ConfigMediaType(mutate.MediaType(empty.Image, types.OCIManifestSchema1), types.OCIConfigJSON)
-	for i, raw := range layers {
-		raw := raw
-		opener := func() (io.ReadCloser, error) { return io.NopCloser(bytes.NewReader(raw)), nil }
-		var opts []tarball.LayerOption
-		switch i % 3 {
-		case 1:
-			opts = append(opts, tarball.WithCompression(compression.ZStd), tarball.WithMediaType(types.OCILayerZStd))
-		case 2:
-			opts = append(opts, tarball.WithMediaType(types.OCILayer))
-		}
-		l, err := tarball.LayerFromOpener(opener, opts...)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if img, err = mutate.AppendLayers(img, l); err != nil {
-			t.Fatal(err)
-		}
-	}
-	cf, err := img.ConfigFile()
-	if err != nil {
-		t.Fatal(err)
-	}
-	cf = cf.DeepCopy()
-	cf.OS, cf.Architecture = "linux", runtime.GOARCH
-	img, err = mutate.ConfigFile(img, cf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return img
-}
+func testImage(t testing.TB, layers ...[]byte) v1.Image { return testoci.Image(t, layers...) }
 
-func pushImage(t testing.TB, host, repo string, img v1.Image) {
-	t.Helper()
-	ref, err := name.ParseReference(host+"/"+repo, name.Insecure)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := remote.Write(ref, img); err != nil {
-		t.Fatal(err)
-	}
-}
+func pushImage(t testing.TB, host, repo string, img v1.Image) { testoci.Push(t, host, repo, img, "", "") }
 
 func convert(t *testing.T, s *fetch.Store, reg *testRegistry, repo string) (cfs.Digest, error) {
 	t.Helper()
@@ -160,8 +70,8 @@ func TestConvertLayers(t *testing.T) {
 	l1 := layerTar(t, []tarEntry{
 		dirE("usr/"), dirE("usr/bin/"), dirE("etc/"), dirE("run/"), dirE("data/"), dirE("data/old/"),
 		fileE("usr/bin/tool", big),
-		{name: "usr/bin/ping", typ: tar.TypeReg, mode: 0o4755, body: big + "ping",
-			xattrs: map[string]string{"security.capability": "\x01\x00\x00\x02", "user.note": "dropped"}},
+		{Name: "usr/bin/ping", Type: tar.TypeReg, Mode: 0o4755, Body: big + "ping",
+			Xattrs: map[string]string{"security.capability": "\x01\x00\x00\x02", "user.note": "dropped"}},
 		fileE("etc/removed", "gone soon"),
 		fileE("etc/small", "tiny"),
 		fileE("run/pid", "123"),
@@ -170,7 +80,7 @@ func TestConvertLayers(t *testing.T) {
 		fileE("data/keep", big+"keep"),
 	})
 	l2 := layerTar(t, []tarEntry{
-		{name: "usr/", typ: tar.TypeDir, mode: 0o750, mtime: 99},
+		{Name: "usr/", Type: tar.TypeDir, Mode: 0o750, Mtime: 99},
 		fileE("etc/.wh.removed", ""),
 		fileE("data/old/.wh..wh..opq", ""),
 		fileE("data/old/c", big+"c"),
@@ -256,7 +166,7 @@ func TestConvertRefusesHostileLayers(t *testing.T) {
 		{"dot-dot", []tarEntry{dirE("a/"), fileE("a/../../escape", "x")}},
 		{"link to a missing entry", []tarEntry{linkE("l", "nope")}},
 		{"link to a later entry", []tarEntry{linkE("l", "f"), fileE("f", "x")}},
-		{"device node", []tarEntry{{name: "null", typ: tar.TypeChar, mode: 0o666}}},
+		{"device node", []tarEntry{{Name: "null", Type: tar.TypeChar, Mode: 0o666}}},
 		{"missing parent", []tarEntry{fileE("no/such/dir/f", "x")}},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
@@ -303,10 +213,7 @@ func TestConvertMissingPlatform(t *testing.T) {
 	img := testImage(t, layerTar(t, []tarEntry{dirE("usr/")}))
 	ix := mutate.AppendManifests(empty.Index, mutate.IndexAddendum{Add: img,
 		Descriptor: v1.Descriptor{Platform: &v1.Platform{OS: "linux", Architecture: "s390x"}}})
-	ref, _ := name.ParseReference(reg.host+"/multi:1", name.Insecure)
-	if err := remote.WriteIndex(ref, ix); err != nil {
-		t.Fatal(err)
-	}
+	testoci.PushIndex(t, reg.host, "multi:1", ix)
 	s := openStore(t)
 	_, err := convert(t, s, reg, "multi:1")
 	if !errors.Is(err, fetch.ErrNotFound) || !strings.Contains(err.Error(), "linux/s390x") {
