@@ -454,6 +454,10 @@ func classify(op, what string, err error) error {
 		}
 		return e
 	}
+	if errors.Is(err, auth.ErrBasicCredentialNotFound) || strings.Contains(err.Error(), "missing username or password") {
+		return &fetch.SourceError{Op: op, URL: what, Status: http.StatusUnauthorized,
+			Err: fmt.Errorf("%w (the registry asks for credentials and none were given)", fetch.ErrUnauthorized)}
+	}
 	if errors.Is(err, errdef.ErrNotFound) {
 		return &fetch.SourceError{Op: op, URL: what, Err: fetch.ErrNotFound}
 	}

@@ -31,7 +31,9 @@ func layerTar(t testing.TB, ents []tarEntry) []byte { return testoci.Layer(t, en
 
 func testImage(t testing.TB, layers ...[]byte) v1.Image { return testoci.Image(t, layers...) }
 
-func pushImage(t testing.TB, host, repo string, img v1.Image) { testoci.Push(t, host, repo, img, "", "") }
+func pushImage(t testing.TB, host, repo string, img v1.Image) {
+	testoci.Push(t, host, repo, img, "", "")
+}
 
 func convert(t *testing.T, s *fetch.Store, reg *testRegistry, repo string) (cfs.Digest, error) {
 	t.Helper()
