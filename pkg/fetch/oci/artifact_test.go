@@ -1,9 +1,21 @@
 package oci
 
 import (
+	"bytes"
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"net/http"
+	"os"
+	"path/filepath"
+	"strings"
 	"testing"
+
+	"github.com/opencontainers/go-digest"
+	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
@@ -135,5 +147,80 @@ func TestArtifactSecondVersionFetchesOnlyNewObjects(t *testing.T) {
 				t.Fatalf("registry served %d blob bytes, more than 1.05 × %d", got, need)
 			}
 		})
+	}
+}
+
+// A pack whose bytes were changed at the registry: the object fails its
+// fs-verity check, finally, and nothing of it is stored.
+func TestArtifactTamperedPack(t *testing.T) {
+	reg := newTestRegistry(t)
+	dir := t.TempDir()
+	writeTree(t, dir, seeds(20, 1), testSize)
+	ref := reg.ref(t, "team/app:v1")
+	c := reg.client(t, ref)
+	res := pushDir(t, c, dir, PushOptions{})
+	r, err := c.ResolveArtifact(context.Background(), "v1")
+	if err != nil {
+		t.Fatal(err)
+	}
+	pack := r.Packs[0].Digest.String()
+	tamper := func(path string, body []byte) []byte {
+		if strings.HasSuffix(path, pack) && len(body) > 4096 {
+			body = append([]byte(nil), body...)
+			body[len(body)/2] ^= 1
+		}
+		return body
+	}
+	reg.Tamper.Store(&tamper)
+	s := openStore(t)
+	_, err = pull(t, s, NewArtifactSource(c, ref), "v1")
+	if !errors.Is(err, fetch.ErrDigestMismatch) || fetch.IsTransient(err) {
+		t.Fatalf("got %v, want a final ErrDigestMismatch", err)
+	}
+	objs, _ := s.Objects(context.Background(), res.Digest)
+	n := 0
+	for _, o := range objs {
+		if _, err := os.Stat(filepath.Join(s.ObjectsDir(), o.Digest.ObjectPath())); err == nil {
+			n++
+		}
+	}
+	if n == len(objs) {
+		t.Fatalf("every object was stored despite the tampered pack")
+	}
+	_ = walkFiles(s.Root()+"/tmp", func(p string) { t.Errorf("left in tmp/: %s", p) })
+}
+
+// Manifests beyond the layout's limits are refused before anything is
+// fetched.
+func TestArtifactManifestLimits(t *testing.T) {
+	layer := func(mt string, i int) ocispec.Descriptor {
+		return ocispec.Descriptor{MediaType: mt, Digest: digest.FromString(fmt.Sprint(mt, i)), Size: 10}
+	}
+	m := ocispec.Manifest{Versioned: versioned, MediaType: ocispec.MediaTypeImageManifest, ArtifactType: ArtifactType, Config: emptyConfig,
+		Layers: []ocispec.Descriptor{layer(MediaTypeImage, 0), layer(MediaTypeIndex, 0)}, Annotations: map[string]string{AnnotationDigest: cfs.Digest{1}.String()}}
+	for i := 0; i < MaxManifestLayers; i++ {
+		m.Layers = append(m.Layers, layer(MediaTypePack, i))
+	}
+	b, _ := json.Marshal(m)
+	if _, err := decodeArtifact(ocispec.Descriptor{}, b, nil); err == nil || !strings.Contains(err.Error(), "layers") {
+		t.Fatalf("a manifest of %d layers: %v, want refused", len(m.Layers), err)
+	}
+	big := append(b[:len(b)-1:len(b)-1], []byte(`,"x":"`+strings.Repeat("a", maxMetadataBytes)+`"}`)...)
+	if _, err := decodeArtifact(ocispec.Descriptor{}, big, nil); err == nil {
+		t.Fatalf("a manifest of %d bytes was accepted", len(big))
+	}
+	// And from a registry: the node refuses to read past 4 MiB.
+	reg := newTestRegistry(t)
+	ref := reg.ref(t, "team/big:v1")
+	c := reg.client(t, ref)
+	req, _ := http.NewRequest(http.MethodPut, "http://"+reg.host+"/v2/team/big/manifests/v1", bytes.NewReader(big))
+	req.Header.Set("Content-Type", ocispec.MediaTypeImageManifest)
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil || resp.StatusCode/100 != 2 {
+		t.Fatalf("putting the manifest: %v %v", err, resp)
+	}
+	resp.Body.Close()
+	if _, err := c.ResolveArtifact(context.Background(), "v1"); err == nil || fetch.IsTransient(err) {
+		t.Fatalf("a %d-byte manifest: %v, want a final refusal", len(big), err)
 	}
 }
