@@ -63,8 +63,11 @@ func writeTree(t *testing.T, dir string, seeds []uint64, size func(i int) int) {
 		}
 		b := make([]byte, size(i))
 		rng := rand.New(rand.NewPCG(seed, 7))
-		for j := range b {
-			b[j] = byte(rng.Uint32())
+		for j := 0; j < len(b); j += 8 {
+			v := rng.Uint64()
+			for k := j; k < min(j+8, len(b)); k++ {
+				b[k] = byte(v >> (8 * (k - j)))
+			}
 		}
 		if err := os.WriteFile(p, b, 0o644); err != nil {
 			t.Fatal(err)
