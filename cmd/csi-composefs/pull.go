@@ -6,13 +6,13 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-composefs/csi-composefs/cmd/csi-composefs/app"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
@@ -133,30 +133,7 @@ func (f *storeFlags) openExisting(ctx context.Context, opts fetch.Options) (*fet
 }
 
 // parseSize parses "123", "10K", "512M", "1G", "2T" (powers of 1024).
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	mult := int64(1)
-	if s != "" {
-		switch strings.ToUpper(s[len(s)-1:]) {
-		case "K":
-			mult = 1 << 10
-		case "M":
-			mult = 1 << 20
-		case "G":
-			mult = 1 << 30
-		case "T":
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			s = s[:len(s)-1]
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("invalid size %q", s)
-	}
-	return n * mult, nil
-}
+func parseSize(s string) (int64, error) { return app.ParseSize(s) }
 
 func newPullCmd() *cobra.Command {
 	var (

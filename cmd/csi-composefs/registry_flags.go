@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/csi-composefs/csi-composefs/cmd/csi-composefs/app"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
 )
 
@@ -26,27 +27,13 @@ func (f *registryFlags) add(cmd *cobra.Command, mirrors bool) {
 	cmd.Flags().StringVar(&f.dockerConfig, "registry-config", "", "docker config.json with registry credentials (default: $DOCKER_CONFIG/config.json or ~/.docker/config.json when present)")
 }
 
-// parseMirrors reads REGISTRY=URL flags into the mirror lists.
-func parseMirrors(flags []string) (map[string][]string, error) {
-	m := make(map[string][]string)
-	for _, f := range flags {
-		reg, u, ok := strings.Cut(f, "=")
-		if !ok || reg == "" || !(strings.HasPrefix(u, "https://") || strings.HasPrefix(u, "http://")) {
-			return nil, fmt.Errorf("%q: want REGISTRY=https://MIRROR[:PORT]", f)
-		}
-		reg = strings.ToLower(reg)
-		m[reg] = append(m[reg], strings.TrimSuffix(u, "/"))
-	}
-	return m, nil
-}
-
 // options builds the registry options; sf's credentials (--username,
 // --password-file, --token-file, --ca-file) apply to the reference's
 // registry.
 func (f *registryFlags) options(sf *sourceFlags) (oci.Options, error) {
 	var o oci.Options
 	o.Insecure = f.insecure
-	m, err := parseMirrors(f.mirrors)
+	m, err := app.ParseMirrors(f.mirrors)
 	if err != nil {
 		return o, usageErrorf("--registry-mirror: %v", err)
 	}

@@ -125,6 +125,10 @@ type Driver struct {
 	now       func() time.Time
 	metrics   *Metrics
 	events    EventRecorder
+	// healthEndpoint, when set, is where /healthz calls Probe.
+	healthEndpoint string
+	// selinux reports whether the node runs SELinux (nil: cfs.SELinuxEnabled).
+	selinux func() bool
 
 	state *stateStore
 	locks *targetLocks
