@@ -54,7 +54,7 @@ func (r *testRegistry) client(t *testing.T, ref Reference) *Client {
 
 // writeTree writes files named f0000… of random sizes (seeded) under dir:
 // shared[i] picks the content seed of file i.
-func writeTree(t *testing.T, dir string, seeds []uint64, size func(i int) int) {
+func writeTree(t testing.TB, dir string, seeds []uint64, size func(i int) int) {
 	t.Helper()
 	for i, seed := range seeds {
 		p := filepath.Join(dir, fmt.Sprintf("d%02d", i%7), fmt.Sprintf("f%04d", i))
