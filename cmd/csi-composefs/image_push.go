@@ -107,10 +107,7 @@ volume's digest attribute).`,
 		},
 	}
 	fl := cmd.Flags()
-	fl.StringVar(&sf.username, "username", "", "registry user")
-	fl.StringVar(&sf.passwordFile, "password-file", "", "file holding the registry password")
-	fl.StringVar(&sf.tokenFile, "token-file", "", "file holding a registry access token")
-	fl.StringVar(&sf.caFile, "ca-file", "", "PEM bundle of extra trusted CAs")
+	sf.addRegistryCredentials(cmd)
 	rf.add(cmd, false)
 	fl.StringVar(&objects, "objects", "", "object store of a .cfs SRC (xx/yyyy…)")
 	fl.StringVar(&base, "base", "", "artifact whose packs may be reused (default: what the target tag names now)")

@@ -60,11 +60,7 @@ attribute.`,
 			return nil
 		},
 	}
-	fl := cmd.Flags()
-	fl.StringVar(&sf.username, "username", "", "registry user")
-	fl.StringVar(&sf.passwordFile, "password-file", "", "file holding the registry password")
-	fl.StringVar(&sf.tokenFile, "token-file", "", "file holding a registry access token")
-	fl.StringVar(&sf.caFile, "ca-file", "", "PEM bundle of extra trusted CAs")
+	sf.addRegistryCredentials(cmd)
 	rf.add(cmd, false)
 	return cmd
 }

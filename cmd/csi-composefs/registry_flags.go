@@ -90,3 +90,13 @@ func (f *registryFlags) options(sf *sourceFlags) (oci.Options, error) {
 func isRegistryRef(s string) bool {
 	return strings.HasPrefix(s, oci.SchemeArtifact+"://") || strings.HasPrefix(s, oci.SchemeImage+"://")
 }
+
+// addRegistryCredentials adds the credential flags of a registry command
+// (the HTTP source's, without --repository).
+func (f *sourceFlags) addRegistryCredentials(cmd *cobra.Command) {
+	fl := cmd.Flags()
+	fl.StringVar(&f.username, "username", "", "registry user")
+	fl.StringVar(&f.passwordFile, "password-file", "", "file holding the registry password")
+	fl.StringVar(&f.tokenFile, "token-file", "", "file holding a registry access token")
+	fl.StringVar(&f.caFile, "ca-file", "", "PEM bundle of extra trusted CAs")
+}
