@@ -87,6 +87,9 @@ type Config struct {
 	// AllowedSources: sources must start with one of these URL prefixes;
 	// empty allows every source.
 	AllowedSources AllowList
+	// Registries are the node's registry settings (insecure registries,
+	// mirrors).
+	Registries RegistryConfig
 	// MinVerity is the node's floor: a volume cannot ask for less.
 	MinVerity cfs.VerityMode
 	// ExtraObjectDirs are mounted as further data-only layers, after the
@@ -197,7 +200,7 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 		cfg:       cfg,
 		store:     store,
 		mounter:   KernelMounter{},
-		newSource: cfg.AllowedSources.NewSource,
+		newSource: Sources{Allow: cfg.AllowedSources, Registries: cfg.Registries}.NewSource,
 		events:    logRecorder{},
 		now:       time.Now,
 		locks:     newTargetLocks(),

@@ -35,6 +35,10 @@ type Stats struct {
 	Proven      int
 	ProvenBytes uint64
 	ProofBytes  uint64
+	// RunOverheadBytes were received but are no object's: what a RunSource's
+	// requests carry between objects (tar headers, gaps between runs of
+	// missing objects), and objects that arrived meanwhile.
+	RunOverheadBytes uint64
 }
 
 // SavedBytes is what the node did not download thanks to deduplication.
@@ -148,6 +152,17 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		p.DoneObjects.Add(1)
 		p.DoneBytes.Add(int64(o.Size))
 	}
+	if _, built := src.(ImageBuilder); built && len(unproven) > 0 && s.isShown(shownKey{d: image, image: true, p: *pid}) {
+		// The principal showed it holds the image's layers (or converted
+		// them itself): that covers every object of the image.
+		for _, o := range unproven {
+			st.Proven++
+			st.ProvenBytes += o.Size
+			p.DoneObjects.Add(1)
+			p.DoneBytes.Add(int64(o.Size))
+		}
+		unproven = nil
+	}
 	if len(unproven) > 0 {
 		if err := s.proveObjects(ctx, src, unproven, *pid, &st, p); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
@@ -162,7 +177,15 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 	}
 
-	recheck, dirs, err := s.fetchEach(ctx, src, missing, p, pid, &st)
+	var (
+		recheck []cfs.Object
+		dirs    map[string]bool
+	)
+	if rs, ok := src.(RunSource); ok {
+		recheck, dirs, err = s.fetchRuns(ctx, src, rs, image, missing, p, pid, &st)
+	} else {
+		recheck, dirs, err = s.fetchEach(ctx, src, missing, p, pid, &st)
+	}
 	if err != nil {
 		if ctx.Err() != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
 			err = fmt.Errorf("%w (%w)", context.Cause(ctx), err)
@@ -423,9 +446,31 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	defer body.Close()
 	f, err := s.receiveRest(objectLocation(src, o.Digest), o, meterReader{body, meter}, p, pt, &lim.received)
 	if err != nil {
-		return nil, s.stallError(ctx, actx, err)
+		return nil, err
 	}
 	*part = nil
+	return f, nil
+}
+
+// receiveObject streams o's bytes from body (at most one more than its
+// size is read) into a new file under tmp/ through the fs-verity hasher,
+// and checks its size and digest; where names the source of the bytes in
+// errors. The returned file is complete and verified but not yet durable;
+// on error nothing is left behind (a run source's requests are not
+// resumed object by object).
+//
+// room is the object's reservation in the download budget: the file holds
+// it until it leaves tmp/ (published or discarded).
+func (s *Store) receiveObject(where string, o cfs.Object, body io.Reader, p *Progress, room *reservation) (*tempFile, error) {
+	pt, err := s.createPartial(o, room)
+	if err != nil {
+		return nil, err
+	}
+	f, err := s.receiveRest(where, o, body, p, pt, nil)
+	if err != nil {
+		pt.discard(p)
+		return nil, err
+	}
 	return f, nil
 }
 

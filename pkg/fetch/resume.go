@@ -33,6 +33,12 @@ func (s *Store) newPartial(ctx context.Context, o cfs.Object) (*partialObject, e
 	if err != nil {
 		return nil, err
 	}
+	return s.createPartial(o, room)
+}
+
+// createPartial creates the temporary file of o's download, which holds
+// room (released on error).
+func (s *Store) createPartial(o cfs.Object, room *reservation) (*partialObject, error) {
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
@@ -103,13 +109,17 @@ func (s *Store) openRest(ctx context.Context, src Source, o cfs.Object, pt *part
 
 // receiveRest streams the rest of o from body (at most one byte more than
 // it lacks is read) into the partial download, counting the bytes into
-// received too, and checks the size and digest once body ends; where names
+// received too (when not nil), and checks the size and digest once body ends; where names
 // the source of the bytes in errors. On a transient error the partial
 // download keeps what arrived, for the next attempt. A digest mismatch of
 // a resumed download empties it and is transient: the next attempt
 // fetches the whole object, whose digest is then final.
 func (s *Store) receiveRest(where string, o cfs.Object, body io.Reader, p *Progress, pt *partialObject, received *atomic.Int64) (*tempFile, error) {
-	n, err := s.copyBody(io.MultiWriter(pt.wf, pt.h, progressWriter{&p.Fetched}, progressWriter{received}), body, int64(o.Size)-pt.n+1)
+	w := io.MultiWriter(pt.wf, pt.h, progressWriter{&p.Fetched})
+	if received != nil {
+		w = io.MultiWriter(w, progressWriter{received})
+	}
+	n, err := s.copyBody(w, body, int64(o.Size)-pt.n+1)
 	pt.n += n
 	if err != nil {
 		return nil, err

@@ -72,6 +72,7 @@ func NewServeCommand(c Command) *cobra.Command {
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
 		trustShared                           bool
+		insecureRegs, mirrors                 []string
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -130,6 +131,10 @@ to the log only.`,
 			if verifyInterval < 0 {
 				return usagef("--verify-interval must not be negative")
 			}
+			mirrorMap, err := ParseMirrors(mirrors)
+			if err != nil {
+				return usagef("--registry-mirror: %v", err)
+			}
 			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
 			if err := limits.apply(&so, usagef); err != nil {
 				return err
@@ -166,7 +171,8 @@ to the log only.`,
 				Registration: reg,
 				Driver: driver.Config{DriverName: driverName, Version: c.Version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
-					TrustSharedContent: trustShared},
+					TrustSharedContent: trustShared,
+					Registries:         driver.RegistryConfig{Insecure: insecureRegs, Mirrors: mirrorMap}},
 			})
 		},
 	}
@@ -185,6 +191,8 @@ to the log only.`,
 	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	f.StringArrayVar(&insecureRegs, "insecure-registry", nil, "registry HOST[:PORT] (or pattern) reached over plain HTTP (repeatable; tests and local registries)")
+	f.StringArrayVar(&mirrors, "registry-mirror", nil, "REGISTRY=URL: a mirror tried first for the blobs of REGISTRY (repeatable, in order; containerd hosts.toml mirrors); manifests always come from REGISTRY with the volume's credentials")
 	limits.add(f)
 	f.StringVar(&kubeletRoot, "kubelet-root", DefaultKubeletRoot, "the kubelet's root directory (its --root-dir) as this process sees it")
 	f.StringVar(&registration, "registration", RegistrationBuiltin, "how the plugin registers with the kubelet: builtin (serve KUBELET-ROOT/plugins_registry/DRIVER-NAME-reg.sock) or none (a node-driver-registrar sidecar does it)")
@@ -219,4 +227,19 @@ func ParseSize(s string) (int64, error) {
 		return 0, fmt.Errorf("invalid size %q", s)
 	}
 	return n * mult, nil
+}
+
+// ParseMirrors reads REGISTRY=URL flags into the mirror lists of each
+// registry, in order.
+func ParseMirrors(flags []string) (map[string][]string, error) {
+	m := make(map[string][]string)
+	for _, f := range flags {
+		reg, u, ok := strings.Cut(f, "=")
+		if !ok || reg == "" || !(strings.HasPrefix(u, "https://") || strings.HasPrefix(u, "http://")) {
+			return nil, fmt.Errorf("%q: want REGISTRY=https://MIRROR[:PORT]", f)
+		}
+		reg = strings.ToLower(reg)
+		m[reg] = append(m[reg], strings.TrimSuffix(u, "/"))
+	}
+	return m, nil
 }
