@@ -62,6 +62,7 @@ type options struct {
 	work                    string
 	keep, hold              bool
 	diskGiB                 int
+	floor                   bool
 	cands                   []candidate
 }
 
@@ -80,6 +81,7 @@ func main() {
 	flag.StringVar(&o.work, "work", "", "work directory kept between runs (trees and repository are reused)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory")
 	flag.IntVar(&o.diskGiB, "disk-gib", 8, "size of the benchmark's own ext4 (loop device) that every download is written to; 0: write into the work directory's filesystem instead")
+	flag.BoolVar(&o.floor, "floor", true, "also measure cp -r of the tree + syncfs onto the same disk (no network: what writing the files durably costs)")
 	flag.BoolVar(&o.hold, "hold", false, "set up the first profile, print how to reach it, and wait for Ctrl-C (to pull by hand)")
 	flag.StringVar(&bin, "bin", "", "csi-composefs binary (default: built from this repository)")
 	flag.StringVar(&pullArgs, "pull-args", "", "extra flags of the pull (space-separated)")

@@ -210,6 +210,17 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 			return err
 		},
 	}
+	if b.o.floor {
+		// No network: the tree's files written and made durable on the same
+		// disk (one syncfs), what any store of one file per object pays
+		// at least.
+		steps = append(steps, func() error {
+			d := filepath.Join(out, "cp")
+			s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
+			c.s["cp"] = append(c.s["cp"], s)
+			return err
+		})
+	}
 	for i, cand := range b.o.cands {
 		steps = append(steps, func() error {
 			store := filepath.Join(out, fmt.Sprintf("store-%d", i))
@@ -242,6 +253,9 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 		cold := last(cand.name + " cold")
 		c.ratios[cand.name+" ÷curl"] = append(c.ratios[cand.name+" ÷curl"], cold.wall.Seconds()/last("curl").wall.Seconds())
 		c.ratios[cand.name+" ÷tar"] = append(c.ratios[cand.name+" ÷tar"], cold.wall.Seconds()/last("tar").wall.Seconds())
+		if b.o.floor {
+			c.ratios[cand.name+" ÷cp"] = append(c.ratios[cand.name+" ÷cp"], cold.wall.Seconds()/last("cp").wall.Seconds())
+		}
 		warm := last(cand.name + " warm")
 		c.ratios[cand.name+" warm"] = append(c.ratios[cand.name+" warm"], float64(warm.wire)/float64(c.t.newBytes+c.t.image2Bytes))
 	}
@@ -287,10 +301,13 @@ func (c *cell) print(b *bench) {
 		c.p.describe(), c.t.name, c.t.files, float64(c.t.bytes)/(1<<20), c.proto, float64(c.rtt)/1e6, b.o.runs)
 	fmt.Printf("%-14s %8s %8s %8s %8s %9s %12s\n", "", "time s", "MiB/s", "CPU s", "RSS MiB", "requests", "wire÷needed")
 	keys := []string{"curl", "tar"}
+	if b.o.floor {
+		keys = append(keys, "cp")
+	}
 	for _, cand := range b.o.cands {
 		keys = append(keys, cand.name+" cold", cand.name+" warm")
 	}
-	names := map[string]string{"curl": "curl+fsync", "tar": "curl|tar xz"}
+	names := map[string]string{"curl": "curl+fsync", "tar": "curl|tar xz", "cp": "cp -r+syncfs"}
 	for _, k := range keys {
 		ss := c.s[k]
 		needed := c.t.bytes
@@ -315,6 +332,9 @@ func (c *cell) print(b *bench) {
 			float64(median(field(ss, func(s sample) int64 { return s.wire })))/float64(needed))
 	}
 	for _, cand := range b.o.cands {
+		if b.o.floor {
+			fmt.Printf("%s: cold ÷ cp -r+syncfs (no network) %.2f\n", cand.name, median(c.ratios[cand.name+" ÷cp"]))
+		}
 		fmt.Printf("%s: cold ÷ curl+fsync %.2f (goal ≤ %s), cold ÷ curl|tar %.2f (≤ 0.5), warm wire ÷ (new + image) %.3f (≤ 1.05)\n",
 			cand.name, median(c.ratios[cand.name+" ÷curl"]), c.p.curlGoal(), median(c.ratios[cand.name+" ÷tar"]), median(c.ratios[cand.name+" warm"]))
 	}

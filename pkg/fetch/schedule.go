@@ -42,7 +42,9 @@ func interleave(objs []cfs.Object) []cfs.Object {
 // shortest seen, plus queueSlack): the round trips, not the bandwidth,
 // then set the pace, whatever the sizes of the objects the interval
 // happened to fetch (the byte rate alone swings with them). Once two
-// intervals in a row show neither, it holds. A transient failure
+// intervals in a row show neither, it holds, and doubles again only while
+// the requests find the link unqueued (the large objects done, the small
+// ones left). A transient failure
 // (reset, timeout, 5xx) or an answer asking to slow down (429, 503) halves
 // it, and Retry-After holds back new requests until then. The interval is
 // four of the shortest round trips seen (time to the response headers),
@@ -69,6 +71,7 @@ type adaptiveLimit struct {
 	wake        chan struct{}
 	pausedUntil time.Time
 	growing     bool
+	failed      bool // a failure halved the limit: it never grows again
 	flat        int  // adjustments in a row without a gain
 	pending     bool // the last doubling is not judged yet
 	grewFrom    int  // the limit before it
@@ -207,7 +210,18 @@ func (l *adaptiveLimit) adjustLocked() {
 		"minRTT", l.minRTT, "meanRTT", meanRTT, "answered", l.rttCount)
 	l.lastAdjust, l.lastBytes, l.peak = now, bytes, l.inflight
 	l.rttSum, l.rttCount = 0, 0
-	if !l.growing || !bound {
+	if !bound || l.failed {
+		return
+	}
+	if !l.growing {
+		// Held since the throughput stopped growing, perhaps while large
+		// objects filled the link; once the requests find no queue, the
+		// round trips set the pace again (the objects left are smaller):
+		// double, and hold there.
+		if unqueued && l.limit < l.max {
+			l.limit = min(2*l.limit, l.max)
+			l.broadcastLocked()
+		}
 		return
 	}
 	if l.lastRate == 0 || rate >= growthFactor*l.lastRate || unqueued {
@@ -235,7 +249,7 @@ func (l *adaptiveLimit) backOff(retryAfter time.Duration) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	l.limit = max(l.limit/2, 1)
-	l.growing = false
+	l.growing, l.failed = false, true
 	if retryAfter > 0 {
 		if until := l.now().Add(retryAfter); until.After(l.pausedUntil) {
 			l.pausedUntil = until

@@ -132,6 +132,43 @@ func TestAdaptiveLimitLatencyBound(t *testing.T) {
 	}
 }
 
+// Large objects first fill the link (a queue, no gain from 64 to 128:
+// held at 64); the small ones left find no queue, and the limit grows
+// again, to the maximum.
+func TestAdaptiveLimitGrowsAgainWhenUnqueued(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	l := newAdaptiveLimit(256, clk.now, klog.Background())
+	l.observeRTT(20 * time.Millisecond)
+	queued := func(rtt time.Duration) {
+		for range 5 {
+			l.observeRTT(rtt)
+		}
+	}
+	for range 6 {
+		queued(100 * time.Millisecond)
+		step(l, clk, func(l int) float64 { return float64(min(l, 64)) * 1e6 })
+	}
+	if got := l.current(); got != 64 {
+		t.Fatalf("limit %d while the link was full, want 64", got)
+	}
+	for range 4 {
+		queued(22 * time.Millisecond)
+		step(l, clk, func(int) float64 { return 10e6 })
+	}
+	if got := l.current(); got != 256 {
+		t.Fatalf("limit %d once the link had no queue, want 256", got)
+	}
+	// After a failure it never grows again.
+	l.backOff(0)
+	for range 4 {
+		queued(22 * time.Millisecond)
+		step(l, clk, func(int) float64 { return 10e6 })
+	}
+	if got := l.current(); got != 128 {
+		t.Fatalf("limit %d after a failure, want 128", got)
+	}
+}
+
 func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	l := newAdaptiveLimit(256, clk.now, klog.Background())
