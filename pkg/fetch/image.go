@@ -45,6 +45,9 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 	if !ref.Digest.IsZero() && s.HasImage(ref.Digest) {
 		release := s.hold(ref.Digest)
 		defer release()
+		if err := s.storedImageVerity(ctx, ref.Digest); err != nil {
+			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
+		}
 		if _, err := s.Objects(ctx, ref.Digest); err == nil {
 			if pid != nil && !s.isShown(shownKey{d: ref.Digest, image: true, p: *pid}) {
 				err := s.proveImage(ctx, src, ref, ref.Digest, *pid)
@@ -157,7 +160,7 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
-	if err := s.finishFile(f); err != nil {
+	if err := s.finishFile(f, d); err != nil {
 		return cfs.Digest{}, err
 	}
 	release := s.hold(d)
@@ -173,17 +176,13 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if pid != nil {
 		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := s.syncDir(filepath.Dir(final)); err != nil {
 		return cfs.Digest{}, err
 	}
 	s.c.imagesFetched.Add(1)
 	s.c.imageBytesFetched.Add(uint64(n))
 	return d, nil
 }
-
-// finishFile makes a complete, verified temporary file ready to be renamed
-// into the store: mode 0644, fsynced, closed, fs-verity enabled where the
-// filesystem supports it. f is closed.
 
 // Objects returns the objects the stored image references (parsed once and
 // cached: images are immutable).

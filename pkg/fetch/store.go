@@ -107,6 +107,12 @@ type Options struct {
 	// where the filesystem has O_TMPFILE (as on filesystems without it;
 	// tests of that path).
 	NamedTempFiles bool
+	// UnsafeNoSync skips every fsync, syncfs and directory sync: files are
+	// then renamed or linked into place before their content is on stable
+	// storage, and a power cut can leave a file whose content is not its
+	// name. Only for tests that prove a durability test can fail; never
+	// set it anywhere else (no flag sets it).
+	UnsafeNoSync bool
 }
 
 func (o *Options) setDefaults() {
@@ -263,7 +269,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		parseBudget: newBudget(opts.ParseMemory),
 	}
 	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
-	if s.durable, err = newGroupSync(root); err != nil {
+	if s.durable, err = newGroupSync(root, opts.UnsafeNoSync); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("opening store %s: %w", root, err)
 	}
@@ -364,6 +370,22 @@ func (s *Store) quarantine(ctx context.Context, path, reason string) (string, er
 	s.c.quarantined.Add(1)
 	klog.FromContext(ctx).Info("corrupt file quarantined", "path", path, "reason", reason, "movedTo", dst)
 	return dst, nil
+}
+
+// syncDir syncs a directory of the store (unless UnsafeNoSync).
+func (s *Store) syncDir(dir string) error {
+	if s.opts.UnsafeNoSync {
+		return nil
+	}
+	return syncDir(dir)
+}
+
+// fsync syncs a file of the store (unless UnsafeNoSync).
+func (s *Store) fsync(f *os.File) error {
+	if s.opts.UnsafeNoSync {
+		return nil
+	}
+	return f.Sync()
 }
 
 func syncDir(dir string) error {
