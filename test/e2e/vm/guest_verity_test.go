@@ -4,6 +4,7 @@ import (
 	"io"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -37,6 +38,7 @@ func guestVerity(t *testing.T) {
 	ctx := guestContext(t)
 	mountDisk(t)
 	defer unmountDisk(t)
+	runPkgTests(t)
 
 	repo := t.TempDir()
 	app := publish(t, repo, "app.cfs", makeFiles(1, "", 40, 300000))
@@ -266,5 +268,30 @@ func copyXattrs(t *testing.T, from, to string) {
 		if err := unix.Lsetxattr(to, name, val[:m], 0); err != nil {
 			t.Fatal(err)
 		}
+	}
+}
+
+// runPkgTests runs the package tests that need fs-verity (pkgTests) with
+// their temp directory on the ext4 disk, and fails unless each ran (not
+// skipped) and passed.
+func runPkgTests(t *testing.T) {
+	t.Helper()
+	tmp := filepath.Join(guestMnt, "pkgtests-tmp")
+	if err := os.MkdirAll(tmp, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	defer os.RemoveAll(tmp)
+	for _, pt := range pkgTests {
+		cmd := exec.Command("/pkgtests/"+pt.bin, "-test.run", pt.run, "-test.v", "-test.count=1")
+		cmd.Dir = "/tmp"
+		cmd.Env = append(os.Environ(), "TMPDIR="+tmp)
+		out, err := cmd.CombinedOutput()
+		os.Stdout.Write(out)
+		passed := strings.Count(string(out), "--- PASS: TestKernelVerity")
+		if err != nil || passed == 0 || strings.Contains(string(out), "--- SKIP") {
+			t.Errorf("%s -test.run %s: %v, %d passed; a test skipped or failed", pt.bin, pt.run, err, passed)
+			continue
+		}
+		say("STEP %s: %d tests that need fs-verity passed on this kernel", pt.pkg, passed)
 	}
 }

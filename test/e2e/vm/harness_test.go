@@ -263,7 +263,7 @@ func guestInitramfs(t *testing.T, d vmDeps) string {
 			return
 		}
 		initrdDir = dir
-		initrdPath, initrdErr = buildInitramfs(dir, d)
+		initrdPath, initrdErr = buildInitramfs(repoRoot(t), dir, d)
 	})
 	if initrdErr != nil {
 		t.Fatal(initrdErr)
@@ -280,7 +280,15 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func buildInitramfs(dir string, d vmDeps) (string, error) {
+// pkgTests are package tests that need fs-verity under their temp
+// directory: they skip on a host without it, and the verity guest runs
+// them (with TMPDIR on its ext4 disk).
+var pkgTests = []struct{ bin, pkg, run string }{
+	{"cfs.test", "./pkg/cfs", "^TestKernelVerity$"},
+	{"fetch.test", "./pkg/fetch", "^TestKernelVerity"},
+}
+
+func buildInitramfs(root, dir string, d vmDeps) (string, error) {
 	bin := filepath.Join(dir, "guest.test")
 	start := time.Now()
 	// Built as the other tests build the plugin (cgo as configured, no
@@ -296,6 +304,22 @@ func buildInitramfs(dir string, d vmDeps) (string, error) {
 	if err != nil {
 		return "", err
 	}
+	pkgBins := make(map[string][]byte)
+	for _, pt := range pkgTests {
+		out := filepath.Join(dir, pt.bin)
+		b := exec.Command("go", "test", "-c", "-o", out, "-ldflags=-s -w", pt.pkg)
+		b.Dir = root
+		b.Env = build.Env
+		if o, err := b.CombinedOutput(); err != nil {
+			return "", fmt.Errorf("building the tests of %s: %v\n%s", pt.pkg, err, o)
+		}
+		data, err := os.ReadFile(out)
+		if err != nil {
+			return "", err
+		}
+		pkgBins[pt.bin] = data
+	}
+	buildTime = time.Since(start)
 	mods, err := resolveModules(d.modules, guestModules)
 	if err != nil {
 		return "", err
@@ -324,6 +348,10 @@ func buildInitramfs(dir string, d vmDeps) (string, error) {
 	w.file("bin/busybox", 0o755, busybox)
 	w.file("init", 0o755, []byte(initScript))
 	w.file("guest.test", 0o755, guest)
+	w.dir("pkgtests")
+	for _, pt := range pkgTests {
+		w.file("pkgtests/"+pt.bin, 0o755, pkgBins[pt.bin])
+	}
 	var order []string
 	for _, m := range mods {
 		w.file("modules/"+m.name+".ko", 0o644, m.data)
