@@ -27,7 +27,7 @@ func newServeCmd() *cobra.Command {
 		fetchConcurrency                      int
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
-		trustShared                           bool
+		trustShared, allowNonCanonical        bool
 	)
 	cmd := &cobra.Command{
 		Use:   "serve",
@@ -72,7 +72,8 @@ to the log only.`,
 			if verifyInterval < 0 {
 				return usageErrorf("--verify-interval must not be negative")
 			}
-			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace,
+				AllowNonCanonicalImages: allowNonCanonical}
 			if err := limits.apply(&so); err != nil {
 				return err
 			}
@@ -101,6 +102,7 @@ to the log only.`,
 	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	f.BoolVar(&allowNonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (images from writers other than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs); off, every image is parsed and written again before its first use and refused unless identical, so the kernel's EROFS parser reads no crafted bytes")
 	limits.add(f)
 	gfs := flag.NewFlagSet("klog", flag.ContinueOnError)
 	klog.InitFlags(gfs)
@@ -120,6 +122,9 @@ func serve(ctx context.Context, c serveConfig) error {
 	log.Info("Starting csi-composefs", "version", version, "driver", c.driver.DriverName, "endpoint", c.endpoint, "store", c.storeDir)
 	if c.driver.TrustSharedContent {
 		log.Info("WARNING: --trust-shared-content: content on this node serves every volume that names it; sources are not asked to show that they hold it")
+	}
+	if c.store.AllowNonCanonicalImages {
+		log.Info("WARNING: --allow-noncanonical-images: images from any writer reach the kernel's EROFS parser (crafted images too)")
 	}
 	if len(c.driver.AllowedSources) == 0 {
 		log.Info("WARNING: --allowed-sources is empty: volumes may fetch from any URL (inline volumes can point anywhere)")

@@ -48,6 +48,9 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 		if err := s.storedImageVerity(ctx, ref.Digest); err != nil {
 			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
 		}
+		if err := s.storedImageCanonical(ctx, ref.Digest); err != nil {
+			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
+		}
 		if _, err := s.Objects(ctx, ref.Digest); err == nil {
 			if pid != nil && !s.isShown(shownKey{d: ref.Digest, image: true, p: *pid}) {
 				err := s.proveImage(ctx, src, ref, ref.Digest, *pid)
@@ -155,7 +158,10 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if err != nil {
 		return cfs.Digest{}, err
 	}
-	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	img, objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	if err == nil {
+		err = s.checkCanonical(ctx, d, img, f, n)
+	}
 	mem.release()
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
@@ -225,7 +231,7 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 		return nil, err
 	}
 	r := &readErrAt{r: f}
-	objs, err := parseImage(r, fi.Size(), math.MaxInt)
+	_, objs, err := parseImage(r, fi.Size(), math.MaxInt)
 	mem.release()
 	if err != nil {
 		if r.err != nil {
@@ -260,18 +266,18 @@ func (r *readErrAt) ReadAt(p []byte, off int64) (int, error) {
 // parseImage validates an image with the strict reader (at most maxInodes
 // inodes, 0 meaning the reader's default) and returns its objects, each
 // named by digest.
-func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) {
+func parseImage(r io.ReaderAt, size int64, maxInodes int) (*cfs.Image, []cfs.Object, error) {
 	img, err := cfs.Open(r, size, cfs.OpenOptions{MaxInodes: maxInodes})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	objs := img.Objects()
 	for _, o := range objs {
 		if o.Digest.IsZero() {
-			return nil, fmt.Errorf("object %q is not named by a digest", o.Path)
+			return nil, nil, fmt.Errorf("object %q is not named by a digest", o.Path)
 		}
 	}
-	return objs, nil
+	return img, objs, nil
 }
 
 // ImageStats parses the stored image (within the parse memory budget) and

@@ -56,8 +56,8 @@ func say(format string, args ...any) {
 }
 
 // mountDisk mounts the guest's ext4 disk (replaying its journal after a
-// power cut).
-func mountDisk(t *testing.T) {
+// power cut) with the mount options given.
+func mountDisk(t *testing.T, options string) {
 	t.Helper()
 	deadline := time.Now().Add(20 * time.Second)
 	for {
@@ -72,7 +72,7 @@ func mountDisk(t *testing.T) {
 	if err := os.MkdirAll(guestMnt, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	if err := unix.Mount(guestDisk, guestMnt, "ext4", 0, ""); err != nil {
+	if err := unix.Mount(guestDisk, guestMnt, "ext4", 0, options); err != nil {
 		t.Fatalf("mounting %s: %v", guestDisk, err)
 	}
 }

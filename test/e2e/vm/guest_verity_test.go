@@ -36,7 +36,7 @@ func publishRequest(volID, target string, vc map[string]string) *csi.NodePublish
 // fs-verity, and what the kernel then enforces.
 func guestVerity(t *testing.T) {
 	ctx := guestContext(t)
-	mountDisk(t)
+	mountDisk(t, "")
 	defer unmountDisk(t)
 	runPkgTests(t)
 
