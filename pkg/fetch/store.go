@@ -209,7 +209,7 @@ type Store struct {
 	// verdict is not kept across restarts: the first use after one checks
 	// again, as the flag may have changed).
 	canonical map[cfs.Digest]bool
-	gen     uint64                      // bumped when pins or busy gain an image
+	gen       uint64 // bumped when pins or busy gain an image
 
 	bufs sync.Pool // *[]byte copy buffers
 
