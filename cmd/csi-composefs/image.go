@@ -10,6 +10,7 @@ func newImageCmd() *cobra.Command {
 		newImageLsCmd(),
 		newImageObjectsCmd(),
 		newImageMountCmd(),
+		newImagePushCmd(),
 		newImageUmountCmd(),
 	)
 }

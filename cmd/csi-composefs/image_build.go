@@ -18,6 +18,7 @@ type buildFlags struct {
 	printDigest     bool
 	printDigestOnly bool
 	fromFile        bool
+	parseStrict     bool
 	useEpoch        bool
 	skipDevices     bool
 	skipXattrs      bool
@@ -52,6 +53,7 @@ object store laid out as xx/yyyy… (the layout volumes are served from).`,
 	fl.BoolVar(&f.printDigest, "print-digest", false, "print the image's fs-verity digest on standard output")
 	fl.BoolVar(&f.printDigestOnly, "print-digest-only", false, "print the digest and write no image (OUT may be omitted)")
 	fl.BoolVar(&f.fromFile, "from-file", false, "SRC is a composefs dumpfile, not a directory")
+	fl.BoolVar(&f.parseStrict, "parse-strict", false, "parse the dumpfile strictly (as mkcomposefs does when "+cfs.ParseStrictEnv+" is set, which also turns this on): trailing newline, all 11 fields, symlink sizes, rdev 0 on non-devices")
 	fl.BoolVar(&f.useEpoch, "use-epoch", false, "set every mtime to 0 (directory input)")
 	fl.BoolVar(&f.skipDevices, "skip-devices", false, "leave out block and character devices (directory input)")
 	fl.BoolVar(&f.skipXattrs, "skip-xattrs", false, "leave out all xattrs (directory input)")
@@ -85,6 +87,9 @@ func (f buildFlags) validate(out string) error {
 		if v < 0 || v > cfs.MaxFormatVersion {
 			return usageErrorf("%s must be 0..%d, got %d", name, cfs.MaxFormatVersion, v)
 		}
+	}
+	if f.parseStrict && !f.fromFile {
+		return usageErrorf("--parse-strict applies to --from-file")
 	}
 	if f.fromFile && (f.digestStore != "" || f.useEpoch || f.skipDevices || f.skipXattrs || f.userXattrs) {
 		return usageErrorf("--digest-store, --use-epoch, --skip-devices, --skip-xattrs and --user-xattrs apply to directory input, not --from-file")
@@ -137,7 +142,9 @@ func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
 			defer file.Close()
 			r = file
 		}
-		root, err = cfs.ParseDump(bufio.NewReader(r), cfs.DumpOptions{Strict: os.Getenv("CFS_PARSE_STRICT") != ""})
+		// Like mkcomposefs: strict when the variable is set, whatever its value.
+		_, strictEnv := os.LookupEnv(cfs.ParseStrictEnv)
+		root, err = cfs.ParseDump(bufio.NewReader(r), cfs.DumpOptions{Strict: f.parseStrict || strictEnv})
 		if err != nil {
 			return fmt.Errorf("%s: %w", src, err)
 		}

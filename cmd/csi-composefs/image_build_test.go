@@ -152,3 +152,32 @@ func TestImageBuildIntoRepo(t *testing.T) {
 		}
 	}
 }
+
+// TestImageBuildParseStrict: like mkcomposefs, dumpfiles are parsed
+// leniently by default and strictly with --parse-strict or when
+// CFS_PARSE_STRICT is set, even to an empty value.
+func TestImageBuildParseStrict(t *testing.T) {
+	dump := filepath.Join(t.TempDir(), "short.dump")
+	// The second line stops after PAYLOAD (9 of 11 fields) and has no newline.
+	if err := os.WriteFile(dump, []byte("/ 0 40755 2 0 0 0 0.0 - - -\n/l 0 120777 1 0 0 0 0.0 target"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	build := func(extra ...string) (int, string) {
+		out := filepath.Join(t.TempDir(), "out.cfs")
+		code, _, stderr := runCmd(t, append(append([]string{"image", "build", "--from-file"}, extra...), dump, out)...)
+		return code, stderr
+	}
+	if code, stderr := build(); code != exitOK {
+		t.Fatalf("lenient parse: exit %d: %s", code, stderr)
+	}
+	if code, stderr := build("--parse-strict"); code == exitOK || !strings.Contains(stderr, "missing trailing newline") {
+		t.Errorf("--parse-strict: exit %d: %s", code, stderr)
+	}
+	t.Setenv("CFS_PARSE_STRICT", "")
+	if code, stderr := build(); code == exitOK || !strings.Contains(stderr, "line 2") {
+		t.Errorf("CFS_PARSE_STRICT set: exit %d: %s", code, stderr)
+	}
+	if code, _, stderr := runCmd(t, "image", "build", "--parse-strict", t.TempDir(), filepath.Join(t.TempDir(), "x.cfs")); code != exitUsage {
+		t.Errorf("--parse-strict without --from-file: exit %d: %s", code, stderr)
+	}
+}

@@ -24,7 +24,7 @@ type inspectFlags struct {
 
 func (f *inspectFlags) register(cmd *cobra.Command) {
 	cmd.Flags().BoolVar(&f.strict, "strict", false,
-		`refuse images whose redirects are not "/xx/"+62 hex digest paths matching their metacopy digest (composefs-info accepts any)`)
+		`refuse images whose redirects are not "/xx/"+62 hex digest paths matching their metacopy digest, or with files the kernel cannot read (composefs-info accepts both)`)
 	cmd.Flags().StringArrayVar(&f.filters, "filter", nil,
 		"only show this top-level entry of the image (repeatable), like composefs-info --filter")
 }
@@ -40,23 +40,40 @@ func (f *inspectFlags) check() error {
 
 // openImageFile opens and validates the image at path.
 func openImageFile(path string, strict bool) (*cfs.Image, error) {
-	f, err := os.Open(path)
+	f, size, err := openRegular(path)
 	if err != nil {
 		return nil, err
 	}
 	defer f.Close()
-	st, err := f.Stat()
-	if err != nil {
-		return nil, err
-	}
-	if !st.Mode().IsRegular() {
-		return nil, fmt.Errorf("%s: not a regular file", path)
-	}
-	img, err := cfs.Open(f, st.Size(), cfs.OpenOptions{AllowForeignRedirects: !strict})
+	img, err := cfs.Open(f, size, inspectFlags{strict: strict}.openOptions())
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
 	return img, nil
+}
+
+// openOptions are the reader's options: composefs-info's leniency unless
+// --strict.
+func (f inspectFlags) openOptions() cfs.OpenOptions {
+	return cfs.OpenOptions{AllowForeignRedirects: !f.strict, AllowUnreadableFiles: !f.strict}
+}
+
+// openRegular opens the regular file at path and returns its size.
+func openRegular(path string) (*os.File, int64, error) {
+	f, err := os.Open(path)
+	if err != nil {
+		return nil, 0, err
+	}
+	st, err := f.Stat()
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	if !st.Mode().IsRegular() {
+		f.Close()
+		return nil, 0, fmt.Errorf("%s: not a regular file", path)
+	}
+	return f, st.Size(), nil
 }
 
 // filteredRoot returns the image root, limited to the --filter entries.
@@ -162,18 +179,28 @@ func newImageDumpCmd() *cobra.Command {
 PATH SIZE MODE NLINK UID GID RDEV MTIME PAYLOAD CONTENT DIGEST XATTR...),
 byte-for-byte as 'composefs-info dump' prints it, except that a redirect is
 turned into a payload by stripping exactly one leading '/' (composefs-info
-may append stray bytes to some payloads). The output can be fed back to
-'image build --from-file'.`,
+may append stray bytes to some payloads) and that an xattr of an empty name
+after its prefix and an empty value is shown where it ends an inode's
+inline xattrs (composefs-info misses it). The output can be fed back to
+'image build --from-file'. The image is checked first: nothing is printed
+for an image that is refused. With --filter, hardlinks are shown as among
+the entries kept, as composefs-info does.`,
 		Args: exactArgs(1),
 		RunE: func(cmd *cobra.Command, args []string) error {
 			if err := f.check(); err != nil {
 				return err
 			}
-			img, err := openImageFile(args[0], f.strict)
+			// Streamed: the image is checked as openImageFile checks it,
+			// then written without building its tree.
+			file, size, err := openRegular(args[0])
 			if err != nil {
 				return err
 			}
-			return cfs.WriteDump(cmd.OutOrStdout(), f.filteredRoot(img))
+			defer file.Close()
+			if err := cfs.DumpImage(cmd.OutOrStdout(), file, size, f.openOptions(), f.filters...); err != nil {
+				return fmt.Errorf("%s: %w", args[0], err)
+			}
+			return nil
 		},
 	}
 	f.register(cmd)

@@ -44,7 +44,7 @@ func newRootCmd() *cobra.Command {
 		SilenceErrors: true,
 	}
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
-	root.AddCommand(newImageCmd(), newPullCmd(), newStoreCmd(), newServeCmd())
+	root.AddCommand(newImageCmd(), newPullCmd(), newStoreCmd(), newServeCmd(), newOCICmd())
 	return root
 }
 

@@ -6,15 +6,16 @@ import (
 	"fmt"
 	"io"
 	"os"
-	"strconv"
 	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
+	"github.com/csi-composefs/csi-composefs/cmd/csi-composefs/app"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
 )
 
 // sourceFlags are the flags that build an HTTP source.
@@ -135,44 +136,25 @@ func (f *storeFlags) openExisting(ctx context.Context, opts fetch.Options) (*fet
 }
 
 // parseSize parses "123", "10K", "512M", "1G", "2T" (powers of 1024).
-func parseSize(s string) (int64, error) {
-	s = strings.TrimSpace(s)
-	mult := int64(1)
-	if s != "" {
-		switch strings.ToUpper(s[len(s)-1:]) {
-		case "K":
-			mult = 1 << 10
-		case "M":
-			mult = 1 << 20
-		case "G":
-			mult = 1 << 30
-		case "T":
-			mult = 1 << 40
-		}
-		if mult > 1 {
-			s = s[:len(s)-1]
-		}
-	}
-	n, err := strconv.ParseInt(s, 10, 64)
-	if err != nil || n < 0 || n > (1<<62)/mult {
-		return 0, fmt.Errorf("invalid size %q", s)
-	}
-	return n * mult, nil
-}
+func parseSize(s string) (int64, error) { return app.ParseSize(s) }
 
 func newPullCmd() *cobra.Command {
 	var (
 		sf     sourceFlags
+		rf     registryFlags
 		stf    storeFlags
 		digest string
 		bar    string
 	)
 	cmd := &cobra.Command{
-		Use:   "pull --repository URL [--store-dir DIR] [--digest D] NAME",
+		Use:   "pull (--repository URL NAME | oci://REGISTRY/REPO:TAG | docker://REGISTRY/REPO:TAG) [--store-dir DIR] [--digest D]",
 		Short: "Fetch an image and the objects the store lacks into the node store",
 		Long: `Fetch the composefs image NAME from an HTTP repository into the node store,
 then every object it references that the store (or an --extra-object-dir
 directory) does not have yet, verifying each against its fs-verity digest.
+An oci:// reference names a composefs artifact in a registry (its objects
+are fetched by range from its packs); a docker:// reference a container
+image, converted into a composefs image in the store.
 With --digest, an image of another digest is refused, and an image already in
 the store is used without asking the repository. Prints the image digest.
 A progress bar is shown on a terminal, plain progress lines otherwise.`,
@@ -187,12 +169,35 @@ A progress bar is shown on a terminal, plain progress lines otherwise.`,
 				}
 				ref.Digest = d
 			}
-			if err := fetch.ValidImageName(ref.Name); err != nil {
-				return usageError{err}
-			}
-			src, err := sf.source()
-			if err != nil {
-				return err
+			var src fetch.Source
+			if isRegistryRef(args[0]) {
+				if sf.repository != "" {
+					return usageErrorf("--repository is not used with an %s reference", args[0][:strings.Index(args[0], ":")])
+				}
+				r, err := oci.ParseReference(args[0])
+				if err != nil {
+					return usageError{err}
+				}
+				o, err := rf.options(&sf)
+				if err != nil {
+					return err
+				}
+				rs, err := oci.NewRepoSource(r, o)
+				if err != nil {
+					return usageError{err}
+				}
+				ref.Name = r.Name()
+				if src, err = rs.BindRef(ref); err != nil {
+					return usageError{err}
+				}
+			} else {
+				if err := fetch.ValidImageName(ref.Name); err != nil {
+					return usageError{err}
+				}
+				var err error
+				if src, err = sf.source(); err != nil {
+					return err
+				}
 			}
 			opts, err := stf.options()
 			if err != nil {
@@ -206,6 +211,7 @@ A progress bar is shown on a terminal, plain progress lines otherwise.`,
 		},
 	}
 	sf.add(cmd)
+	rf.add(cmd, true)
 	stf.addDir(cmd)
 	stf.addFetch(cmd)
 	cmd.Flags().StringVar(&digest, "digest", "", "expected fs-verity digest of the image (64 hex)")

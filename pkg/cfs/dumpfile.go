@@ -14,9 +14,25 @@ import (
 type DumpOptions struct {
 	// Strict is mkcomposefs's CFS_PARSE_STRICT: a trailing newline is
 	// required, symlink sizes must match their target and carry no content,
-	// and non-devices must have rdev 0.
+	// and non-devices must have rdev 0. Strict parsing also refuses what
+	// mkcomposefs accepts in either mode but this parser only accepts
+	// without Strict: lines with fewer than the 11 fixed fields, mode bits
+	// beyond the file type and permissions, and a malformed DIGEST on an
+	// entry that does not use it.
+	//
+	// Without Strict (mkcomposefs's default), missing trailing fields
+	// read as empty, as mkcomposefs reads them: an empty number or MTIME
+	// is still an error, an empty PAYLOAD or CONTENT means none (CONTENT
+	// must then agree with SIZE 0), and an empty DIGEST is ignored unless
+	// the entry is an external regular file, which needs a valid one
+	// (mkcomposefs would use uninitialised bytes). Mode bits above 0o177777
+	// are dropped (the image stores 16 bits).
 	Strict bool
 }
+
+// ParseStrictEnv is the environment variable that makes mkcomposefs parse
+// dumpfiles strictly when it is set, whatever its value.
+const ParseStrictEnv = "CFS_PARSE_STRICT"
 
 // maxDumpLine bounds one dumpfile line. The largest valid line (a 4095-byte
 // path and payload, 5000 bytes of content and 64 KiB of xattrs, all escaped
@@ -31,8 +47,9 @@ var ErrDumpSyntax = errors.New("invalid dumpfile")
 func ParseDump(r io.Reader, opts DumpOptions) (*Node, error) {
 	p := dumpParser{opts: opts}
 	br := bufio.NewReaderSize(r, 64*1024)
+	var buf []byte
 	for lineNo := 1; ; lineNo++ {
-		line, err := readDumpLine(br)
+		line, err := readDumpLine(br, &buf)
 		if err == io.EOF {
 			break
 		}
@@ -61,20 +78,20 @@ func ParseDump(r io.Reader, opts DumpOptions) (*Node, error) {
 var errNoNewline = errors.New("no trailing newline")
 
 // readDumpLine returns the next line without its newline; errNoNewline with
-// the line when the input ends without one; io.EOF at the end.
-func readDumpLine(br *bufio.Reader) ([]byte, error) {
-	var line []byte
+// the line when the input ends without one; io.EOF at the end. The line is
+// valid until the next call (it is the reader's buffer or buf).
+func readDumpLine(br *bufio.Reader, buf *[]byte) ([]byte, error) {
+	chunk, err := br.ReadSlice('\n')
+	if err == nil {
+		return chunk[:len(chunk)-1], nil // the whole line was buffered
+	}
+	line := append((*buf)[:0], chunk...)
+	defer func() { *buf = line[:0] }()
 	for {
-		chunk, err := br.ReadSlice('\n')
-		if len(line)+len(chunk) > maxDumpLine {
-			return nil, fmt.Errorf("line longer than %d bytes", maxDumpLine)
-		}
-		line = append(line, chunk...)
 		switch {
 		case err == nil:
 			return line[:len(line)-1], nil
 		case err == bufio.ErrBufferFull:
-			continue
 		case err == io.EOF:
 			if len(line) == 0 {
 				return nil, io.EOF
@@ -83,6 +100,11 @@ func readDumpLine(br *bufio.Reader) ([]byte, error) {
 		default:
 			return nil, err
 		}
+		chunk, err = br.ReadSlice('\n')
+		if len(line)+len(chunk) > maxDumpLine {
+			return nil, fmt.Errorf("line longer than %d bytes", maxDumpLine)
+		}
+		line = append(line, chunk...)
 	}
 }
 
@@ -90,6 +112,20 @@ type dumpParser struct {
 	opts      DumpOptions
 	root      *Node
 	hardlinks []hardlinkFixup
+	// The parent directory of the last line, by the path up to its last
+	// '/': lines come in depth-first order, so the next is often a sibling.
+	lastDir     *Node
+	lastDirPath string
+	nodes       []Node // a slab the nodes are carved from
+}
+
+func (p *dumpParser) newNode() *Node {
+	if len(p.nodes) == 0 {
+		p.nodes = make([]Node, 256)
+	}
+	n := &p.nodes[0]
+	p.nodes = p.nodes[1:]
+	return n
 }
 
 type hardlinkFixup struct {
@@ -120,15 +156,21 @@ func (p *dumpParser) line(line []byte) error {
 	}
 	var f [numFixedFields][]byte
 	rest := line
+	got := numFixedFields
 	for i := range f {
 		var ok bool
 		f[i], rest, ok = bytes.Cut(rest, []byte{' '})
-		if !ok && i < numFixedFields-1 {
-			return fmt.Errorf("only %d of %d fields (missing %s)", i+1, numFixedFields, fieldNames[i+1])
-		}
 		if !ok {
-			rest = nil
+			got = i + 1
+			rest = nil // the fields after this one stay empty
+			break
 		}
+	}
+	// Without Strict, a line may stop after MTIME, as mkcomposefs allows;
+	// an entry needs at least its PATH..MTIME (a hardlink its PAYLOAD,
+	// checked below) in either parser.
+	if got < numFixedFields && (p.opts.Strict || got <= fieldMtime) {
+		return fmt.Errorf("only %d of %d fields (missing %s)", got, numFixedFields, fieldNames[got])
 	}
 	pathBytes, err := unescapeDump(f[fieldPath])
 	if err != nil {
@@ -144,14 +186,22 @@ func (p *dumpParser) line(line []byte) error {
 	if hardlink {
 		modeField = modeField[1:]
 	}
-	mode, err := parseUint(modeField, 8, 32)
+	bitSize := 32
+	if !p.opts.Strict {
+		bitSize = 64
+	}
+	mode, err := parseUint(modeField, 8, bitSize)
 	if err != nil {
 		return fmt.Errorf("%s: MODE: %v", path, err)
+	}
+	if !p.opts.Strict {
+		mode &= 0o177777
 	}
 	if err := validateMode(uint32(mode)); err != nil {
 		return fmt.Errorf("%s: %v", path, err)
 	}
-	n := &Node{Mode: uint32(mode)}
+	n := p.newNode()
+	n.Mode = uint32(mode)
 	if err := p.add(path, n); err != nil {
 		return err
 	}
@@ -240,10 +290,12 @@ func (p *dumpParser) line(line []byte) error {
 	}
 	if hasDigest {
 		d, err := ParseDigest(string(digest))
-		if err != nil {
+		switch {
+		case err == nil:
+			n.Digest = &d
+		case p.opts.Strict || (n.Type() == ModeRegular && n.Size > 0 && n.Content == nil):
 			return fmt.Errorf("%s: DIGEST: %v", path, err)
 		}
-		n.Digest = &d
 	}
 
 	if len(rest) > MaxXattrValueLen {
@@ -276,8 +328,12 @@ func (p *dumpParser) add(path string, n *Node) error {
 	if !strings.HasPrefix(path, "/") {
 		return fmt.Errorf("PATH %q is not absolute", truncateForError(path))
 	}
-	parts := strings.FieldsFunc(path, func(r rune) bool { return r == '/' })
-	if len(parts) == 0 {
+	// Components are the non-empty parts between '/'s.
+	end := len(path)
+	for end > 0 && path[end-1] == '/' {
+		end--
+	}
+	if end == 0 {
 		if n.Type() != ModeDir {
 			return errors.New("root must be a directory")
 		}
@@ -290,20 +346,32 @@ func (p *dumpParser) add(path string, n *Node) error {
 	if p.root == nil {
 		return fmt.Errorf("%s: the first line must be the root directory", path)
 	}
-	parent := p.root
-	for i, name := range parts[:len(parts)-1] {
-		if name == "." || name == ".." {
-			return fmt.Errorf("%s: invalid . or .. in path", path)
+	slash := strings.LastIndexByte(path[:end], '/')
+	dir, name := path[:slash+1], path[slash+1:end]
+	parent := p.lastDir
+	if parent == nil || dir != p.lastDirPath {
+		parent = p.root
+		for rest := dir; rest != ""; {
+			var c string
+			c, rest, _ = strings.Cut(rest, "/")
+			if c == "" {
+				continue
+			}
+			if c == "." || c == ".." {
+				return fmt.Errorf("%s: invalid . or .. in path", path)
+			}
+			parent = parent.Child(c)
+			if parent == nil {
+				missing := strings.Join(strings.FieldsFunc(dir[:len(dir)-len(rest)], func(r rune) bool { return r == '/' }), "/")
+				return fmt.Errorf("%s: parent directory /%s missing", path, missing)
+			}
 		}
-		parent = parent.Child(name)
-		if parent == nil {
-			return fmt.Errorf("%s: parent directory /%s missing", path, strings.Join(parts[:i+1], "/"))
+		if !parent.IsDir() {
+			return fmt.Errorf("%s: parent is not a directory", path)
 		}
+		p.lastDir, p.lastDirPath = parent, dir
 	}
-	if !parent.IsDir() {
-		return fmt.Errorf("%s: parent is not a directory", path)
-	}
-	n.Name = parts[len(parts)-1]
+	n.Name = name
 	if err := parent.AddChild(n); err != nil {
 		if parent.Child(n.Name) != nil {
 			return fmt.Errorf("%s: path already exists", path)

@@ -57,6 +57,15 @@ func TestParseDumpErrors(t *testing.T) {
 		{"strict: rdev on file", rootLine + "/a 0 100644 1 0 0 5 0.0 - - -\n", DumpOptions{Strict: true}, "non-zero RDEV"},
 		{"strict: symlink size", rootLine + "/l 9 120777 1 0 0 0 0.0 x - -\n", DumpOptions{Strict: true}, "does not match"},
 		{"line too long", rootLine + "/" + strings.Repeat("a", maxDumpLine) + "\n", DumpOptions{}, "longer than"},
+		{"strict: 9 fields", rootLine + "/l 1 120777 1 0 0 0 0.0 x\n", DumpOptions{Strict: true}, "only 9 of 11 fields (missing CONTENT)"},
+		{"strict: mode beyond 16 bits", rootLine + "/l 1 20720777 1 0 0 0 0.0 x - -\n", DumpOptions{Strict: true}, "bits beyond"},
+		{"strict: bad digest on a symlink", rootLine + "/l 1 120777 1 0 0 0 0.0 x - abc\n", DumpOptions{Strict: true}, "DIGEST"},
+		{"no MTIME", rootLine + "/a 0 100644 1 0 0 0\n", DumpOptions{}, "only 7 of 11 fields (missing MTIME)"},
+		{"hardlink with 8 fields", rootLine + "/h 0 @100644 1 0 0 0 0.0\n", DumpOptions{}, "without a target"},
+		{"empty digest on an external file", rootLine + "/a 9 100644 1 0 0 0 0.0 ab/cd -\n", DumpOptions{}, "DIGEST"},
+		{"8 fields and a SIZE", rootLine + "/a 9 100644 1 0 0 0 0.0 - \n", DumpOptions{}, "CONTENT is 0 bytes but SIZE is 9"},
+		{"empty symlink target", rootLine + "/l 0 120777 1 0 0 0 0.0\n", DumpOptions{}, "symlink without a target"},
+		{"9 fields of an external file", rootLine + "/e 9000 100644 1 0 0 0 0.0 ab/cd\n", DumpOptions{}, "CONTENT is 0 bytes but SIZE is 9000"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -112,6 +121,39 @@ func TestParseDumpAccepts(t *testing.T) {
 	}
 	if root.Lookup("/nonl") == nil {
 		t.Error("last line without newline was dropped")
+	}
+}
+
+// TestParseDumpNonStrict: without Strict, lines may stop after MTIME (the
+// missing fields read as empty, as mkcomposefs reads them), mode bits above
+// 16 are dropped and a DIGEST nothing uses may be malformed.
+func TestParseDumpNonStrict(t *testing.T) {
+	in := rootLine +
+		"/l 0 20720777 1 0 0 0 0.0 " + strings.Repeat("a", 4095) + "\n" + // 9 fields, mode with high bits
+		"/f 0 100644 1 0 0 0 0.0\n" + // 8 fields
+		"/g 0 100644 1 0 0 0 0.0 -\n" +
+		"/s 0 120777 1 0 0 0 0.0 target - \n" + // empty DIGEST on a symlink
+		"/i 2 100644 1 0 0 0 0.0 - ab x\n" // malformed DIGEST on an inline file
+	root, err := ParseDump(strings.NewReader(in), DumpOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if l := root.Lookup("/l"); l == nil || l.Mode != ModeSymlink|0o777 || len(l.Payload) != 4095 || l.Size != 4095 {
+		t.Errorf("/l = %+v", l)
+	}
+	for _, p := range []string{"/f", "/g"} {
+		if n := root.Lookup(p); n == nil || n.Type() != ModeRegular || n.Payload != "" || n.Content != nil || n.Digest != nil {
+			t.Errorf("%s = %+v", p, n)
+		}
+	}
+	if s := root.Lookup("/s"); s == nil || s.Payload != "target" || s.Digest != nil {
+		t.Errorf("/s = %+v", s)
+	}
+	if i := root.Lookup("/i"); i == nil || string(i.Content) != "ab" || i.Digest != nil {
+		t.Errorf("/i = %+v", i)
+	}
+	if _, err := ParseDump(strings.NewReader(in), DumpOptions{Strict: true}); err == nil {
+		t.Error("strict parsing accepted short lines")
 	}
 }
 

@@ -2,10 +2,8 @@ package cfs
 
 import (
 	"bufio"
-	"encoding/hex"
 	"io"
 	"sort"
-	"strconv"
 )
 
 // Escaping modes of composefs-info's output (§4).
@@ -63,65 +61,14 @@ func dwSortedChildren(n *Node) []*Node {
 func WriteDump(w io.Writer, root *Node) error {
 	bw := bufio.NewWriterSize(w, 64<<10)
 	path := make([]byte, 0, 256)
-	var num [24]byte
 	var walk func(n *Node)
 	walk = func(n *Node) {
 		t := n.Target()
-		if len(path) == 0 {
-			bw.WriteByte('/')
-		} else {
-			dwEscape(bw, path, 0)
-		}
-		bw.WriteByte(' ')
-		bw.Write(strconv.AppendUint(num[:0], t.Size, 10))
-		bw.WriteByte(' ')
 		if n.LinkTo != nil {
-			bw.WriteByte('@')
-		}
-		bw.Write(strconv.AppendUint(num[:0], uint64(t.Mode), 8))
-		bw.WriteByte(' ')
-		bw.Write(strconv.AppendUint(num[:0], uint64(t.Nlink), 10))
-		bw.WriteByte(' ')
-		bw.Write(strconv.AppendUint(num[:0], uint64(t.UID), 10))
-		bw.WriteByte(' ')
-		bw.Write(strconv.AppendUint(num[:0], uint64(t.GID), 10))
-		bw.WriteByte(' ')
-		// composefs-info prints rdev as an unsigned int.
-		bw.Write(strconv.AppendUint(num[:0], uint64(uint32(t.Rdev)), 10))
-		bw.WriteByte(' ')
-		bw.Write(strconv.AppendInt(num[:0], t.Mtime.Sec, 10))
-		bw.WriteByte('.')
-		bw.Write(strconv.AppendUint(num[:0], uint64(t.Mtime.Nsec), 10))
-		bw.WriteByte(' ')
-		switch {
-		case n.LinkTo != nil:
-			dwEscape(bw, t.Path(), dwEscapeLoneDash)
-		case t.Payload != "":
-			dwEscape(bw, t.Payload, dwEscapeLoneDash)
-		default:
-			bw.WriteByte('-')
-		}
-		bw.WriteByte(' ')
-		if len(t.Content) > 0 {
-			dwEscape(bw, t.Content, dwEscapeLoneDash)
+			dwNodeLine(bw, path, true, t, t.Path())
 		} else {
-			bw.WriteByte('-')
+			dwNodeLine(bw, path, false, t, "")
 		}
-		bw.WriteByte(' ')
-		if t.Digest != nil {
-			var hx [2 * DigestSize]byte
-			hex.Encode(hx[:], t.Digest[:])
-			bw.Write(hx[:])
-		} else {
-			bw.WriteByte('-')
-		}
-		for _, x := range t.Xattrs {
-			bw.WriteByte(' ')
-			dwEscape(bw, x.Key, dwEscapeEqual)
-			bw.WriteByte('=')
-			dwEscape(bw, x.Value, dwEscapeEqual)
-		}
-		bw.WriteByte('\n')
 		if !n.IsDir() {
 			return
 		}
@@ -135,6 +82,28 @@ func WriteDump(w io.Writer, root *Node) error {
 	}
 	walk(root)
 	return bw.Flush()
+}
+
+// dwNodeLine writes the dump line of node t at path; an alias line shows
+// t's fields with targetPath, the path of t's first entry, as payload.
+func dwNodeLine(bw *bufio.Writer, path []byte, alias bool, t *Node, targetPath string) {
+	dwPath(bw, path)
+	f := dwFields{size: t.Size, mode: t.Mode, nlink: t.Nlink, uid: t.UID, gid: t.GID, rdev: t.Rdev, mtime: t.Mtime}
+	dwWriteFields(bw, &f, alias)
+	if alias {
+		dwOptional(bw, targetPath)
+	} else {
+		dwOptional(bw, t.Payload)
+	}
+	dwOptional(bw, t.Content)
+	dwDigest(bw, t.Digest)
+	for _, x := range t.Xattrs {
+		bw.WriteByte(' ')
+		dwEscape(bw, x.Key, dwEscapeEqual)
+		bw.WriteByte('=')
+		dwEscape(bw, x.Value, dwEscapeEqual)
+	}
+	bw.WriteByte('\n')
 }
 
 // WriteList lists the entries below dir as `composefs-info ls` does, one
@@ -183,4 +152,15 @@ func dwListLine(bw *bufio.Writer, c *Node, path []byte) {
 		}
 	}
 	bw.WriteByte('\n')
+}
+
+// dwOptional writes an optional field (PAYLOAD, CONTENT) and the space
+// after it: escaped, "-" when empty.
+func dwOptional[T string | []byte](bw *bufio.Writer, v T) {
+	if len(v) > 0 {
+		dwEscape(bw, v, dwEscapeLoneDash)
+	} else {
+		bw.WriteByte('-')
+	}
+	bw.WriteByte(' ')
 }

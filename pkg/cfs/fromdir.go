@@ -50,15 +50,32 @@ func BuildFromDir(ctx context.Context, src string, opts DirOptions) (*Node, erro
 	if err := b.walk(ctx, src, root); err != nil {
 		return nil, err
 	}
+	if opts.DigestStore != "" {
+		s, err := openDigestStore(opts.DigestStore, opts.HardlinkObjects)
+		if err != nil {
+			return nil, err
+		}
+		b.store = s
+	}
 	if err := b.hashFiles(ctx); err != nil {
+		if b.store != nil {
+			b.store.abort()
+		}
 		return nil, err
+	}
+	if b.store != nil {
+		if err := b.store.finish(ctx); err != nil {
+			return nil, err
+		}
 	}
 	return root, nil
 }
 
 type dirBuilder struct {
-	opts  DirOptions
-	files []fileJob // external-file candidates, hashed after the walk
+	opts     DirOptions
+	files    []fileJob    // external-file candidates, hashed after the walk
+	store    *digestStore // DigestStore, or nil
+	xattrBuf []byte       // for listing xattr names
 }
 
 type fileJob struct {
@@ -152,7 +169,7 @@ func (b *dirBuilder) readXattrs(path string, n *Node) error {
 	if b.opts.SkipXattrs {
 		return nil
 	}
-	names, err := listXattrs(path)
+	names, err := b.listXattrs(path)
 	if err != nil {
 		return fmt.Errorf("listing xattrs of %s: %w", path, err)
 	}
@@ -175,16 +192,21 @@ func (b *dirBuilder) readXattrs(path string, n *Node) error {
 	return nil
 }
 
-func listXattrs(path string) ([]string, error) {
-	size := 1024
+// listXattrs lists the xattr names of path, reading them into a buffer the
+// walk reuses (most files have none).
+func (b *dirBuilder) listXattrs(path string) ([]string, error) {
+	if len(b.xattrBuf) == 0 {
+		b.xattrBuf = make([]byte, 4096)
+	}
 	for {
-		buf := make([]byte, size)
+		buf := b.xattrBuf
 		n, err := unix.Llistxattr(path, buf)
 		if errors.Is(err, unix.ERANGE) {
-			if size, err = unix.Llistxattr(path, nil); err != nil {
+			size, err := unix.Llistxattr(path, nil)
+			if err != nil {
 				return nil, err
 			}
-			size += 1024
+			b.xattrBuf = make([]byte, size+1024)
 			continue
 		}
 		if errors.Is(err, unix.ENOTSUP) {
@@ -192,6 +214,9 @@ func listXattrs(path string) ([]string, error) {
 		}
 		if err != nil {
 			return nil, err
+		}
+		if n == 0 {
+			return nil, nil
 		}
 		var names []string
 		for _, s := range strings.Split(string(buf[:n]), "\x00") {
@@ -241,7 +266,7 @@ func (b *dirBuilder) hashFiles(ctx context.Context) error {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			w := &hashWorker{h: NewVerityHash(), buf: make([]byte, 128*1024)}
+			w := newHashWorker()
 			for j := range jobs {
 				if err := b.hashFile(ctx, w, j); err != nil {
 					mu.Lock()
@@ -271,7 +296,15 @@ func (b *dirBuilder) hashFiles(ctx context.Context) error {
 // hashWorker is one hashing goroutine's reusable state.
 type hashWorker struct {
 	h   *VerityHash
-	buf []byte
+	buf []byte // read buffer; a whole file that fits is hashed and stored from it
+}
+
+// hashWorkerBuffer is the read buffer of a hashWorker: files up to this size
+// are read whole, hashed, and written to the store only if it lacks them.
+const hashWorkerBuffer = 1 << 20
+
+func newHashWorker() *hashWorker {
+	return &hashWorker{h: NewVerityHash(), buf: make([]byte, hashWorkerBuffer)}
 }
 
 func (b *dirBuilder) hashFile(ctx context.Context, w *hashWorker, j fileJob) error {
@@ -285,7 +318,11 @@ func (b *dirBuilder) hashFile(ctx context.Context, w *hashWorker, j fileJob) err
 		return fmt.Errorf("opening %s: %w", j.path, err)
 	}
 	f := os.NewFile(uintptr(fd), j.path)
-	defer f.Close()
+	defer func() {
+		if f != nil {
+			f.Close()
+		}
+	}()
 	var st unix.Stat_t
 	if err := unix.Fstat(fd, &st); err != nil {
 		return fmt.Errorf("stat %s: %w", j.path, err)
@@ -293,30 +330,137 @@ func (b *dirBuilder) hashFile(ctx context.Context, w *hashWorker, j fileJob) err
 	if st.Mode&unix.S_IFMT != unix.S_IFREG || st.Dev != j.dev || st.Ino != j.ino {
 		return fmt.Errorf("%s changed while building: it is no longer the regular file that was listed", j.path)
 	}
+	size := int64(j.node.Size)
 	if j.node.Size <= DirInlineContentMax {
-		content := make([]byte, j.node.Size)
-		if _, err := io.ReadFull(f, content); err != nil {
+		content := make([]byte, size+1)
+		n, err := io.ReadFull(f, content)
+		if err != io.ErrUnexpectedEOF && err != nil {
 			return fmt.Errorf("reading %s: %w", j.path, err)
 		}
-		j.node.Content = content
+		if int64(n) != size {
+			return fmt.Errorf("%s changed size while building (%d, now at least %d bytes)", j.path, size, n)
+		}
+		j.node.Content = content[:n:n]
 		return nil
 	}
+	s := b.store
 	w.h.Reset()
-	n, err := io.CopyBuffer(w.h, f, w.buf)
-	d := w.h.Digest()
-	if err != nil {
-		return fmt.Errorf("hashing %s: %w", j.path, err)
-	}
-	if uint64(n) != j.node.Size {
-		return fmt.Errorf("%s changed size while building (%d, now %d bytes)", j.path, j.node.Size, n)
-	}
-	j.node.Digest = &d
-	j.node.Payload = d.ObjectPath()
-	if b.opts.DigestStore == "" {
+	if size < int64(len(w.buf)) {
+		// Small enough to read whole: hash it, then store it from memory
+		// if the store lacks it.
+		n, err := io.ReadFull(f, w.buf[:size+1])
+		if err != io.ErrUnexpectedEOF && err != nil {
+			return fmt.Errorf("reading %s: %w", j.path, err)
+		}
+		if int64(n) != size {
+			return fmt.Errorf("%s changed size while building (%d, now at least %d bytes)", j.path, size, n)
+		}
+		w.h.Write(w.buf[:n])
+		d := b.setDigest(j, w)
+		if s == nil || !s.claim(d, size) {
+			return nil
+		}
+		if b.linkable(&st) {
+			err, f = s.addLink(ctx, d, f, size), nil
+		} else {
+			err = b.storeBytes(ctx, d, w.buf[:n])
+		}
+		if err != nil {
+			return fmt.Errorf("storing %s: %w", j.path, err)
+		}
 		return nil
 	}
-	if err := storeObject(ctx, b.opts.DigestStore, d, f, b.opts.HardlinkObjects); err != nil {
+	// A large file: written to a new object while it is hashed (read once),
+	// dropped if the store has it already.
+	var o *pendingObject
+	if s != nil && !b.linkable(&st) {
+		if o, err = s.create(); err != nil {
+			return err
+		}
+	}
+	n, err := b.copyHashing(ctx, w, f, o)
+	if err == nil && n != size {
+		err = fmt.Errorf("%s changed size while building (%d, now %d bytes)", j.path, size, n)
+	}
+	if err != nil {
+		if o != nil {
+			o.discard()
+		}
+		return fmt.Errorf("reading %s: %w", j.path, err)
+	}
+	d := b.setDigest(j, w)
+	switch {
+	case s == nil:
+		return nil
+	case !s.claim(d, size):
+		if o != nil {
+			o.discard()
+		}
+		return nil
+	case o == nil:
+		err, f = s.addLink(ctx, d, f, size), nil
+	default:
+		err = s.add(ctx, d, o, size)
+	}
+	if err != nil {
 		return fmt.Errorf("storing %s: %w", j.path, err)
 	}
 	return nil
+}
+
+// linkable tells whether HardlinkObjects can link the source file into the
+// store (the same filesystem).
+func (b *dirBuilder) linkable(st *unix.Stat_t) bool {
+	return b.store != nil && b.store.hardlink && st.Dev == b.store.dev
+}
+
+func (b *dirBuilder) setDigest(j fileJob, w *hashWorker) Digest {
+	d := w.h.Digest()
+	j.node.Digest = &d
+	j.node.Payload = d.ObjectPath()
+	return d
+}
+
+// copyHashing reads f to its end through the hasher and, when o is set,
+// into o, starting o's writeback as it goes.
+func (b *dirBuilder) copyHashing(ctx context.Context, w *hashWorker, f *os.File, o *pendingObject) (int64, error) {
+	var total, started int64
+	for {
+		n, err := f.Read(w.buf)
+		if n > 0 {
+			w.h.Write(w.buf[:n])
+			if o != nil {
+				if _, werr := o.f.Write(w.buf[:n]); werr != nil {
+					return total, fmt.Errorf("writing the object: %w", werr)
+				}
+			}
+			total += int64(n)
+			if o != nil && total-started >= 8<<20 {
+				_ = unix.SyncFileRange(int(o.f.Fd()), started, total-started, unix.SYNC_FILE_RANGE_WRITE)
+				started = total
+			}
+		}
+		if err == io.EOF {
+			return total, nil
+		}
+		if err != nil {
+			return total, err
+		}
+		if err := ctx.Err(); err != nil {
+			return total, err
+		}
+	}
+}
+
+// storeBytes writes a new object from memory.
+func (b *dirBuilder) storeBytes(ctx context.Context, d Digest, data []byte) error {
+	o, err := b.store.create()
+	if err != nil {
+		return err
+	}
+	if _, err := o.f.Write(data); err != nil {
+		o.discard()
+		return fmt.Errorf("writing object %s: %w", d, err)
+	}
+	return b.store.add(ctx, d, o, int64(len(data)))
 }

@@ -10,8 +10,9 @@ import (
 
 // FuzzOpenImage feeds arbitrary bytes to the reader. Open must either fail
 // with one of the reader's sentinel errors or return an image whose tree can
-// be dumped, listed and looked up without panics; the seeds are every golden
-// image.
+// be dumped, listed and looked up without panics; DumpImage must refuse
+// what Open refuses, with the same error, and write what WriteDump writes of
+// the tree otherwise. The seeds are every golden image.
 func FuzzOpenImage(f *testing.F) {
 	paths, err := filepath.Glob(filepath.Join(goldenDir(f), "*.cfs"))
 	if err != nil || len(paths) == 0 {
@@ -25,8 +26,9 @@ func FuzzOpenImage(f *testing.F) {
 		f.Add(b)
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		for _, opts := range []OpenOptions{{AllowForeignRedirects: true}, {}} {
+		for _, opts := range []OpenOptions{{AllowForeignRedirects: true, AllowUnreadableFiles: true}, {}} {
 			img, err := Open(bytes.NewReader(data), int64(len(data)), opts)
+			rdCheckDumpImage(t, data, opts, img, err)
 			if err != nil {
 				if !rdIsReaderError(err) {
 					t.Fatalf("Open error wraps no sentinel: %v", err)

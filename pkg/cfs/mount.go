@@ -56,6 +56,12 @@ type MountOptions struct {
 	// and recorded in the mount source ("composefs:<digest>") in every mode
 	// so that the mount can be recognised later.
 	ImageDigest *Digest
+	// SELinuxContext, when set, is the overlay's context= mount option:
+	// every file of the mount carries this label (what the kubelet asks
+	// for with seLinuxMount). Only the overlay gets it: it is all a reader
+	// sees, and overlayfs reads its layers with the mounter's credentials.
+	// Needs a kernel with SELinux; see CheckSELinuxContext for the syntax.
+	SELinuxContext string
 	// ForceLegacy takes the fallback path for kernels without the new mount
 	// API (loop device, mount(2) with lowerdir=E::O1::O2). For tests.
 	ForceLegacy bool
@@ -124,6 +130,11 @@ func mount(ctx context.Context, image, target string, opts MountOptions, private
 	if len(opts.ObjectDirs) == 0 {
 		return MountResult{}, errors.New("no object directory given")
 	}
+	if opts.SELinuxContext != "" {
+		if err := CheckSELinuxContext(opts.SELinuxContext); err != nil {
+			return MountResult{}, err
+		}
+	}
 	dirs := make([]string, len(opts.ObjectDirs))
 	for i, d := range opts.ObjectDirs {
 		abs, err := filepath.Abs(d)
@@ -165,6 +176,7 @@ func mount(ctx context.Context, image, target string, opts MountOptions, private
 		verity: mode == VerityRequire,
 		noexec: opts.NoExec,
 		source: MountSourcePrefix,
+		label:  opts.SELinuxContext,
 
 		privateDirLayer: privateDirLayer,
 	}
@@ -268,6 +280,7 @@ type mounter struct {
 	verity bool
 	noexec bool
 	source string
+	label  string // SELinux context= of the overlay, or ""
 
 	privateDirLayer bool // skip handing overlayfs the detached erofs by fd
 	loopDev         string
@@ -412,6 +425,11 @@ func (m *mounter) newAPIOverlay(er *erofsMount) (MountPath, error) {
 			return "", fsError(fsfd, "overlayfs without verity= (needs ≥ 6.6)", err)
 		}
 	}
+	if m.label != "" {
+		if err := unix.FsconfigSetString(fsfd, "context", m.label); err != nil {
+			return "", fsError(fsfd, "overlay: fsconfig context="+m.label+" (needs a kernel with SELinux)", err)
+		}
+	}
 	path := MountPathDetached
 	err = errLegacy
 	if !m.privateDirLayer {
@@ -499,6 +517,12 @@ func (m *mounter) legacyOverlay(er *erofsMount) error {
 	if m.verity {
 		data += ",verity=require"
 	}
+	noLabel := data
+	if m.label != "" {
+		// Quoted: a level holds commas (s0:c1,c2); the kernel's LSM option
+		// parser takes the quotes off.
+		data += `,context="` + m.label + `"`
+	}
 	if len(data) > maxLegacyOptions {
 		return fmt.Errorf("overlay options are %d bytes, over the %d bytes mount(2) takes: use shorter object directory paths", len(data), maxLegacyOptions)
 	}
@@ -522,6 +546,9 @@ func (m *mounter) legacyOverlay(er *erofsMount) error {
 		}
 		unix.Unmount(m.target, unix.MNT_DETACH)
 		return true
+	}
+	if m.label != "" && probe(noLabel) {
+		return fmt.Errorf("overlayfs refused context=%s (needs a kernel with SELinux): %w", m.label, err)
 	}
 	full := base + strings.Join(lower, "::")
 	if m.verity && probe(full) {

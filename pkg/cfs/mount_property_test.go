@@ -2,6 +2,7 @@ package cfs
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"os"
@@ -60,7 +61,7 @@ func (g *propGen) dir(dir string, depth int) {
 		for i := range propSizes {
 			kinds = append(kinds, -1-i)
 		}
-		kinds = append(kinds, 10, 12, 14, 15, 16, 17, 18, 19)
+		kinds = append(kinds, 10, 12, 14, 15, 16, 17, 18, 19, 20, 21)
 	}
 	for i := range count {
 		if g.entries >= 150 {
@@ -68,7 +69,7 @@ func (g *propGen) dir(dir string, depth int) {
 		}
 		g.entries++
 		p := filepath.Join(dir, g.name(used))
-		k := g.rng.IntN(20)
+		k := g.rng.IntN(22)
 		if i < len(kinds) {
 			k = kinds[i]
 		}
@@ -101,6 +102,11 @@ func (g *propGen) dir(dir string, depth int) {
 			err = unix.Mknod(p, unix.S_IFBLK|0o644, int(unix.Mkdev(uint32(1+g.rng.IntN(300)), uint32(g.rng.IntN(70000)))))
 		case k == 18:
 			err = unix.Mknod(p, unix.S_IFCHR|0o644, 0) // an overlay whiteout
+		case k == 20:
+			err = g.sparse(p)
+			g.files = append(g.files, p)
+		case k == 21:
+			err = unix.Mknod(p, unix.S_IFSOCK|0o644, 0)
 		default:
 			if len(g.files) == 0 {
 				err = os.WriteFile(p, []byte("x"), 0o644)
@@ -114,6 +120,37 @@ func (g *propGen) dir(dir string, depth int) {
 		}
 		g.created = append(g.created, p)
 	}
+}
+
+// sparse writes a file with holes: a few random bytes at random offsets
+// of a file up to 16 MiB long, its end possibly a hole.
+func (g *propGen) sparse(p string) error {
+	f, err := os.Create(p)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	size := []int64{DirInlineContentMax + 1, 3*4096 + 1, 1 << 20, 16 << 20}[g.rng.IntN(4)]
+	for range g.rng.IntN(3) {
+		b := make([]byte, 1+g.rng.IntN(5000))
+		g.bytes.Read(b)
+		if _, err := f.WriteAt(b, g.rng.Int64N(size)); err != nil {
+			return err
+		}
+	}
+	return f.Truncate(size)
+}
+
+// propACL is a POSIX access ACL (version 2: user::rwx user:1000:r-x
+// group::r-x mask::r-x other::r--), as the kernel stores it in
+// system.posix_acl_access and system.posix_acl_default.
+var propACL = []byte{
+	2, 0, 0, 0,
+	0x01, 0, 7, 0, 0xff, 0xff, 0xff, 0xff,
+	0x02, 0, 5, 0, 0xe8, 0x03, 0, 0,
+	0x04, 0, 5, 0, 0xff, 0xff, 0xff, 0xff,
+	0x10, 0, 5, 0, 0xff, 0xff, 0xff, 0xff,
+	0x20, 0, 4, 0, 0xff, 0xff, 0xff, 0xff,
 }
 
 // finish sets ownership, modes, xattrs and mtimes, children before their
@@ -144,8 +181,24 @@ func (g *propGen) finish(root string) {
 				g.t.Fatal(err)
 			}
 		}
+		if typ == unix.S_IFREG || typ == unix.S_IFDIR {
+			acls := []string{"system.posix_acl_access"}
+			if typ == unix.S_IFDIR {
+				acls = append(acls, "system.posix_acl_default")
+			}
+			for _, key := range acls {
+				if g.rng.IntN(8) != 0 {
+					continue
+				}
+				if err := unix.Lsetxattr(p, key, propACL, 0); err != nil && !errors.Is(err, unix.EOPNOTSUPP) {
+					g.t.Fatalf("setxattr %s %s: %v", p, key, err)
+				}
+			}
+		}
 		for i := range g.rng.IntN(4) {
-			ns := []string{"trusted.", "security."}
+			// trusted.overlay.* keys are escaped in the image and shown
+			// unescaped by a mount.
+			ns := []string{"trusted.", "security.", "trusted.overlay."}
 			if typ == unix.S_IFREG || typ == unix.S_IFDIR {
 				ns = append(ns, "user.", "user.")
 			}

@@ -411,6 +411,22 @@ func TestReaderHostile(t *testing.T) {
 			rdLe32(b, ext.Offset+16, 0x20)
 			return b
 		}, want: ErrUnsupported},
+		{name: "chunk format high bits", mutate: func(b []byte) []byte {
+			rdLe32(b, ext.Offset+16, 0x10000)
+			return b
+		}, want: ErrUnsupported, msg: "chunk format"},
+		{name: "chunk format high bits accepted with AllowUnreadableFiles", mutate: func(b []byte) []byte {
+			rdLe32(b, ext.Offset+16, 0x10000)
+			return b
+		}, opts: OpenOptions{AllowUnreadableFiles: true}},
+		{name: "chunk map crossing a block", mutate: func(b []byte) []byte {
+			rdLe32(b, ext.Offset+8, 1024*4096) // 1024 chunks of 4 KiB: 4096 bytes of map
+			return b
+		}, want: ErrUnsupported, msg: "does not fit beside its inode"},
+		{name: "chunk map crossing a block accepted with AllowUnreadableFiles", mutate: func(b []byte) []byte {
+			rdLe32(b, ext.Offset+8, 1024*4096)
+			return b
+		}, opts: OpenOptions{AllowUnreadableFiles: true}},
 		{name: "too many chunks", mutate: func(b []byte) []byte {
 			rdLe32(b, ext.Offset+8, 0xffffffff) // 4 GiB in 4 KiB chunks
 			return b
@@ -436,6 +452,7 @@ func TestReaderHostile(t *testing.T) {
 			}
 			b := tc.mutate(bytes.Clone(src))
 			img, err := rdOpenBytes(b, tc.opts)
+			rdCheckDumpImage(t, b, tc.opts, img, err)
 			if tc.want == nil {
 				if err != nil {
 					t.Fatalf("Open: %v", err)
@@ -600,5 +617,76 @@ func TestStrictRefusesExternalFileWithoutRedirect(t *testing.T) {
 	img, err := Open(bytes.NewReader(buf.Bytes()), int64(buf.Len()), OpenOptions{AllowForeignRedirects: true})
 	if err != nil || len(img.Objects()) != 0 {
 		t.Fatalf("lenient open: %v", err)
+	}
+}
+
+// TestReaderChunkMapBeyondInode: an image with a file whose chunk map does
+// not fit beside its inode (as mkcomposefs writes files over ~8.7 PB) is
+// refused by default, naming why, and read as composefs-info reads it with
+// AllowUnreadableFiles.
+func TestReaderChunkMapBeyondInode(t *testing.T) {
+	const dump = "/ 4096 40755 2 0 0 0 0.0 - - -\n/bigfile 9001899274941000 100777 1 0 0 0 0.0 - - - user.foo=\n"
+	tree, err := ParseDump(strings.NewReader(dump), DumpOptions{Strict: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := WriteImage(&buf, tree, DefaultWriteOptions()); err != nil {
+		t.Fatal(err)
+	}
+	_, err = rdOpenBytes(buf.Bytes(), rdLenient)
+	if !errors.Is(err, ErrUnsupported) || !strings.Contains(err.Error(), "/bigfile") || !strings.Contains(err.Error(), "chunk map does not fit") {
+		t.Fatalf("Open without AllowUnreadableFiles = %v, want ErrUnsupported naming /bigfile and its chunk map", err)
+	}
+	img, err := rdOpenBytes(buf.Bytes(), OpenOptions{AllowForeignRedirects: true, AllowUnreadableFiles: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := WriteDump(&out, img.Root()); err != nil {
+		t.Fatal(err)
+	}
+	if out.String() != dump {
+		t.Errorf("dump:\n%s\nwant:\n%s", out.String(), dump)
+	}
+}
+
+// rdCheckDumpImage checks that DumpImage accepts and refuses what Open
+// does (img, err: Open's result), with the same error, writing nothing when
+// it refuses, and otherwise writes what WriteDump writes of the tree.
+func rdCheckDumpImage(t testing.TB, b []byte, opts OpenOptions, img *Image, err error) {
+	t.Helper()
+	var got bytes.Buffer
+	derr := DumpImage(&got, bytes.NewReader(b), int64(len(b)), opts)
+	if err != nil {
+		if derr == nil || derr.Error() != err.Error() {
+			t.Fatalf("Open: %v; DumpImage: %v", err, derr)
+		}
+		if got.Len() != 0 {
+			t.Fatalf("DumpImage wrote %d bytes and refused the image: %v", got.Len(), derr)
+		}
+		return
+	}
+	if derr != nil {
+		t.Fatalf("Open accepted the image, DumpImage: %v", derr)
+	}
+	var want bytes.Buffer
+	if err := WriteDump(&want, img.Root()); err != nil {
+		t.Fatal(err)
+	}
+	if got.String() != want.String() {
+		t.Fatalf("DumpImage differs from WriteDump of the tree:\n%s", rdFirstLineDiff(got.String(), want.String()))
+	}
+}
+
+// TestDumpImageGolden: DumpImage of every golden image, in both redirect
+// policies, writes what WriteDump writes of Open's tree.
+func TestDumpImageGolden(t *testing.T) {
+	for _, name := range rdGoldenImageNames(t) {
+		data := readGolden(t, name+".cfs")
+		for _, opts := range []OpenOptions{rdLenient, {}} {
+			img, err := rdOpenBytes(data, opts)
+			rdCheckDumpImage(t, data, opts, img, err)
+		}
 	}
 }

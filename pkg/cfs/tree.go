@@ -80,6 +80,8 @@ type Node struct {
 	// LinkTo is set on a hardlink alias; every other field of an alias is
 	// ignored and the target's are used.
 	LinkTo *Node
+
+	nid uint64 // the inode's nid in the image Open read it from, else 0
 }
 
 // Type returns the file type bits of the mode.

@@ -25,8 +25,11 @@ func (d Digest) String() string { return hex.EncodeToString(d[:]) }
 
 // ObjectPath returns the digest's path in an object store: "xx/yyyy…".
 func (d Digest) ObjectPath() string {
-	s := d.String()
-	return s[:2] + "/" + s[2:]
+	var b [2*DigestSize + 1]byte
+	hex.Encode(b[:2], d[:1])
+	b[2] = '/'
+	hex.Encode(b[3:], d[1:])
+	return string(b[:])
 }
 
 // IsZero reports whether d is the all-zero value (no digest).
@@ -95,6 +98,8 @@ type VerityHash struct {
 	// levels[0] buffers data; levels[i>0] buffer the hashes of level i-1.
 	levels []verityLevel
 	size   uint64
+	// finish is scratch for rootHash, which finishes on a copy of levels.
+	finish []verityLevel
 }
 
 type verityLevel struct {
@@ -173,8 +178,10 @@ func (v *VerityHash) rootHash() [DigestSize]byte {
 	if v.size == 0 {
 		return [DigestSize]byte{}
 	}
-	// Finish on a copy so that Sum can be called mid-stream.
-	c := &VerityHash{levels: append([]verityLevel(nil), v.levels...), size: v.size}
+	// Finish on a copy so that Sum can be called mid-stream; the copy's
+	// storage is kept for the next call.
+	c := &VerityHash{levels: append(v.finish[:0], v.levels...), size: v.size}
+	defer func() { v.finish = c.levels[:0] }()
 	for i := 0; ; i++ {
 		l := &c.levels[i]
 		blocks := l.emitted

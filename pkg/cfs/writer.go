@@ -6,6 +6,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"math/bits"
 	"os"
@@ -170,10 +171,10 @@ type dirent struct {
 func (in *inode) typ() uint32 { return in.mode & ModeTypeMask }
 
 type sharedXattr struct {
-	key   string
-	value []byte
-	count int
-	id    uint32
+	key    string
+	value  []byte
+	count  int
+	offset uint64 // in the shared table
 }
 
 type imageLayout struct {
@@ -199,7 +200,7 @@ func layoutImage(root *Node, opts WriteOptions) (*imageLayout, error) {
 	l := &imageLayout{version: opts.MinVersion}
 	maxVersion := max(opts.MaxVersion, opts.MinVersion)
 
-	conv := converter{byNode: map[*Node]*inode{}}
+	conv := converter{byNode: aliasTargets(root)}
 	r, err := conv.convert(root, nil)
 	if err != nil {
 		return nil, err
@@ -225,6 +226,38 @@ type converter struct {
 	byNode      map[*Node]*inode
 	aliases     []aliasEntry
 	hasWhiteout bool
+	slab        []inode
+}
+
+func (c *converter) newInode() *inode {
+	if len(c.slab) == 0 {
+		c.slab = make([]inode, 256)
+	}
+	in := &c.slab[0]
+	c.slab = c.slab[1:]
+	return in
+}
+
+// aliasTargets returns the nodes hardlink aliases lead to (chains
+// followed), as keys of the map that will hold their inodes.
+func aliasTargets(root *Node) map[*Node]*inode {
+	m := map[*Node]*inode{}
+	var walk func(n *Node)
+	walk = func(n *Node) {
+		for _, c := range n.Children {
+			if c.LinkTo != nil {
+				if t, err := followLinks(c); err == nil {
+					m[t] = nil
+				}
+			} else if c.IsDir() {
+				walk(c)
+			}
+		}
+	}
+	if root != nil && root.IsDir() {
+		walk(root)
+	}
+	return m
 }
 
 // aliasEntry is a hardlink entry: the alias node and where it sits.
@@ -239,7 +272,8 @@ func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
 	if err := validateMode(n.Mode); err != nil {
 		return nil, fmt.Errorf("%w: %s: %v", ErrInvalidTree, path(), err)
 	}
-	in := &inode{
+	in := c.newInode()
+	*in = inode{
 		parent: parent, mode: n.Mode, nlink: n.Nlink, uid: n.UID, gid: n.GID,
 		rdev: n.Rdev, size: n.Size, mtime: n.Mtime, payload: n.Payload, digest: n.Digest,
 	}
@@ -281,7 +315,9 @@ func (c *converter) convert(n *Node, parent *inode) (*inode, error) {
 		}
 		in.setXattr(x.Key, x.Value)
 	}
-	c.byNode[n] = in
+	if _, ok := c.byNode[n]; ok {
+		c.byNode[n] = in
+	}
 	if in.typ() != ModeDir {
 		return in, nil
 	}
@@ -314,8 +350,8 @@ func (c *converter) resolveAliases() error {
 		if err != nil {
 			return fmt.Errorf("%w: hardlink %s: %v", ErrInvalidTree, a.node.Name, err)
 		}
-		target, ok := c.byNode[t]
-		if !ok {
+		target := c.byNode[t]
+		if target == nil {
 			return fmt.Errorf("%w: hardlink %s: its target is not in the tree", ErrInvalidTree, a.node.Name)
 		}
 		if target.typ() == ModeDir {
@@ -451,27 +487,47 @@ func (l *imageLayout) bfs(root *inode) {
 	}
 }
 
-func xattrPairKey(x Xattr) string { return x.Key + "\x00" + string(x.Value) }
+// xattrPairs counts the distinct (key, value) pairs of a tree by hash,
+// comparing the pairs whose hashes collide: no string is built per xattr.
+type xattrPairs struct {
+	seed  maphash.Seed
+	byKey map[uint64][]*sharedXattr
+}
+
+func (p *xattrPairs) find(x Xattr) *sharedXattr {
+	var h maphash.Hash
+	h.SetSeed(p.seed)
+	h.WriteString(x.Key)
+	h.WriteByte(0)
+	h.Write(x.Value)
+	sum := h.Sum64()
+	for _, s := range p.byKey[sum] {
+		if s.key == x.Key && bytes.Equal(s.value, x.Value) {
+			return s
+		}
+	}
+	s := &sharedXattr{key: x.Key, value: x.Value}
+	p.byKey[sum] = append(p.byKey[sum], s)
+	return s
+}
 
 // shareXattrs picks the (key, value) pairs used by more than one inode and
 // assigns each inode its shared references and inline entries (§2.5.4).
 func (l *imageLayout) shareXattrs() {
-	counts := map[string]*sharedXattr{}
+	pairs := xattrPairs{seed: maphash.MakeSeed(), byKey: map[uint64][]*sharedXattr{}}
+	var refs []*sharedXattr // the pair of each xattr of each inode, in order
 	for _, in := range l.inodes {
 		for _, x := range in.xattrs {
-			k := xattrPairKey(x)
-			if s := counts[k]; s != nil {
-				s.count++
-			} else {
-				counts[k] = &sharedXattr{key: x.Key, value: x.Value, count: 1}
-			}
+			s := pairs.find(x)
+			s.count++
+			refs = append(refs, s)
 		}
 	}
-	for k, s := range counts {
-		if s.count > 1 {
-			l.shared = append(l.shared, s)
-		} else {
-			delete(counts, k)
+	for _, ss := range pairs.byKey {
+		for _, s := range ss {
+			if s.count > 1 {
+				l.shared = append(l.shared, s)
+			}
 		}
 	}
 	sort.Slice(l.shared, func(i, j int) bool {
@@ -484,35 +540,37 @@ func (l *imageLayout) shareXattrs() {
 		}
 		return bytes.Compare(a.value, b.value) > 0
 	})
-	offsets := make(map[*sharedXattr]uint64, len(l.shared))
 	for _, s := range l.shared {
-		offsets[s] = l.sharedSize
+		s.offset = l.sharedSize
 		l.sharedSize += uint64(xattrEntrySize(s.key, s.value))
 	}
 	for _, in := range l.inodes {
 		in.inline = in.inline[:0]
-		var refs []*sharedXattr
-		for _, x := range in.xattrs {
-			if s := counts[xattrPairKey(x)]; s != nil && len(refs) < maxSharedRefs {
-				refs = append(refs, s)
+		nShared := 0
+		mine := refs[:len(in.xattrs)]
+		refs = refs[len(in.xattrs):]
+		for i, x := range in.xattrs {
+			if s := mine[i]; s.count > 1 && nShared < maxSharedRefs {
+				mine[nShared] = s // done with mine[i]; keep the shared ones in order
+				nShared++
 			} else {
 				in.inline = append(in.inline, x)
 			}
 			idx, suffix := xattrPrefix(x.Key)
-			in.filter |= 1 << (xxh32([]byte(suffix), erofsXattrFilterSeed+uint32(idx)) & 31)
+			in.filter |= 1 << (xxh32String(suffix, erofsXattrFilterSeed+uint32(idx)) & 31)
 		}
 		in.filter = ^in.filter
 		if len(in.xattrs) == 0 {
 			continue
 		}
-		in.xattrSize = xattrHeaderSize + 4*len(refs)
+		in.xattrSize = xattrHeaderSize + 4*nShared
 		for _, x := range in.inline {
 			in.xattrSize += xattrEntrySize(x.Key, x.Value)
 		}
 		// Shared ids depend on where the inode table ends; keep offsets now.
-		in.shared = make([]uint32, len(refs))
-		for i, s := range refs {
-			in.shared[i] = uint32(offsets[s])
+		in.shared = make([]uint32, nShared)
+		for i, s := range mine[:nShared] {
+			in.shared[i] = uint32(s.offset)
 		}
 	}
 }
@@ -621,10 +679,14 @@ func (l *imageLayout) place() error {
 			if tail <= rem2 {
 				pos += pad
 			} else {
-				if in.external {
-					// Its chunk map must be inline; the kernel cannot find it elsewhere.
-					return fmt.Errorf("%w: a %d-byte file needs a %d-byte chunk map, more than fits beside its inode", ErrInvalidTree, in.size, in.tail)
-				}
+				// The tail moves to a data block. Only an external file's
+				// chunk map of more than ~4000 bytes (a file over 8.7 PB)
+				// gets here: mkcomposefs then writes the map as a block of
+				// holes the inode does not point at, while the kernel reads
+				// the map from the bytes after the inode. Written as
+				// mkcomposefs writes it (upstream's own test vectors have
+				// such files); the strict reader refuses such an image
+				// before a mount.
 				in.nBlocks++
 				in.tail = 0
 				pos = roundUp(pos, blkSize)
@@ -679,6 +741,9 @@ func (e *emitter) write(b []byte) {
 }
 
 var zeros [blkSize]byte
+
+// nullAddr is EROFS_NULL_ADDR, a hole in a chunk map.
+var nullAddr = [4]byte{0xff, 0xff, 0xff, 0xff}
 
 func (e *emitter) zeroTo(off int64) {
 	for e.n < off && e.err == nil {
@@ -736,6 +801,14 @@ func (l *imageLayout) emit(e *emitter) {
 				e.zeroTo(start + blkSize)
 			}
 		case ModeRegular:
+			if in.external {
+				// A chunk map that did not fit beside its inode: mkcomposefs
+				// writes 1024 holes, whatever the chunk count.
+				for range blkSize / 4 {
+					e.write(nullAddr[:])
+				}
+				continue
+			}
 			start := e.n
 			e.write(in.content[:min(len(in.content), blkSize)])
 			e.zeroTo(start + blkSize)
@@ -769,8 +842,11 @@ func (l *imageLayout) emitInode(e *emitter, in *inode) {
 			iu = in.blkaddr
 		}
 		if in.external {
+			// i_u is a union: mkcomposefs sets the block address of a chunk
+			// map that did not fit beside the inode, then overwrites its low
+			// 16 bits with the chunk format.
 			layout = layoutChunkBased
-			iu = uint32(in.chunkBits - blkBits)
+			iu = iu&0xffff0000 | uint32(in.chunkBits-blkBits)
 		}
 	}
 	icount := uint16(0)
@@ -830,8 +906,8 @@ func (l *imageLayout) emitInode(e *emitter, in *inode) {
 		e.write([]byte(in.payload))
 	case ModeRegular:
 		if in.external {
-			for i := uint64(0); i < in.chunkCount; i++ {
-				e.write([]byte{0xff, 0xff, 0xff, 0xff})
+			for range in.chunkCount {
+				e.write(nullAddr[:])
 			}
 		} else {
 			e.write(in.content[len(in.content)-in.tail:])

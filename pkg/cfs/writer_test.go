@@ -3,6 +3,7 @@ package cfs
 import (
 	"bytes"
 	"context"
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -206,10 +207,52 @@ func TestWriterRefusesMoreInvalidTrees(t *testing.T) {
 	for name, tree := range map[string]*Node{
 		"NUL in symlink target": root(&Node{Name: "l", Mode: ModeSymlink | 0o777, Payload: "abc\x00def"}),
 		"NUL in payload":        root(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 9000, Payload: "ab/c\x00d"}),
-		"chunk map too large":   root(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 1 << 53, Payload: "ab/cd"}),
+		"1025 chunks":           root(&Node{Name: "x", Mode: ModeRegular | 0o644, Size: 1<<53 + 1, Payload: "ab/cd"}),
 	} {
 		if _, err := WriteImage(io.Discard, tree, DefaultWriteOptions()); !errors.Is(err, ErrInvalidTree) {
 			t.Errorf("%s: %v, want ErrInvalidTree", name, err)
 		}
+	}
+}
+
+// TestWriterChunkMapBeyondInode: a file so large (1024 chunks of 8 TiB) that
+// its chunk map cannot sit beside its inode is written as mkcomposefs writes
+// it: the inode starts a block, its layout stays chunk-based with no inline
+// map, and a data block of 1024 holes follows the other data.
+func TestWriterChunkMapBeyondInode(t *testing.T) {
+	r := &Node{Mode: ModeDir | 0o755}
+	big := &Node{Name: "big", Mode: ModeRegular | 0o777, Nlink: 1, Size: 9001899274941000}
+	big.Xattrs = []Xattr{{Key: "user.foo"}} // xattrs that leave no room for a 4096-byte map
+	if err := r.AddChild(big); err != nil {
+		t.Fatal(err)
+	}
+	var buf bytes.Buffer
+	if _, err := WriteImage(&buf, r, DefaultWriteOptions()); err != nil {
+		t.Fatal(err)
+	}
+	img := buf.Bytes()
+	le := binary.LittleEndian
+	blocks := le.Uint32(img[superOffset+36:])
+	if int(blocks)*blkSize != len(img) {
+		t.Fatalf("superblock says %d blocks, image has %d bytes", blocks, len(img))
+	}
+	last := img[len(img)-blkSize:]
+	if !bytes.Equal(last, bytes.Repeat([]byte{0xff}, blkSize)) {
+		t.Errorf("last block is not 1024 holes: % x…", last[:16])
+	}
+	found := false
+	for off := inodesStart; off+extendedSize <= len(img); off += slotSize {
+		if le.Uint16(img[off:]) == layoutChunkBased<<1|1 && le.Uint64(img[off+8:]) == big.Size {
+			found = true
+			if off%blkSize != 0 {
+				t.Errorf("inode at %d, not at a block start", off)
+			}
+			if iu := le.Uint32(img[off+16:]); iu != 43-blkBits {
+				t.Errorf("i_u %#x, want chunk format %d", iu, 43-blkBits)
+			}
+		}
+	}
+	if !found {
+		t.Fatal("no extended chunk-based inode of the file's size")
 	}
 }

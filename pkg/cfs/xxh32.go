@@ -50,3 +50,13 @@ func xxh32(b []byte, seed uint32) uint32 {
 	h ^= h >> 16
 	return h
 }
+
+// xxh32String is xxh32 of a string of at most 255 bytes (an xattr name),
+// without allocating.
+func xxh32String(s string, seed uint32) uint32 {
+	var buf [256]byte
+	if len(s) > len(buf) {
+		return xxh32([]byte(s), seed)
+	}
+	return xxh32(buf[:copy(buf[:], s)], seed)
+}

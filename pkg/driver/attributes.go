@@ -22,12 +22,16 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
 )
 
 // Volume attributes (PV volumeAttributes, inline csi.volumeAttributes).
 const (
 	AttrRepository = "repository" // base URL of an HTTP repository
-	AttrImage      = "image"      // image name in the repository
+	// AttrImage is the image name in the HTTP repository, or an OCI
+	// reference (oci://REGISTRY/REPO:TAG, a composefs artifact;
+	// docker://REGISTRY/REPO:TAG, a container image) without repository.
+	AttrImage      = "image"
 	AttrDigest     = "digest"     // expected fs-verity digest of the image (hex)
 	AttrPullPolicy = "pullPolicy" // IfNotPresent (default), Always, Never
 	AttrVerity     = "verity"     // require, userspace, off
@@ -69,8 +73,17 @@ const (
 // SourceKind names the kind of source a volume reads from.
 type SourceKind string
 
-// SourceHTTP is an HTTP repository (BASE/images/NAME, BASE/objects/xx/…).
-const SourceHTTP SourceKind = "http"
+// Source kinds.
+const (
+	// SourceHTTP is an HTTP repository (BASE/images/NAME, BASE/objects/xx/…).
+	SourceHTTP SourceKind = "http"
+	// SourceOCIArtifact is a registry repository of composefs artifacts
+	// (URL oci://REGISTRY/REPO).
+	SourceOCIArtifact SourceKind = "oci"
+	// SourceOCIImage is a registry repository of container images,
+	// converted on the node (URL docker://REGISTRY/REPO).
+	SourceOCIImage SourceKind = "docker"
+)
 
 // SourceSpec says where a volume's image comes from. URL is canonical: it
 // is what the allow-list is matched against and what keys shared fetches.
@@ -161,7 +174,7 @@ func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
 			}
 		}
 	}
-	src, err := parseSource(vc)
+	src, name, err := parseSource(vc)
 	if err != nil {
 		return spec, err
 	}
@@ -174,7 +187,7 @@ func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
 		}
 		spec.Ref.Digest = dg
 	}
-	if name, ok := vc[AttrImage]; ok {
+	if name != "" {
 		if err := fetch.ValidImageName(name); err != nil {
 			return spec, invalidArg(AttrImage, "%v", err)
 		}
@@ -216,19 +229,47 @@ func ParseVolumeContext(vc map[string]string) (VolumeSpec, error) {
 	return spec, nil
 }
 
-// parseSource picks the source kind from the attributes. It is the one
-// place that knows which attributes name a source: an OCI form adds a case
-// here and a constructor in newSource, and no publish code changes.
-func parseSource(vc map[string]string) (SourceSpec, error) {
+// parseSource picks the source kind from the attributes, and returns the
+// image's name in the source. It is the one place that knows which
+// attributes name a source:
+//   - repository: an HTTP repository; image (optional with digest) names
+//     the image in it;
+//   - image: oci://REGISTRY/REPO:TAG (or @sha256:…), without repository: a
+//     composefs artifact; the name is the tag or manifest digest;
+//   - image: docker://REGISTRY/REPO:TAG (or @sha256:…), without
+//     repository: a container image converted on the node.
+func parseSource(vc map[string]string) (SourceSpec, string, error) {
+	img, hasImage := vc[AttrImage]
+	if kind, ok := ociKind(img); hasImage && ok {
+		if _, ok := vc[AttrRepository]; ok {
+			return SourceSpec{}, "", invalidArg(AttrRepository, "not allowed with an %s:// %s (the reference names the registry)", kind, AttrImage)
+		}
+		ref, err := oci.ParseReference(img)
+		if err != nil {
+			return SourceSpec{}, "", invalidArg(AttrImage, "%v", err)
+		}
+		return SourceSpec{Kind: kind, URL: ref.Repo()}, ref.Name(), nil
+	}
 	repo, ok := vc[AttrRepository]
 	if !ok || repo == "" {
-		return SourceSpec{}, invalidArg(AttrRepository, "required (the base URL of the HTTP repository)")
+		return SourceSpec{}, "", invalidArg(AttrRepository, "required (the base URL of the HTTP repository), unless %s is an oci:// or docker:// reference", AttrImage)
 	}
 	u, err := canonicalHTTPURL(repo)
 	if err != nil {
-		return SourceSpec{}, invalidArg(AttrRepository, "%v", err)
+		return SourceSpec{}, "", invalidArg(AttrRepository, "%v", err)
 	}
-	return SourceSpec{Kind: SourceHTTP, URL: u}, nil
+	return SourceSpec{Kind: SourceHTTP, URL: u}, img, nil
+}
+
+// ociKind tells whether an image attribute is an OCI reference.
+func ociKind(img string) (SourceKind, bool) {
+	switch {
+	case strings.HasPrefix(img, oci.SchemeArtifact+"://"):
+		return SourceOCIArtifact, true
+	case strings.HasPrefix(img, oci.SchemeImage+"://"):
+		return SourceOCIImage, true
+	}
+	return "", false
 }
 
 // canonicalHTTPURL checks an HTTP repository URL and returns it with a
@@ -399,15 +440,31 @@ type SourceFactory func(spec SourceSpec, creds Credentials) (fetch.Source, error
 
 // NewSource is the SourceFactory of a node without an allow-list.
 func NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
-	return AllowList(nil).NewSource(spec, creds)
+	return Sources{}.NewSource(spec, creds)
 }
 
-// NewSource is the production SourceFactory: every redirect the source
-// follows must lead to an allowed source too.
+// NewSource is the SourceFactory of a node with this allow-list and no
+// registry settings.
 func (a AllowList) NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
+	return Sources{Allow: a}.NewSource(spec, creds)
+}
+
+// Sources makes the sources volumes read from: the production
+// SourceFactory is its NewSource.
+type Sources struct {
+	// Allow is applied again to every redirect an HTTP source follows.
+	Allow AllowList
+	// Registries: insecure (plain HTTP) registries and mirrors.
+	Registries RegistryConfig
+}
+
+// NewSource makes the source of spec with the volume's credentials.
+func (s Sources) NewSource(spec SourceSpec, creds Credentials) (fetch.Source, error) {
 	switch spec.Kind {
 	case SourceHTTP:
-		return newHTTPSource(spec.URL, creds, a.allowsURL)
+		return newHTTPSource(spec.URL, creds, s.Allow.allowsURL)
+	case SourceOCIArtifact, SourceOCIImage:
+		return newOCISource(spec, creds, s.Registries)
 	}
 	return nil, status.Errorf(codes.InvalidArgument, "source kind %q is not supported", spec.Kind)
 }

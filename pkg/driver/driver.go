@@ -87,6 +87,9 @@ type Config struct {
 	// AllowedSources: sources must start with one of these URL prefixes;
 	// empty allows every source.
 	AllowedSources AllowList
+	// Registries are the node's registry settings (insecure registries,
+	// mirrors).
+	Registries RegistryConfig
 	// MinVerity is the node's floor: a volume cannot ask for less.
 	MinVerity cfs.VerityMode
 	// ExtraObjectDirs are mounted as further data-only layers, after the
@@ -122,6 +125,10 @@ type Driver struct {
 	now       func() time.Time
 	metrics   *Metrics
 	events    EventRecorder
+	// healthEndpoint, when set, is where /healthz calls Probe.
+	healthEndpoint string
+	// selinux reports whether the node runs SELinux (nil: cfs.SELinuxEnabled).
+	selinux func() bool
 
 	state *stateStore
 	locks *targetLocks
@@ -196,7 +203,7 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 		cfg:       cfg,
 		store:     store,
 		mounter:   KernelMounter{},
-		newSource: cfg.AllowedSources.NewSource,
+		newSource: Sources{Allow: cfg.AllowedSources, Registries: cfg.Registries}.NewSource,
 		events:    logRecorder{},
 		now:       time.Now,
 		locks:     newTargetLocks(),

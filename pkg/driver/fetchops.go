@@ -183,6 +183,10 @@ type completeKey struct {
 func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
 	nameKey := spec.Source.URL + " " + ref.Name
+	src, err := fetch.BindRef(src, ref)
+	if err != nil {
+		return cfs.Digest{}, fetch.Stats{}, err
+	}
 	var who string
 	opts := []fetch.EnsureOption{fetch.WithProgress(p)}
 	if !d.cfg.TrustSharedContent {

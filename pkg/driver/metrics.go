@@ -218,20 +218,12 @@ func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
-// HTTPHandler serves /metrics, /healthz (the process answers) and /readyz
-// (the store is open and the state recovered).
+// HTTPHandler serves /metrics, /healthz (the plugin answers Probe) and
+// /readyz (the store is open and the state recovered).
 func (d *Driver) HTTPHandler() http.Handler {
 	mux := http.NewServeMux()
 	mux.Handle("/metrics", promhttp.HandlerFor(d.metrics.reg, promhttp.HandlerOpts{}))
-	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) {
-		_, _ = w.Write([]byte("ok\n"))
-	})
-	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
-		if !d.ready.Load() {
-			http.Error(w, "driver state not recovered yet", http.StatusServiceUnavailable)
-			return
-		}
-		_, _ = w.Write([]byte("ok\n"))
-	})
+	mux.HandleFunc(HealthzPath, d.healthz)
+	mux.HandleFunc(ReadyzPath, d.readyz)
 	return mux
 }

@@ -7,6 +7,7 @@ import (
 	"io/fs"
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
 	"golang.org/x/sys/unix"
@@ -71,21 +72,38 @@ func checkCapability(vc *csi.VolumeCapability) error {
 	return err
 }
 
+// mountOpts are what volume_capability.mount.mount_flags add to a mount.
+type mountOpts struct {
+	noexec         bool
+	seLinuxContext string // from context="…" (seLinuxMount), or ""
+}
+
 // mountFlags reads volume_capability.mount.mount_flags (a PV's
-// mountOptions). Composefs volumes are always ro, nodev and nosuid; noexec
-// may be added. Anything else is refused rather than silently ignored.
-func mountFlags(vc *csi.VolumeCapability) (noexec bool, err error) {
+// mountOptions, and the context= the kubelet adds with seLinuxMount).
+// Composefs volumes are always ro, nodev and nosuid; noexec may be added.
+// Anything else is refused rather than silently ignored.
+func mountFlags(vc *csi.VolumeCapability) (mountOpts, error) {
+	var o mountOpts
 	for _, f := range vc.GetMount().GetMountFlags() {
-		switch f {
-		case "ro", "nodev", "nosuid":
-		case "noexec":
-			noexec = true
+		switch {
+		case f == "ro", f == "nodev", f == "nosuid":
+		case f == "noexec":
+			o.noexec = true
+		case strings.HasPrefix(f, "context="):
+			c, err := parseContextFlag(f)
+			if err != nil {
+				return mountOpts{}, err
+			}
+			if o.seLinuxContext != "" && o.seLinuxContext != c {
+				return mountOpts{}, status.Errorf(codes.InvalidArgument, "volume_capability.mount.mount_flags: two different context= flags")
+			}
+			o.seLinuxContext = c
 		default:
-			return false, status.Errorf(codes.InvalidArgument,
-				"volume_capability.mount.mount_flags: %q is not supported (composefs volumes are always ro,nodev,nosuid and accept noexec)", f)
+			return mountOpts{}, status.Errorf(codes.InvalidArgument,
+				"volume_capability.mount.mount_flags: %q is not supported (composefs volumes are always ro,nodev,nosuid and accept noexec, and context= on SELinux nodes)", f)
 		}
 	}
-	return noexec, nil
+	return o, nil
 }
 
 // NodePublishVolume mounts the volume's image read-only at the target.
@@ -108,6 +126,9 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		return err
 	}
 	if err := checkCapability(req.GetVolumeCapability()); err != nil {
+		return err
+	}
+	if err := d.checkSELinux(req.GetVolumeCapability()); err != nil {
 		return err
 	}
 	spec, err := ParseVolumeContext(req.GetVolumeContext())
@@ -237,8 +258,8 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 			d.unpin(target)
 		}
 	}()
-	noexec, _ := mountFlags(req.GetVolumeCapability()) // checked above
-	if err := d.mount(ctx, dg, target, mode, noexec); err != nil {
+	flags, _ := mountFlags(req.GetVolumeCapability()) // checked above
+	if err := d.mount(ctx, dg, target, mode, flags); err != nil {
 		d.reportFailure(ctx, spec.Pod, err)
 		return toStatus("mounting", err)
 	}
@@ -282,7 +303,7 @@ func makeTarget(target string) (bool, error) {
 // digest when the image entered it; in userspace mode the file is checked
 // once more the first time this process mounts it, not on every publish
 // (a warm publish must not re-read a large image).
-func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode cfs.VerityMode, noexec bool) error {
+func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode cfs.VerityMode, flags mountOpts) error {
 	mountMode := mode
 	if mode == cfs.VerityUserspace {
 		d.mu.Lock()
@@ -293,10 +314,11 @@ func (d *Driver) mount(ctx context.Context, dg cfs.Digest, target string, mode c
 	}
 	dirs := append([]string{d.store.ObjectsDir()}, d.cfg.ExtraObjectDirs...)
 	_, err := d.mounter.Mount(ctx, d.store.ImagePath(dg), target, cfs.MountOptions{
-		ObjectDirs:  dirs,
-		Verity:      mountMode,
-		ImageDigest: &dg,
-		NoExec:      noexec,
+		ObjectDirs:     dirs,
+		Verity:         mountMode,
+		ImageDigest:    &dg,
+		NoExec:         flags.noexec,
+		SELinuxContext: flags.seLinuxContext,
 	})
 	if err != nil {
 		if errors.Is(err, cfs.ErrImageDigestMismatch) {

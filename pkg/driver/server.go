@@ -2,7 +2,6 @@ package driver
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"io/fs"
 	"net"
@@ -11,6 +10,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"sync"
 	"sync/atomic"
 
 	"github.com/container-storage-interface/spec/lib/go/csi"
@@ -51,25 +51,96 @@ func ParseEndpoint(ep string) (network, addr string, err error) {
 	return "", "", fmt.Errorf("endpoint %q: want unix:///path/to/csi.sock", ep)
 }
 
-// Listen opens the endpoint, replacing a stale socket file.
+// Listen opens the endpoint. A unix socket is created with mode 0600 (only
+// root may talk to the plugin) and replaces a stale socket a killed plugin
+// left behind (see ListenUnix).
 func Listen(ep string) (net.Listener, error) {
 	network, addr, err := ParseEndpoint(ep)
 	if err != nil {
 		return nil, err
 	}
 	if network == "unix" {
-		if err := os.MkdirAll(filepath.Dir(addr), 0o750); err != nil {
+		l, err := ListenUnix(addr)
+		if err != nil {
 			return nil, fmt.Errorf("listening on %s: %w", ep, err)
 		}
-		if err := os.Remove(addr); err != nil && !errors.Is(err, fs.ErrNotExist) {
-			return nil, fmt.Errorf("removing stale socket %s: %w", addr, err)
-		}
+		return l, nil
 	}
 	l, err := net.Listen(network, addr)
 	if err != nil {
 		return nil, fmt.Errorf("listening on %s: %w", ep, err)
 	}
 	return l, nil
+}
+
+// maxSocketPath is the longest path a unix socket address holds
+// (sun_path is 108 bytes with its terminating NUL).
+const maxSocketPath = 107
+
+// ListenUnix listens on a unix socket at path with mode 0600. The socket is
+// bound inside a fresh private (0700) directory beside path, given mode
+// 0600 there and renamed onto path: at no moment is path missing, or a
+// socket anyone but root can reach, and a stale socket (or file) at path
+// is replaced atomically. The temporary directory's name starts with a dot,
+// which the kubelet's plugin watcher ignores. Closing the listener removes
+// path unless another listener has replaced the socket since.
+func ListenUnix(path string) (net.Listener, error) {
+	path = filepath.Clean(path)
+	dir := filepath.Dir(path)
+	if err := os.MkdirAll(dir, 0o750); err != nil {
+		return nil, err
+	}
+	if fi, err := os.Lstat(path); err == nil && fi.IsDir() {
+		return nil, fmt.Errorf("socket path %s is a directory", path)
+	}
+	tmpDir, err := os.MkdirTemp(dir, ".sock-")
+	if err != nil {
+		return nil, err
+	}
+	defer os.RemoveAll(tmpDir)
+	tmp := filepath.Join(tmpDir, "s")
+	if len(tmp) > maxSocketPath || len(path) > maxSocketPath {
+		return nil, fmt.Errorf("socket path %s is too long (a unix socket path holds at most %d bytes, and binding needs %d more than the path)",
+			path, maxSocketPath, len(tmp)-len(path))
+	}
+	l, err := net.ListenUnix("unix", &net.UnixAddr{Name: tmp, Net: "unix"})
+	if err != nil {
+		return nil, err
+	}
+	l.SetUnlinkOnClose(false)
+	fail := func(err error) (net.Listener, error) {
+		l.Close()
+		return nil, err
+	}
+	if err := os.Chmod(tmp, 0o600); err != nil {
+		return fail(err)
+	}
+	if err := os.Rename(tmp, path); err != nil {
+		return fail(fmt.Errorf("replacing %s: %w", path, err))
+	}
+	fi, err := os.Lstat(path)
+	if err != nil {
+		return fail(err)
+	}
+	return &unixListener{UnixListener: l, path: path, fi: fi}, nil
+}
+
+// unixListener removes its socket file on Close, if it is still its own.
+type unixListener struct {
+	*net.UnixListener
+	path string
+	fi   fs.FileInfo
+	once sync.Once
+}
+
+func (l *unixListener) Close() error {
+	err := l.UnixListener.Close()
+	l.once.Do(func() {
+		if fi, serr := os.Lstat(l.path); serr == nil && os.SameFile(fi, l.fi) {
+			os.Remove(l.path)
+		}
+	})
+	return err
 }
 
 // NewGRPCServer returns a gRPC server with the driver's Identity and Node

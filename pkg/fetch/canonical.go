@@ -29,10 +29,14 @@ func (s *Store) checkCanonical(ctx context.Context, d cfs.Digest, img *cfs.Image
 		}
 		return err
 	}
+	s.markCanonical(d)
+	return nil
+}
+
+func (s *Store) markCanonical(d cfs.Digest) {
 	s.mu.Lock()
 	s.canonical[d] = true
 	s.mu.Unlock()
-	return nil
 }
 
 func (s *Store) isCanonical(d cfs.Digest) bool {

@@ -42,6 +42,13 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 	if ref.Name == "" && ref.Digest.IsZero() {
 		return cfs.Digest{}, errors.New("image reference: a name or a digest is needed")
 	}
+	if b, ok := src.(ImageBuilder); ok {
+		d, err := s.ensureBuilt(ctx, b, ref, pid)
+		if err != nil {
+			return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
+		}
+		return d, nil
+	}
 	if !ref.Digest.IsZero() && s.HasImage(ref.Digest) {
 		release := s.hold(ref.Digest)
 		defer release()

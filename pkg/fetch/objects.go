@@ -34,6 +34,10 @@ type Stats struct {
 	Proven      int
 	ProvenBytes uint64
 	ProofBytes  uint64
+	// RunOverheadBytes were received but are no object's: what a RunSource's
+	// requests carry between objects (tar headers, gaps between runs of
+	// missing objects), and objects that arrived meanwhile.
+	RunOverheadBytes uint64
 }
 
 // SavedBytes is what the node did not download thanks to deduplication.
@@ -147,6 +151,17 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		p.DoneObjects.Add(1)
 		p.DoneBytes.Add(int64(o.Size))
 	}
+	if _, built := src.(ImageBuilder); built && len(unproven) > 0 && s.isShown(shownKey{d: image, image: true, p: *pid}) {
+		// The principal showed it holds the image's layers (or converted
+		// them itself): that covers every object of the image.
+		for _, o := range unproven {
+			st.Proven++
+			st.ProvenBytes += o.Size
+			p.DoneObjects.Add(1)
+			p.DoneBytes.Add(int64(o.Size))
+		}
+		unproven = nil
+	}
 	if len(unproven) > 0 {
 		if err := s.proveObjects(ctx, src, unproven, *pid, &st, p); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
@@ -161,6 +176,48 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 	}
 
+	var (
+		recheck []cfs.Object
+		dirs    map[string]bool
+	)
+	if rs, ok := src.(RunSource); ok {
+		recheck, dirs, err = s.fetchRuns(ctx, src, rs, image, missing, p, pid, &st)
+	} else {
+		recheck, dirs, err = s.fetchEach(ctx, src, missing, p, pid, &st)
+	}
+	if err != nil {
+		if ctx.Err() != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
+			err = fmt.Errorf("%w (%w)", context.Cause(ctx), err)
+		}
+		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
+	}
+	if len(dirs) > 0 {
+		// One more group sync makes the renames durable (rather than one
+		// fsync per object directory).
+		if err := s.durable.wait(ctx); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
+		}
+	}
+	if len(recheck) > 0 {
+		proven, provenBytes := st.Proven, st.ProvenBytes
+		if err := s.proveObjects(ctx, src, recheck, *pid, &st, p); err != nil {
+			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
+		}
+		s.c.objectsDeduplicated.Add(uint64(st.Proven - proven))
+		s.c.bytesDeduplicated.Add(st.ProvenBytes - provenBytes)
+	}
+	s.c.objectsDeduplicated.Add(uint64(st.Shared))
+	s.c.bytesDeduplicated.Add(st.SharedBytes)
+	klog.FromContext(ctx).V(2).Info("objects ensured", "image", image.String(), "objects", st.Objects,
+		"fetched", st.Fetched, "fetchedBytes", st.FetchedBytes, "savedBytes", st.SavedBytes())
+	return st, nil
+}
+
+// fetchEach downloads each missing object with its own request, sharing
+// downloads with concurrent calls. It returns the objects a concurrent
+// call brought in (to prove, with a principal) and the object directories
+// written.
+func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
 	wctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var (
@@ -232,32 +289,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		}()
 	}
 	wg.Wait()
-	if firstErr != nil {
-		if ctx.Err() != nil && !errors.Is(firstErr, context.Canceled) && !errors.Is(firstErr, context.DeadlineExceeded) {
-			firstErr = fmt.Errorf("%w (%w)", context.Cause(ctx), firstErr)
-		}
-		return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, firstErr)
-	}
-	if len(dirs) > 0 {
-		// One more group sync makes the renames durable (rather than one
-		// fsync per object directory).
-		if err := s.durable.wait(ctx); err != nil {
-			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
-		}
-	}
-	if len(recheck) > 0 {
-		proven, provenBytes := st.Proven, st.ProvenBytes
-		if err := s.proveObjects(ctx, src, recheck, *pid, &st, p); err != nil {
-			return st, fmt.Errorf("ensuring objects of image %s from %s: %w", image, src, err)
-		}
-		s.c.objectsDeduplicated.Add(uint64(st.Proven - proven))
-		s.c.bytesDeduplicated.Add(st.ProvenBytes - provenBytes)
-	}
-	s.c.objectsDeduplicated.Add(uint64(st.Shared))
-	s.c.bytesDeduplicated.Add(st.SharedBytes)
-	klog.FromContext(ctx).V(2).Info("objects ensured", "image", image.String(), "objects", st.Objects,
-		"fetched", st.Fetched, "fetchedBytes", st.FetchedBytes, "savedBytes", st.SavedBytes())
-	return st, nil
+	return recheck, dirs, firstErr
 }
 
 type location int
@@ -349,35 +381,44 @@ func (s *Store) fetchObjectOnce(ctx context.Context, src Source, o cfs.Object, p
 	if err != nil {
 		return objectResult{}, err
 	}
+	dir, err := s.publishObject(ctx, f, o)
+	if err != nil {
+		return objectResult{}, err
+	}
+	return objectResult{fetched: o.Size, dir: dir}, nil
+}
+
+// publishObject makes a complete, verified temporary object durable and
+// gives it its name; it returns the object directory (to sync). f is
+// closed or discarded in every case.
+func (s *Store) publishObject(ctx context.Context, f *tempFile, o cfs.Object) (string, error) {
 	defer func() {
 		if f != nil {
 			f.discard()
 		}
 	}()
-	// Complete and verified: make it durable, then publish it.
 	if err := s.prepareTemp(f, o.Digest); err != nil {
-		return objectResult{}, err
+		return "", err
 	}
 	if err := s.durable.wait(ctx); err != nil {
-		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	final := s.objectPath(o.Digest)
-	dir := filepath.Dir(final)
-	err = f.publish(final)
+	err := f.publish(final)
 	f = nil
 	if err != nil {
-		return objectResult{}, fmt.Errorf("storing object %s: %w", o.Digest, err)
+		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
 	s.c.objectsFetched.Add(1)
 	s.c.objectBytesFetched.Add(o.Size)
-	return objectResult{fetched: o.Size, dir: dir}, nil
+	return filepath.Dir(final), nil
 }
 
 // downloadObject streams o into a new file under tmp/ through the fs-verity
 // hasher, holding one of slots meanwhile, and checks its size and digest.
 // The returned file is complete and verified but not yet durable; on error
 // nothing is left behind.
-func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (_ *tempFile, err error) {
+func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}) (*tempFile, error) {
 	select {
 	case slots <- struct{}{}:
 		defer func() { <-slots }()
@@ -408,6 +449,22 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 		return nil, s.stallError(ctx, actx, err)
 	}
 	defer body.Close()
+	f, err := s.receiveObject(objectLocation(src, o.Digest), o, meterReader{body, meter}, p, room)
+	if err != nil {
+		return nil, s.stallError(ctx, actx, err)
+	}
+	return f, nil
+}
+
+// receiveObject streams o's bytes from body (at most one more than its
+// size is read) into a new file under tmp/ through the fs-verity hasher,
+// and checks its size and digest; where names the source of the bytes in
+// errors. The returned file is complete and verified but not yet durable;
+// on error nothing is left behind.
+//
+// room is the object's reservation in the download budget: the file holds
+// it until it leaves tmp/ (published or discarded).
+func (s *Store) receiveObject(where string, o cfs.Object, body io.Reader, p *Progress, room *reservation) (_ *tempFile, err error) {
 	// Anonymous (O_TMPFILE) where the filesystem allows. Named temporary
 	// files are spread over 16 directories: one directory for all would
 	// serialise every create and rename on its lock.
@@ -425,18 +482,18 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	}()
 	h := cfs.NewVerityHash()
 	wf := &writebackFile{f: f.File}
-	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), meterReader{body, meter}, int64(o.Size)+1)
+	n, err = s.copyBody(io.MultiWriter(wf, h, progressWriter{&p.Fetched}), body, int64(o.Size)+1)
 	if err != nil {
-		return nil, s.stallError(ctx, actx, err)
+		return nil, err
 	}
 	if uint64(n) != o.Size {
 		if uint64(n) < o.Size {
-			return nil, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", objectLocation(src, o.Digest), n, o.Size))
+			return nil, Transient(fmt.Errorf("%s: short read: got %d of %d bytes", where, n, o.Size))
 		}
-		return nil, fmt.Errorf("%s: more than the %d bytes the image records: %w", objectLocation(src, o.Digest), o.Size, ErrSizeMismatch)
+		return nil, fmt.Errorf("%s: more than the %d bytes the image records: %w", where, o.Size, ErrSizeMismatch)
 	}
 	if got := h.Digest(); got != o.Digest {
-		return nil, fmt.Errorf("%s: content has digest %s: %w", objectLocation(src, o.Digest), got, ErrDigestMismatch)
+		return nil, fmt.Errorf("%s: content has digest %s: %w", where, got, ErrDigestMismatch)
 	}
 	wf.startWriteback()
 	return f, nil

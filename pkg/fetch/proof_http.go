@@ -53,6 +53,10 @@ func (s *HTTPSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uin
 	return httpBody{resp.Body, "reading object", loc}, false, nil
 }
 
+// ParseContentRange parses a Content-Range header value of a single range
+// (see parseContentRange), for other sources' range requests.
+func ParseContentRange(v string) (first, last, total int64, err error) { return parseContentRange(v) }
+
 // parseContentRange parses a Content-Range header value of a single range
 // of bytes (RFC 9110 14.4): "bytes FIRST-LAST/TOTAL", TOTAL being "*" when
 // unknown (returned as -1). Only decimal digits are accepted for the

@@ -158,3 +158,19 @@ func IsTransient(err error) bool {
 	}
 	return errors.Is(err, ErrTransient)
 }
+
+// RefBinder is implemented by sources that serve one image reference at a
+// time (an OCI repository: objects are found through the artifact a tag
+// names). BindRef returns the source for ref; callers use it for the
+// image and its objects alike.
+type RefBinder interface {
+	BindRef(ref ImageRef) (Source, error)
+}
+
+// BindRef returns src bound to ref when src is a RefBinder, src otherwise.
+func BindRef(src Source, ref ImageRef) (Source, error) {
+	if b, ok := src.(RefBinder); ok {
+		return b.BindRef(ref)
+	}
+	return src, nil
+}

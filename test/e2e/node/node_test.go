@@ -22,6 +22,7 @@ import (
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
+	registerapi "k8s.io/kubelet/pkg/apis/pluginregistration/v1"
 
 	"github.com/csi-composefs/csi-composefs/internal/testrepo"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
@@ -110,8 +111,25 @@ type env struct {
 	sock    string
 	allowed string
 	runs    int
+	kubelet string   // see kubeletRoot
 	flags   []string // more serve flags
 	environ []string // more environment variables of the plugin
+}
+
+// kubeletRoot stands for the kubelet's root directory: the plugin serves
+// its registration socket in plugins_registry/ there. It is a short path of
+// its own: a unix socket path holds at most 107 bytes, and test names make
+// t.TempDir() long.
+func (e *env) kubeletRoot() string {
+	if e.kubelet == "" {
+		d, err := os.MkdirTemp("", "kubelet-")
+		if err != nil {
+			e.t.Fatal(err)
+		}
+		e.t.Cleanup(func() { os.RemoveAll(d) })
+		e.kubelet = d
+	}
+	return e.kubelet
 }
 
 func buildBinary(t *testing.T) string {
@@ -134,7 +152,7 @@ func (e *env) start() *plugin {
 	defer logf.Close()
 	cmd := exec.Command(e.bin, append([]string{"serve", "--endpoint", "unix://" + e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "0", "-v", "2"}, e.flags...)...)
+		"--gc-interval", "0", "-v", "2", "--kubelet-root", e.kubeletRoot(), "--kubelet-registration-path", e.sock}, e.flags...)...)
 	cmd.Env = append(os.Environ(), e.environ...)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
@@ -169,6 +187,30 @@ func (e *env) start() *plugin {
 		time.Sleep(50 * time.Millisecond)
 	}
 	return p
+}
+
+// checkRegistration asks the plugin's registration socket what the
+// kubelet's plugin watcher asks, and checks the answer names the CSI socket.
+func checkRegistration(t *testing.T, regSock, csiSock string) {
+	t.Helper()
+	fi, err := os.Lstat(regSock)
+	if err != nil || fi.Mode().Type() != os.ModeSocket || fi.Mode().Perm() != 0o600 {
+		t.Fatalf("registration socket %s: %v %v, want a socket with mode 0600", regSock, fi, err)
+	}
+	conn, err := grpc.NewClient("unix://"+regSock, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	info, err := registerapi.NewRegistrationClient(conn).GetInfo(ctx, &registerapi.InfoRequest{})
+	if err != nil {
+		t.Fatalf("GetInfo: %v", err)
+	}
+	if info.GetType() != registerapi.CSIPlugin || info.GetName() != "composefs.csi.dev" || info.GetEndpoint() != csiSock {
+		t.Fatalf("GetInfo: %v, want a CSIPlugin composefs.csi.dev at %s", info, csiSock)
+	}
 }
 
 func (p *plugin) kill() {
@@ -230,6 +272,7 @@ func TestNode(t *testing.T) {
 	e.store = filepath.Join(e.dir, "store")
 	e.sock = filepath.Join(e.dir, "csi.sock")
 	p := e.start()
+	checkRegistration(t, filepath.Join(e.kubeletRoot(), "plugins_registry", "composefs.csi.dev-reg.sock"), e.sock)
 	pods := t.TempDir()
 	target := func(i int) string { return filepath.Join(pods, fmt.Sprintf("pod-%02d", i), "volumes", "vol") }
 	t.Cleanup(func() { // never leave mounts behind
@@ -406,7 +449,7 @@ func gcPass(t *testing.T, e *env, pp **plugin) {
 	defer logf.Close()
 	cmd := exec.Command(e.bin, "serve", "--endpoint", "unix://"+e.sock, "--store-dir", e.store,
 		"--node-id", "e2e-node", "--allowed-sources", e.allowed, "--metrics-address", "127.0.0.1:0",
-		"--gc-interval", "100ms", "--store-max-size", "1", "--gc-grace", "0", "-v", "2")
+		"--gc-interval", "100ms", "--store-max-size", "1", "--gc-grace", "0", "-v", "2", "--kubelet-root", e.kubeletRoot(), "--kubelet-registration-path", e.sock)
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -19,18 +19,18 @@ const (
 )
 
 // powerCutImages are the images the power-cut guest pulls, the same at
-// every boot: about 13 MB of objects, a third of the second image shared
-// with the first.
+// every boot: about 4 MB of objects (a pull round takes about a second),
+// a third of the second image shared with the first.
 func powerCutImages(t *testing.T, repo string) []repoImage {
-	a := makeFiles(10, "a", 24, 400000)
-	b := makeFiles(11, "b", 16, 400000)
+	a := makeFiles(10, "a", 12, 200000)
+	b := makeFiles(11, "b", 8, 200000)
 	for i, p := range sortedPaths(a) {
 		if i%3 == 0 {
 			b["shared/"+filepath.Base(p)] = a[p]
 		}
 	}
-	c := makeFiles(12, "c", 24, 400000)
-	maps.Copy(c, makeFiles(13, "c/small", 40, 3000))
+	c := makeFiles(12, "c", 12, 200000)
+	maps.Copy(c, makeFiles(13, "c/small", 30, 3000))
 	return []repoImage{publish(t, repo, "a.cfs", a), publish(t, repo, "b.cfs", b), publish(t, repo, "c.cfs", c)}
 }
 

@@ -120,7 +120,7 @@ func TestVMPowerCut(t *testing.T) {
 		pullStart := time.Now()
 		// The cut comes during the pulls and collections, anywhere in
 		// the first rounds.
-		delay := time.Duration(rng.Int64N(int64(8 * time.Second)))
+		delay := time.Duration(rng.Int64N(int64(5 * time.Second)))
 		select {
 		case <-time.After(delay):
 		case <-v.done:

@@ -1,4 +1,4 @@
-package main
+package app
 
 import (
 	"github.com/spf13/pflag"
@@ -21,9 +21,9 @@ func (l *limitFlags) add(f *pflag.FlagSet) {
 }
 
 // apply sets the limits in o; 0 ("none") becomes -1, the store's "none".
-func (l *limitFlags) apply(o *fetch.Options) error {
+func (l *limitFlags) apply(o *fetch.Options, usageErrorf func(string, ...any) error) error {
 	var err error
-	if o.MaxImageSize, err = parseSize(l.maxImageSize); err != nil || o.MaxImageSize == 0 {
+	if o.MaxImageSize, err = ParseSize(l.maxImageSize); err != nil || o.MaxImageSize == 0 {
 		return usageErrorf("--max-image-size: must be a positive size, not %q", l.maxImageSize)
 	}
 	for _, x := range []struct {
@@ -35,7 +35,7 @@ func (l *limitFlags) apply(o *fetch.Options) error {
 		{"--max-object-size", l.maxObjectSize, &o.MaxObjectSize},
 		{"--min-free-space", l.minFreeSpace, &o.MinFreeSpace},
 	} {
-		n, err := parseSize(x.val)
+		n, err := ParseSize(x.val)
 		if err != nil {
 			return usageErrorf("%s: %v", x.flag, err)
 		}

@@ -1,6 +1,7 @@
-package main
+package app
 
 import (
+	"fmt"
 	"strings"
 	"testing"
 
@@ -29,7 +30,7 @@ func TestLimitFlags(t *testing.T) {
 			t.Fatal(err)
 		}
 		var o fetch.Options
-		err := l.apply(&o)
+		err := l.apply(&o, fmt.Errorf)
 		if tc.wantErr != "" {
 			if err == nil || !strings.Contains(err.Error(), tc.wantErr) {
 				t.Errorf("%q: %v, want an error naming %s", tc.args, err, tc.wantErr)

@@ -1,0 +1,116 @@
+package oci
+
+import (
+	"archive/tar"
+	"bytes"
+	"fmt"
+	"io"
+	"sort"
+	"time"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+)
+
+// A pack is a deterministic, uncompressed tar of objects (docs/oci-artifact.md,
+// "Packs"): the directory objects/, then for each two-hex prefix present
+// the directory objects/xx/ and its objects objects/xx/<62 hex>, in digest
+// order; every entry has mtime 0, uid and gid 0, no user or group names,
+// mode 0755 (directories) or 0644 (files). Untarring every pack of an
+// artifact gives a composefs object store.
+
+// PackEntryName is the tar name of an object in a pack.
+func PackEntryName(d cfs.Digest) string { return "objects/" + d.ObjectPath() }
+
+// packHeaders returns the header of an object (or directory) entry.
+func packHeader(name string, size int64, dir bool) *tar.Header {
+	h := &tar.Header{Name: name, Size: size, Mode: 0o644, Typeflag: tar.TypeReg, ModTime: time.Unix(0, 0)}
+	if dir {
+		h.Mode, h.Typeflag, h.Size = 0o755, tar.TypeDir, 0
+	}
+	return h
+}
+
+// PackWriter writes one pack.
+type PackWriter struct {
+	cw     countingWriter
+	tw     *tar.Writer
+	prefix string // last objects/xx/ written
+	last   cfs.Digest
+	n      int
+}
+
+// NewPackWriter starts a pack on w.
+func NewPackWriter(w io.Writer) (*PackWriter, error) {
+	p := &PackWriter{cw: countingWriter{w: w}}
+	p.tw = tar.NewWriter(&p.cw)
+	if err := p.tw.WriteHeader(packHeader("objects/", 0, true)); err != nil {
+		return nil, fmt.Errorf("writing pack: %w", err)
+	}
+	return p, nil
+}
+
+// Add writes object d (size bytes read from r) and returns where its bytes
+// start in the pack. Objects must come in increasing digest order.
+func (p *PackWriter) Add(d cfs.Digest, size int64, r io.Reader) (int64, error) {
+	if p.n > 0 && bytes.Compare(p.last[:], d[:]) >= 0 {
+		return 0, fmt.Errorf("writing pack: object %s out of order", d)
+	}
+	if pre := "objects/" + d.String()[:2] + "/"; pre != p.prefix {
+		if err := p.tw.WriteHeader(packHeader(pre, 0, true)); err != nil {
+			return 0, fmt.Errorf("writing pack: %w", err)
+		}
+		p.prefix = pre
+	}
+	if err := p.tw.WriteHeader(packHeader(PackEntryName(d), size, false)); err != nil {
+		return 0, fmt.Errorf("writing pack: %w", err)
+	}
+	off := p.cw.n
+	n, err := io.Copy(p.tw, io.LimitReader(r, size))
+	if err != nil {
+		return 0, fmt.Errorf("writing pack: object %s: %w", d, err)
+	}
+	if n != size {
+		return 0, fmt.Errorf("writing pack: object %s: %d bytes, want %d", d, n, size)
+	}
+	p.last, p.n = d, p.n+1
+	return off, nil
+}
+
+// Close ends the tar and returns the pack's size.
+func (p *PackWriter) Close() (int64, error) {
+	if err := p.tw.Close(); err != nil {
+		return 0, fmt.Errorf("writing pack: %w", err)
+	}
+	return p.cw.n, nil
+}
+
+type countingWriter struct {
+	w io.Writer
+	n int64
+}
+
+func (c *countingWriter) Write(b []byte) (int, error) {
+	n, err := c.w.Write(b)
+	c.n += int64(n)
+	return n, err
+}
+
+// packSize returns the size of a pack holding objects of the given sizes
+// (in digest order), without writing it.
+func packSize(objs []cfs.Object) int64 {
+	sorted := append([]cfs.Object(nil), objs...)
+	sort.Slice(sorted, func(i, j int) bool { return bytes.Compare(sorted[i].Digest[:], sorted[j].Digest[:]) < 0 })
+	n := int64(tarBlock) // objects/
+	prefix := ""
+	for _, o := range sorted {
+		if pre := o.Digest.String()[:2]; pre != prefix {
+			n += tarBlock
+			prefix = pre
+		}
+		n += tarBlock + (int64(o.Size)+tarBlock-1)/tarBlock*tarBlock
+	}
+	// The end: two zero blocks, padded to tar's 10 KiB record.
+	n += 2 * tarBlock
+	const record = 20 * tarBlock
+	return (n + record - 1) / record * record
+}

@@ -1,0 +1,5 @@
+package localcluster
+
+import "runtime"
+
+func goarch() string { return runtime.GOARCH }
