@@ -1,22 +1,24 @@
 package vm
 
 import (
+	"bufio"
 	"context"
 	"fmt"
 	"maps"
 	"os"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"testing"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
-// Environment of the power-cut guest (on the kernel command line).
-const (
-	bootEnv   = "CSI_COMPOSEFS_VM_BOOT"          // the boot's number
-	noSyncEnv = "CSI_COMPOSEFS_VM_UNSAFE_NOSYNC" // "1": the stores never sync (to show the test fails then)
-)
+// noSyncEnv set to 1 makes the power-cut test run its stores without any
+// sync, to show that it fails then.
+const noSyncEnv = "CSI_COMPOSEFS_VM_UNSAFE_NOSYNC"
 
 // powerCutImages are the images the power-cut guest pulls, the same at
 // every boot: about 4 MB of objects (a pull round takes about a second),
@@ -45,26 +47,55 @@ type powerCutStore struct {
 
 var powerCutStores = []powerCutStore{{"store-verity", true}, {"store-plain", false}}
 
-// guestPowerCut checks both stores a power cut may have interrupted, then
-// pulls into one of them (by boot, and by boot writing objects to
-// anonymous or to named temporary files), collects and pulls again until
-// the host cuts the power. final: pulls every image once into each store
-// and checks again.
-func guestPowerCut(t *testing.T, final bool) {
+// guestPowerCut sets up (the repository, served on loopback), says READY
+// and waits for a command on the console: the host saves the VM's state
+// there once and resumes it for every run, so no run pays for a boot.
+// "RUN powercut BOOT [nosync]" checks both stores a power cut may have
+// interrupted, then pulls into one of them (by boot, and by boot writing
+// objects to anonymous or to named temporary files), collects and pulls
+// again until the host cuts the power; "RUN final BOOT [nosync]" pulls
+// every image once into each store and checks again.
+func guestPowerCut(t *testing.T) {
 	ctx := guestContext(t)
-	// The journal commits every second (not every 5): metadata, such as a
-	// file's name, reaches the disk long before data nobody synced (30 s),
-	// so a store that does not sync is caught within a few seconds.
-	mountDisk(t, "commit=1")
-	defer unmountDisk(t)
-	boot, _ := strconv.Atoi(os.Getenv(bootEnv))
 	repo := t.TempDir()
 	images := powerCutImages(t, repo)
 	src, err := fetch.NewHTTPSource(serveRepo(t, repo), fetch.HTTPOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	noSync := os.Getenv(noSyncEnv) == "1"
+	say("READY")
+	// The host types the command until the guest answers STARTED (the
+	// console drops what arrives while the VM resumes): the first whole
+	// RUN line counts, anything else is skipped.
+	in := bufio.NewReader(os.Stdin)
+	var f []string
+	var line string
+	for {
+		line, err = in.ReadString('\n')
+		if err != nil {
+			t.Fatalf("reading the command: %v", err)
+		}
+		f = strings.Fields(line)
+		if len(f) >= 3 && f[0] == "RUN" && (f[1] == "powercut" || f[1] == "final") {
+			break
+		}
+	}
+	final := f[1] == "final"
+	boot, err := strconv.Atoi(f[2])
+	if err != nil {
+		t.Fatalf("command %q: %v", line, err)
+	}
+	noSync := len(f) > 3 && f[3] == "nosync"
+	say("STARTED %s boot=%d nosync=%v", f[1], boot, noSync)
+
+	// The kernel read the disk's first blocks when it found the disk,
+	// before the state was saved: drop them, the disk has changed since.
+	forgetDiskCache(t)
+	// The journal commits every second (not every 5): metadata, such as a
+	// file's name, reaches the disk long before data nobody synced (30 s),
+	// so a store that does not sync is caught within a few seconds.
+	mountDisk(t, "commit=1")
+	defer unmountDisk(t)
 	open := func(s powerCutStore, named bool) *fetch.Store {
 		t.Helper()
 		st, err := fetch.Open(ctx, filepath.Join(guestMnt, s.dir), fetch.Options{
@@ -166,4 +197,19 @@ func countFiles(dir string) int {
 		return nil
 	})
 	return n
+}
+
+// forgetDiskCache drops what the kernel cached of the disk's blocks
+// (BLKFLSBUF) and the page cache.
+func forgetDiskCache(t *testing.T) {
+	t.Helper()
+	dev, err := os.Open(guestDisk)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dev.Close()
+	if err := unix.IoctlSetInt(int(dev.Fd()), unix.BLKFLSBUF, 0); err != nil {
+		t.Fatalf("BLKFLSBUF %s: %v", guestDisk, err)
+	}
+	dropCaches(t)
 }

@@ -43,8 +43,8 @@ func TestGuest(t *testing.T) {
 	switch mode {
 	case "verity":
 		guestVerity(t)
-	case "powercut", "final":
-		guestPowerCut(t, mode == "final")
+	case "powercut":
+		guestPowerCut(t)
 	default:
 		t.Fatalf("unknown guest mode %q", mode)
 	}

@@ -12,9 +12,11 @@ import (
 	"bytes"
 	"context"
 	"debug/elf"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
+	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -508,6 +510,8 @@ func newDisk(t *testing.T, size int64) string {
 type vm struct {
 	t     *testing.T
 	cmd   *exec.Cmd
+	stdin io.WriteCloser
+	qmp   string
 	start time.Time
 
 	mu    sync.Mutex
@@ -517,25 +521,42 @@ type vm struct {
 	err   error         // QEMU's exit status
 }
 
-// bootVM starts QEMU with the guest initramfs, the drives given (QEMU
-// -drive specs) and the guest's environment on the kernel command line.
+// vmConfig is what a QEMU run gets besides the kernel and initramfs.
+type vmConfig struct {
+	drives []string          // QEMU -drive specs
+	env    map[string]string // the guest's environment, on the kernel command line
+	// qmp, when set, is a unix socket path for QEMU's machine protocol
+	// (to save the VM's state: saveState).
+	qmp string
+	// incoming, when set, resumes a state saveState wrote instead of
+	// booting (the drives must be the same).
+	incoming string
+}
+
+// bootVM starts QEMU with the guest initramfs (or resumes a saved state).
 // Software emulation only (-accel tcg): KVM is not needed.
-func bootVM(t *testing.T, d vmDeps, initrd string, drives []string, env map[string]string) *vm {
+func bootVM(t *testing.T, d vmDeps, initrd string, c vmConfig) *vm {
 	t.Helper()
-	keys := make([]string, 0, len(env))
-	for k := range env {
+	keys := make([]string, 0, len(c.env))
+	for k := range c.env {
 		keys = append(keys, k)
 	}
 	sort.Strings(keys)
 	cmdline := "console=ttyS0 quiet panic=-1 mitigations=off"
 	for _, k := range keys {
-		cmdline += " " + k + "=" + env[k]
+		cmdline += " " + k + "=" + c.env[k]
 	}
 	args := []string{"-accel", "tcg,tb-size=256", "-cpu", "max", "-m", "768", "-smp", "1",
 		"-nodefaults", "-no-user-config", "-display", "none", "-serial", "stdio", "-monitor", "none", "-no-reboot",
 		"-kernel", d.kernel, "-initrd", initrd, "-append", cmdline}
-	for _, dr := range drives {
+	for _, dr := range c.drives {
 		args = append(args, "-drive", dr)
+	}
+	if c.qmp != "" {
+		args = append(args, "-qmp", "unix:"+c.qmp+",server=on,wait=off")
+	}
+	if c.incoming != "" {
+		args = append(args, "-incoming", "exec:cat "+c.incoming)
 	}
 	cmd := exec.Command(d.qemu, args...)
 	out, err := cmd.StdoutPipe()
@@ -543,7 +564,11 @@ func bootVM(t *testing.T, d vmDeps, initrd string, drives []string, env map[stri
 		t.Fatal(err)
 	}
 	cmd.Stderr = cmd.Stdout
-	v := &vm{t: t, cmd: cmd, cond: make(chan struct{}), done: make(chan struct{}), start: time.Now()}
+	in, err := cmd.StdinPipe()
+	if err != nil {
+		t.Fatal(err)
+	}
+	v := &vm{t: t, cmd: cmd, stdin: in, qmp: c.qmp, cond: make(chan struct{}), done: make(chan struct{}), start: time.Now()}
 	if err := cmd.Start(); err != nil {
 		t.Fatalf("starting QEMU: %v", err)
 	}
@@ -566,6 +591,133 @@ func bootVM(t *testing.T, d vmDeps, initrd string, drives []string, env map[stri
 	}()
 	t.Cleanup(v.kill)
 	return v
+}
+
+// exited reports whether QEMU has exited.
+func (v *vm) exited() bool {
+	select {
+	case <-v.done:
+		return true
+	default:
+		return false
+	}
+}
+
+// send types a line on the guest's console.
+func (v *vm) send(line string) error {
+	_, err := io.WriteString(v.stdin, line+"\n")
+	return err
+}
+
+// saveState saves the running VM's state to path (a live migration to a
+// file: the guest keeps running until it completes) and stops QEMU. A VM
+// resumed from it (vmConfig.incoming) goes on from that moment, without
+// booting: the guest must not have touched its disk yet.
+func (v *vm) saveState(ctx context.Context, path string) error {
+	c, err := dialQMP(ctx, v.qmp)
+	if err != nil {
+		return err
+	}
+	defer c.close()
+	if _, err := c.call("migrate", map[string]any{"uri": "exec:cat > " + path}); err != nil {
+		return err
+	}
+	for {
+		r, err := c.call("query-migrate", nil)
+		if err != nil {
+			return err
+		}
+		var st struct {
+			Status    string `json:"status"`
+			ErrorDesc string `json:"error-desc"`
+		}
+		if err := json.Unmarshal(r, &st); err != nil {
+			return err
+		}
+		switch st.Status {
+		case "completed":
+			_, _ = c.call("quit", nil)
+			return v.wait(ctx)
+		case "failed", "cancelled":
+			return fmt.Errorf("saving the VM's state: migration %s: %s", st.Status, st.ErrorDesc)
+		}
+		select {
+		case <-time.After(100 * time.Millisecond):
+		case <-ctx.Done():
+			return ctx.Err()
+		}
+	}
+}
+
+// qmpConn is a QEMU machine protocol connection (JSON, one message a line).
+type qmpConn struct {
+	c net.Conn
+	r *bufio.Reader
+}
+
+func dialQMP(ctx context.Context, path string) (*qmpConn, error) {
+	var conn net.Conn
+	var err error
+	for {
+		var d net.Dialer
+		if conn, err = d.DialContext(ctx, "unix", path); err == nil {
+			break
+		}
+		select {
+		case <-time.After(50 * time.Millisecond):
+		case <-ctx.Done():
+			return nil, fmt.Errorf("connecting to QEMU's QMP socket: %w", err)
+		}
+	}
+	q := &qmpConn{c: conn, r: bufio.NewReader(conn)}
+	if _, err := q.read(); err != nil { // the greeting
+		conn.Close()
+		return nil, err
+	}
+	if _, err := q.call("qmp_capabilities", nil); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return q, nil
+}
+
+func (q *qmpConn) close() { q.c.Close() }
+
+func (q *qmpConn) read() (map[string]json.RawMessage, error) {
+	line, err := q.r.ReadBytes('\n')
+	if err != nil {
+		return nil, fmt.Errorf("reading QMP: %w", err)
+	}
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(line, &m); err != nil {
+		return nil, fmt.Errorf("QMP: %w: %q", err, line)
+	}
+	return m, nil
+}
+
+// call runs a command and returns its "return" value (events are skipped).
+func (q *qmpConn) call(cmd string, args map[string]any) (json.RawMessage, error) {
+	msg := map[string]any{"execute": cmd}
+	if args != nil {
+		msg["arguments"] = args
+	}
+	b, _ := json.Marshal(msg)
+	if _, err := q.c.Write(append(b, '\n')); err != nil {
+		return nil, fmt.Errorf("QMP %s: %w", cmd, err)
+	}
+	for {
+		m, err := q.read()
+		if err != nil {
+			return nil, fmt.Errorf("QMP %s: %w", cmd, err)
+		}
+		if _, ok := m["event"]; ok {
+			continue
+		}
+		if e, ok := m["error"]; ok {
+			return nil, fmt.Errorf("QMP %s: %s", cmd, e)
+		}
+		return m["return"], nil
+	}
 }
 
 // waitFor returns the first console line from index from on that starts
