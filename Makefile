@@ -32,7 +32,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
 SUBMODULES := hack/image test/deploy
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules vm-test
 
 all: build
 
@@ -120,6 +120,14 @@ e2e:
 # a tarball, one run.
 bench-e2e:
 	E2E_BENCH=1 E2E_RUN=TestBenchStartup ./hack/e2e.sh
+
+# The QEMU tests (test/e2e/vm) on Debian's 6.12 kernel with fs-verity:
+# TestVMVerity (about 1 minute; `make test` runs it too) and the power-cut
+# test (20 cuts, about 3 minutes; only here). hack/vm-deps.sh fetches the
+# kernel and QEMU the first time. POWERCUT_SEED replays a power-cut run.
+vm-test:
+	CSI_COMPOSEFS_VM_POWERCUT=1 $(if $(POWERCUT_SEED),CSI_COMPOSEFS_POWERCUT_SEED=$(POWERCUT_SEED)) \
+	  $(GO) test -count=1 -v -timeout 40m -run '^TestVM' ./test/e2e/vm/
 
 clean:
 	rm -rf bin _output

@@ -49,6 +49,9 @@ func reportGuest(t *testing.T, v *vm, err error) {
 	}
 }
 
+// powerCutEnv set to 1 runs TestVMPowerCut.
+const powerCutEnv = "CSI_COMPOSEFS_VM_POWERCUT"
+
 // TestVMPowerCut cuts the power of a VM pulling into a store on its disk,
 // 20 times at random moments, and after each cut starts again (resuming a
 // state saved once, after boot, before the guest touched its disk: the
@@ -63,7 +66,13 @@ func reportGuest(t *testing.T, v *vm, err error) {
 // printed); CSI_COMPOSEFS_POWERCUTS sets the number of cuts;
 // CSI_COMPOSEFS_VM_UNSAFE_NOSYNC=1 runs the store without any sync, which
 // must make the test fail.
+//
+// It takes about 3 minutes, so it runs only when powerCutEnv is 1 (make
+// vm-test), not in make test.
 func TestVMPowerCut(t *testing.T) {
+	if os.Getenv(powerCutEnv) != "1" {
+		t.Skipf("the power-cut test (about 3 minutes) runs with make vm-test, or %s=1", powerCutEnv)
+	}
 	d := needVM(t)
 	initrd := guestInitramfs(t, d)
 	seed := uint64(time.Now().UnixNano())
