@@ -48,8 +48,9 @@ func (s *Store) isCanonical(d cfs.Digest) bool {
 // storedImageCanonical checks a stored image this process has not found
 // canonical yet (stored before a restart, or while the flag allowed other
 // writers) before it serves a volume. A refused image stays in the store
-// (it is intact: refusing it is policy); an unreadable one is left for the
-// caller to find.
+// (it is intact: refusing it is policy); one whose content is not its name
+// is quarantined (the caller then fetches it again); an unreadable one is
+// left for the caller to find.
 func (s *Store) storedImageCanonical(ctx context.Context, d cfs.Digest) error {
 	if s.opts.AllowNonCanonicalImages || s.isCanonical(d) {
 		return nil
@@ -79,6 +80,19 @@ func (s *Store) storedImageCanonical(ctx context.Context, d cfs.Digest) error {
 	if err != nil {
 		if r.err != nil {
 			return fmt.Errorf("reading image %s: %w", d, r.err)
+		}
+		// A file that is not the image its name says (a failing disk, a
+		// tampered store) is quarantined and the image fetched again; only
+		// an intact image is refused.
+		got, _, herr := cfs.VerityDigestReader(io.NewSectionReader(r, 0, fi.Size()))
+		switch {
+		case r.err != nil:
+			return fmt.Errorf("reading image %s: %w", d, r.err)
+		case herr == nil && got != d:
+			if _, qerr := s.quarantine(ctx, s.ImagePath(d), fmt.Sprintf("its content has digest %s (%v)", got, err)); qerr != nil {
+				return qerr
+			}
+			return nil
 		}
 		return fmt.Errorf("image %s in the store: %w: %w", d, ErrInvalidImage, err)
 	}

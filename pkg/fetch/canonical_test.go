@@ -1,8 +1,10 @@
 package fetch
 
 import (
+	"bytes"
 	"context"
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
@@ -76,5 +78,61 @@ func TestNonCanonicalImageRefused(t *testing.T) {
 	}
 	if !s.isCanonical(good) || s.isCanonical(bad) {
 		t.Error("the verdicts are not remembered")
+	}
+}
+
+// TestCorruptStoredImageFetchedAgain: a stored image whose file is no
+// longer the image its name says (emptied or cut short by a lost write,
+// overwritten) is found at its first use after a restart, quarantined and
+// fetched again, not refused as an invalid image.
+func TestCorruptStoredImageFetchedAgain(t *testing.T) {
+	repo := t.TempDir()
+	good := writeRepoImage(t, repo, "good.cfs", makeFiles("f", 5, 4, 20000))
+	orig, err := os.ReadFile(filepath.Join(repo, "images", "good.cfs"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	garbage := make([]byte, len(orig))
+	for i := range garbage {
+		garbage[i] = byte(i*7 + 3)
+	}
+	for _, c := range []struct {
+		name string
+		data []byte
+	}{{"empty", nil}, {"cut short", orig[:len(orig)/2]}, {"overwritten", garbage}} {
+		for _, allowNonCanonical := range []bool{false, true} {
+			t.Run(fmt.Sprintf("%s/allowNonCanonical=%v", c.name, allowNonCanonical), func(t *testing.T) {
+				ts := newTestServer(t, repo)
+				src := newSource(t, ts.URL, HTTPOptions{})
+				ctx := context.Background()
+				root := t.TempDir()
+				s := openStore(t, root, testOptions())
+				if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "good.cfs", Digest: good}); err != nil {
+					t.Fatal(err)
+				}
+				s.Close()
+				if err := os.WriteFile(s.ImagePath(good), c.data, 0o644); err != nil {
+					t.Fatal(err)
+				}
+				opts := testOptions()
+				opts.AllowNonCanonicalImages = allowNonCanonical
+				s = openStore(t, root, opts)
+				defer s.Close()
+				if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "good.cfs", Digest: good}); err != nil {
+					t.Fatalf("first use of the corrupt stored image: %v, want it fetched again", err)
+				}
+				if got, err := os.ReadFile(s.ImagePath(good)); err != nil || !bytes.Equal(got, orig) {
+					t.Errorf("the stored image is not the repository's again (%v)", err)
+				}
+				if n := ts.hits["/images/good.cfs"]; n != 2 {
+					t.Errorf("the image was requested %d times, want 2", n)
+				}
+				q, _ := os.ReadDir(filepath.Join(root, quarantineDir))
+				if len(q) != 1 {
+					t.Errorf("%d files in quarantine/, want the corrupt image", len(q))
+				}
+				checkInvariant(t, root)
+			})
+		}
 	}
 }

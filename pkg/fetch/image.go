@@ -58,7 +58,15 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 		if err := s.storedImageCanonical(ctx, ref.Digest); err != nil {
 			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
 		}
-		if _, err := s.Objects(ctx, ref.Digest); err == nil {
+		_, err := s.Objects(ctx, ref.Digest)
+		if errors.Is(err, ErrInvalidImage) {
+			// It was valid when it was stored: the file is corrupt. Keep
+			// it as evidence (as GC would) and fetch the image again.
+			if _, qerr := s.quarantine(ctx, s.ImagePath(ref.Digest), err.Error()); qerr != nil && !errors.Is(qerr, fs.ErrNotExist) {
+				return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, qerr)
+			}
+		}
+		if err == nil {
 			if pid != nil && !s.isShown(shownKey{d: ref.Digest, image: true, p: *pid}) {
 				err := s.proveImage(ctx, src, ref, ref.Digest, *pid)
 				if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -74,7 +82,7 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 				return ref.Digest, nil
 			}
 		}
-		// Unreadable or gone meanwhile: fetch it again.
+		// Corrupt, unreadable or gone meanwhile: fetch it again.
 	}
 	// Downloads are shared only by callers holding the same Source value
 	// and acting for the same principal: a caller never rides on a
