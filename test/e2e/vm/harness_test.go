@@ -593,6 +593,38 @@ func bootVM(t *testing.T, d vmDeps, initrd string, c vmConfig) *vm {
 	return v
 }
 
+// bootAttempts bounds the boots bootGuest tries.
+const bootAttempts = 3
+
+// bootGuest boots the guest (bootVM) and waits until its /init says BOOTED
+// (the kernel up, the modules loaded, before the test program starts). A
+// kernel that panics before that is booted again, at most bootAttempts
+// times in all: under software emulation on a loaded host, Debian's kernel
+// has been seen (rarely) to panic in its first second, long before anything
+// the tests exercise runs; every retry is logged. after, when set, runs
+// after each failed boot (to collect what the run left, such as the disk's
+// end of connection).
+func bootGuest(t *testing.T, ctx context.Context, d vmDeps, initrd string, c vmConfig, after func()) *vm {
+	t.Helper()
+	for attempt := 1; ; attempt++ {
+		v := bootVM(t, d, initrd, c)
+		_, _, err := v.waitFor(ctx, 0, "BOOTED")
+		if err == nil {
+			return v
+		}
+		out := v.console()
+		if !v.exited() || !strings.Contains(out, "Kernel panic") || attempt == bootAttempts {
+			t.Fatalf("booting the guest (attempt %d): %v; console:\n%s", attempt, err, lastLines(out, 80))
+		}
+		i := strings.Index(out, "Kernel panic")
+		t.Logf("boot %d: the guest kernel panicked before /init ran the tests (%q); booting again",
+			attempt, strings.SplitN(out[i:], "\n", 2)[0])
+		if after != nil {
+			after()
+		}
+	}
+}
+
 // exited reports whether QEMU has exited.
 func (v *vm) exited() bool {
 	select {

@@ -28,8 +28,8 @@ func TestVMVerity(t *testing.T) {
 	disk := newDisk(t, 256<<20)
 	ctx, cancel := context.WithTimeout(context.Background(), 6*time.Minute)
 	defer cancel()
-	v := bootVM(t, d, initrd, vmConfig{drives: []string{"file=" + disk + ",format=raw,if=virtio,cache=writeback"},
-		env: map[string]string{guestEnv: "verity"}})
+	v := bootGuest(t, ctx, d, initrd, vmConfig{drives: []string{"file=" + disk + ",format=raw,if=virtio,cache=writeback"},
+		env: map[string]string{guestEnv: "verity"}}, nil)
 	err := v.wait(ctx)
 	t.Logf("VM ran %s", time.Since(v.start).Round(100*time.Millisecond))
 	reportGuest(t, v, err)
@@ -111,7 +111,7 @@ func TestVMPowerCut(t *testing.T) {
 	cfg := vmConfig{drives: []string{drive}, env: map[string]string{guestEnv: "powercut"}}
 	prepCfg := cfg
 	prepCfg.qmp = filepath.Join(dir, "qmp.sock")
-	prep := bootVM(t, d, initrd, prepCfg)
+	prep := bootGuest(t, ctx, d, initrd, prepCfg, func() { <-disk.ended })
 	if _, _, err := prep.waitFor(ctx, 0, "READY"); err != nil {
 		t.Fatalf("preparing the VM: %v; console:\n%s", err, lastLines(prep.console(), 60))
 	}
