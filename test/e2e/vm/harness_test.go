@@ -26,6 +26,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/csi-composefs/csi-composefs/internal/reftools"
 )
 
 // guestEnv names the guest's mode; set (through the kernel command line)
@@ -91,7 +93,7 @@ func needVM(t *testing.T) vmDeps {
 		}
 	})
 	if depsSkip != "" {
-		t.Skipf("QEMU or Debian's kernel cannot be had here: %s", depsSkip)
+		reftools.Unavailable(t, "QEMU or Debian's kernel cannot be had here: %s", depsSkip)
 	}
 	if depsErr != nil {
 		t.Fatal(depsErr)
