@@ -283,26 +283,32 @@ func (p *imagePlan) applyLayer(ctx context.Context, tb *treeBuilder, i int, l oc
 		return lp, err
 	}
 	defer body.Close()
-	compressed := newVerifyingReader(body, l, what)
+	compressed := p.s.c.verifying(ctx, body, l, what)
 	grab := &blockGrabber{r: compressed, off: lp.Off, n: lp.Len}
 	decomp, _ := decompressorFor(l.MediaType)
 	dr, err := decomp(grab)
 	if err != nil {
-		return lp, &fetch.SourceError{Op: "reading layer", URL: what, Err: fmt.Errorf("%w: %w", ErrBadLayer, err)}
+		return lp, p.s.c.mirrorFault(ctx, body, l.Digest, &fetch.SourceError{Op: "reading layer", URL: what, Err: fmt.Errorf("%w: %w", ErrBadLayer, err)})
 	}
 	defer dr.Close()
 	diff := sha256.New()
 	tee := io.TeeReader(dr, diff)
+	// A layer from a mirror that fails (its digest, or its content before
+	// the digest could be checked) is the mirror's fault: the next attempt
+	// reads it from the registry.
+	fail := func(err error) (layerProof, error) {
+		return lp, p.s.c.mirrorFault(ctx, body, l.Digest, layerFailure(what, err))
+	}
 	if err := tb.applyLayer(ctx, i, tee); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	// The rest of the stream (tar padding) counts for the diff_id, and the
 	// compressed digest is checked at its end.
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	if _, err := io.Copy(io.Discard, grab); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	if got := digest.NewDigestFromBytes(digest.SHA256, diff.Sum(nil)); got != p.diffIDs[i] {
 		return lp, &fetch.SourceError{Op: "reading layer", URL: what,
@@ -352,7 +358,8 @@ func (p *imagePlan) Prove(ctx context.Context, proof []byte, sink fetch.BuildSin
 		if lp.Digest != l.Digest || lp.Off < 0 || lp.Len < 0 || lp.Off+lp.Len > l.Size {
 			return fmt.Errorf("layer %d: the conversion record names another layer", i)
 		}
-		body, _, err := p.s.c.openBlob(ctx, l, lp.Off, lp.Len)
+		// From the registry itself: a mirror serves anyone.
+		body, _, err := p.s.c.openUpstreamBlob(ctx, l, lp.Off, lp.Len)
 		if err != nil {
 			return err
 		}
