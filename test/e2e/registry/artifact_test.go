@@ -2,6 +2,9 @@ package registry
 
 import (
 	"context"
+	"crypto/sha256"
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 
@@ -64,12 +67,34 @@ func TestArtifactThroughDistribution(t *testing.T) {
 		if reqs, denied := reg.counts(); reqs > 6 || denied > 3 {
 			t.Fatalf("wrong password: %d requests (%d denied) for a refusal", reqs, denied)
 		}
+		if pp != p {
+			if left := storeLeftovers(t, pp.store); len(left) > 0 {
+				t.Fatalf("wrong password on an empty node left %v in the store", left)
+			}
+		}
 	}
 
 	// A second version sharing 90 % of the files reuses the packs of v1.
 	v2 := sourceTree(t, 300, func(i int) bool { return i%10 == 0 })
 	ref2 := "oci://" + reg.host + "/team/app:v2"
 	_, d2 := reg.push(t, v2, ref2, "--pack-size", "1M", "--base", ref1)
+
+	// The node that has v1 fetches little more than v2's new objects,
+	// counted at the registry: ≤ 1.05 × (new objects + image + index).
+	reg.reset()
+	if _, err := p.publish(t, "v2-on-v1", map[string]string{"image": ref2, "digest": d2}, reg.secrets(reg.pass)); err != nil {
+		t.Fatal(err)
+	}
+	gets, got := reg.blobs()
+	a := reg.resolve(t, ref2)
+	newBytes := newObjectBytes(t, v1, v2)
+	need := newBytes + a.Image.Size + a.Index.Size
+	t.Logf("v2 on a node with v1: %d new object bytes + image %d + index %d; the registry served %d blob bytes in %d GETs (%.3f×)",
+		newBytes, a.Image.Size, a.Index.Size, got, gets, float64(got)/float64(need))
+	if float64(got) > 1.05*float64(need) {
+		t.Fatalf("the registry served %d blob bytes for v2, more than 1.05 × %d", got, need)
+	}
+
 	reg.deleteManifest(t, "team/app", m1)
 	removed := reg.gc(t)
 	if removed == 0 {
@@ -137,4 +162,51 @@ func TestShardedArtifactThroughDistribution(t *testing.T) {
 	}
 	n := sameTree(t, target, src)
 	t.Logf("%d packs in an index of shards; %d entries match after GC", res.Packs, n)
+}
+
+// resolve reads an artifact's layout from the registry.
+func (r *distRegistry) resolve(t *testing.T, s string) *oci.Artifact {
+	t.Helper()
+	ref, err := oci.ParseReference(s)
+	if err != nil {
+		t.Fatal(err)
+	}
+	c, err := oci.NewClient(ref, oci.Options{CA: r.caPEM, Username: r.user, Password: r.pass})
+	if err != nil {
+		t.Fatal(err)
+	}
+	a, err := c.ResolveArtifact(context.Background(), ref.Tag)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return a
+}
+
+// newObjectBytes is the size of the objects of tree v2 that tree v1 does
+// not have: regular files over the inline limit, each content once.
+func newObjectBytes(t *testing.T, v1, v2 string) int64 {
+	t.Helper()
+	contents := func(dir string) map[[32]byte]int64 {
+		m := make(map[[32]byte]int64)
+		err := filepath.Walk(dir, func(p string, fi os.FileInfo, err error) error {
+			if err != nil || !fi.Mode().IsRegular() || fi.Size() <= cfs.MaxInlineContent {
+				return err
+			}
+			b, err := os.ReadFile(p)
+			m[sha256.Sum256(b)] = fi.Size()
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return m
+	}
+	old := contents(v1)
+	var n int64
+	for h, size := range contents(v2) {
+		if _, ok := old[h]; !ok {
+			n += size
+		}
+	}
+	return n
 }

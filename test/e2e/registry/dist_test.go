@@ -42,9 +42,11 @@ type distRegistry struct {
 	passwd  string // a file holding pass
 	authDir string // DOCKER_CONFIG folder with config.json for user
 
-	mu       sync.Mutex
-	requests int
-	denied   int
+	mu        sync.Mutex
+	requests  int
+	denied    int
+	blobGets  int
+	blobBytes int64 // bytes of blob GET bodies
 }
 
 var quietLogs sync.Once
@@ -79,6 +81,10 @@ func newDistRegistry(t *testing.T) *distRegistry {
 		app.ServeHTTP(cw, req)
 		r.mu.Lock()
 		r.requests++
+		if req.Method == http.MethodGet && strings.Contains(req.URL.Path, "/blobs/") {
+			r.blobGets++
+			r.blobBytes += cw.n
+		}
 		if cw.code == http.StatusUnauthorized && req.Header.Get("Authorization") != "" {
 			r.denied++
 		}
@@ -119,9 +125,16 @@ func (r *distRegistry) counts() (requests, denied int) {
 	return r.requests, r.denied
 }
 
+// blobs are the blob GETs served and their bytes.
+func (r *distRegistry) blobs() (gets int, bytes int64) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.blobGets, r.blobBytes
+}
+
 func (r *distRegistry) reset() {
 	r.mu.Lock()
-	r.requests, r.denied = 0, 0
+	r.requests, r.denied, r.blobGets, r.blobBytes = 0, 0, 0, 0
 	r.mu.Unlock()
 }
 
@@ -184,6 +197,7 @@ func (r *distRegistry) blobCount(t *testing.T) int {
 type codeWriter struct {
 	http.ResponseWriter
 	code int
+	n    int64 // body bytes written
 }
 
 func (c *codeWriter) WriteHeader(code int) {
@@ -197,7 +211,9 @@ func (c *codeWriter) Write(b []byte) (int, error) {
 	if c.code == 0 {
 		c.code = http.StatusOK
 	}
-	return c.ResponseWriter.Write(b)
+	n, err := c.ResponseWriter.Write(b)
+	c.n += int64(n)
+	return n, err
 }
 
 func writeFile(t *testing.T, path, content string) {
