@@ -4,6 +4,7 @@ import (
 	"archive/tar"
 	"crypto/tls"
 	"crypto/x509"
+	"encoding/json"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -19,9 +20,12 @@ import (
 	"github.com/google/go-containerregistry/pkg/v1/empty"
 	"github.com/google/go-containerregistry/pkg/v1/mutate"
 	"github.com/google/go-containerregistry/pkg/v1/remote"
+	"github.com/google/go-containerregistry/pkg/v1/types"
 	"golang.org/x/sys/unix"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
+
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
 )
 
 // entry is one tar entry of a test layer.
@@ -273,6 +277,30 @@ func TestBadContentThroughDistribution(t *testing.T) {
 	a := reg.resolve(t, artRef)
 	reg.flipBlobByte(t, a.Packs[0].Digest.Encoded())
 
+	// An artifact manifest naming more layers than the layout allows
+	// (its blobs exist: distribution accepts it).
+	raw, err := crane.Manifest(reg.host+"/bad/artifact:1", reg.craneOpts()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var m map[string]any
+	if err := json.Unmarshal(raw, &m); err != nil {
+		t.Fatal(err)
+	}
+	layers := m["layers"].([]any)
+	for len(layers) <= oci.MaxManifestLayers {
+		layers = append(layers, layers[len(layers)-1])
+	}
+	m["layers"] = layers
+	raw, _ = json.Marshal(m)
+	br, err := name.ParseReference(reg.host + "/bad/artifact:many-layers")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := remote.Put(br, rawManifest{raw, types.OCIManifestSchema1}, o.Remote...); err != nil {
+		t.Fatal(err)
+	}
+
 	for _, tc := range []struct {
 		name  string
 		vc    map[string]string
@@ -283,6 +311,7 @@ func TestBadContentThroughDistribution(t *testing.T) {
 		{"absolute tar entry", map[string]string{"image": "docker://" + reg.host + "/bad/absolute:1"}, codes.FailedPrecondition, true},
 		{"hard link to a missing entry", map[string]string{"image": "docker://" + reg.host + "/bad/dangling:1"}, codes.FailedPrecondition, true},
 		{"device node", map[string]string{"image": "docker://" + reg.host + "/bad/device:1"}, codes.FailedPrecondition, true},
+		{"manifest over the layer limit", map[string]string{"image": "oci://" + reg.host + "/bad/artifact:many-layers"}, codes.FailedPrecondition, true},
 		{"missing platform", map[string]string{"image": "docker://" + reg.host + "/bad/platform:1"}, codes.NotFound, true},
 		{"layer changed in the registry", map[string]string{"image": "docker://" + reg.host + "/bad/tampered:1"}, codes.FailedPrecondition, true},
 		// The image and the objects already verified may stay (content
@@ -320,3 +349,12 @@ func (r *distRegistry) flipBlobByte(t *testing.T, hex string) {
 		t.Fatal(err)
 	}
 }
+
+// rawManifest is a manifest to put as it is.
+type rawManifest struct {
+	b  []byte
+	mt types.MediaType
+}
+
+func (r rawManifest) RawManifest() ([]byte, error)        { return r.b, nil }
+func (r rawManifest) MediaType() (types.MediaType, error) { return r.mt, nil }
