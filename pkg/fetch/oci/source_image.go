@@ -256,6 +256,11 @@ type layerProof struct {
 func (p *imagePlan) Build(ctx context.Context, sink fetch.BuildSink) (*cfs.Node, []byte, error) {
 	tb := newTreeBuilder(p.s.limits, sink.Object)
 	proofs := make([]layerProof, len(p.layers))
+	var total int64
+	for _, l := range p.layers {
+		total += l.Size
+	}
+	sink.WillFetch(total)
 	for i, l := range p.layers {
 		lp, err := p.applyLayer(ctx, tb, i, l, sink)
 		if err != nil {
@@ -284,7 +289,7 @@ func (p *imagePlan) applyLayer(ctx context.Context, tb *treeBuilder, i int, l oc
 	}
 	defer body.Close()
 	compressed := p.s.c.verifying(ctx, body, l, what)
-	grab := &blockGrabber{r: compressed, off: lp.Off, n: lp.Len}
+	grab := &blockGrabber{r: receivedReader{compressed, sink}, off: lp.Off, n: lp.Len}
 	decomp, _ := decompressorFor(l.MediaType)
 	dr, err := decomp(grab)
 	if err != nil {
@@ -326,6 +331,18 @@ func layerFailure(what string, err error) error {
 		return err
 	}
 	return &fetch.SourceError{Op: "converting layer", URL: what, Err: fmt.Errorf("%w: %w", fetch.ErrInvalidImage, err)}
+}
+
+// receivedReader counts the bytes read in a build's progress.
+type receivedReader struct {
+	r    io.Reader
+	sink fetch.BuildSink
+}
+
+func (r receivedReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.sink.Received(int64(n))
+	return n, err
 }
 
 // blockGrabber keeps a copy of bytes [off, off+n) of what it reads.
