@@ -352,7 +352,7 @@ func (s *ArtifactSource) PlanRuns(ctx context.Context, image cfs.Digest, objs []
 type boundRun struct {
 	*runData
 	art      *resolvedArtifact
-	mirrored atomic.Bool // the last OpenRun's body came from a mirror
+	mirror   atomic.Pointer[string] // the mirror the last OpenRun's body came from, or nil
 }
 
 // OpenRun requests the run's bytes from object from on.
@@ -369,7 +369,7 @@ func (s *ArtifactSource) OpenRun(ctx context.Context, run *fetch.Run, from int) 
 		if err != nil {
 			return nil, err
 		}
-		br.mirrored.Store(mirrorOf(body) != "")
+		br.setMirror(mirrorOf(body))
 		return body, nil
 	}
 	body, ignored, err := s.c.openBlob(ctx, desc, start, n)
@@ -377,7 +377,7 @@ func (s *ArtifactSource) OpenRun(ctx context.Context, run *fetch.Run, from int) 
 		s.noRange.Store(true)
 	}
 	if err == nil {
-		br.mirrored.Store(mirrorOf(body) != "")
+		br.setMirror(mirrorOf(body))
 	}
 	return body, err
 }
@@ -389,10 +389,22 @@ var _ fetch.RunFallback = (*ArtifactSource)(nil)
 // on, and FallBack says so (the store then retries the run).
 func (s *ArtifactSource) FallBack(ctx context.Context, run *fetch.Run, why error) bool {
 	br, ok := run.Data.(*boundRun)
-	if !ok || !br.mirrored.Load() {
+	if !ok {
 		return false
 	}
-	s.c.distrust(ctx, br.art.a.Packs[br.pack].Digest, "", why)
-	br.mirrored.Store(false)
+	m := br.mirror.Load()
+	if m == nil {
+		return false
+	}
+	s.c.distrust(ctx, br.art.a.Packs[br.pack].Digest, *m, why)
+	br.mirror.Store(nil)
 	return true
+}
+
+func (br *boundRun) setMirror(m string) {
+	if m == "" {
+		br.mirror.Store(nil)
+		return
+	}
+	br.mirror.Store(&m)
 }
