@@ -351,8 +351,8 @@ func (s *ArtifactSource) PlanRuns(ctx context.Context, image cfs.Digest, objs []
 
 type boundRun struct {
 	*runData
-	art      *resolvedArtifact
-	mirror   atomic.Pointer[string] // the mirror the last OpenRun's body came from, or nil
+	art    *resolvedArtifact
+	mirror atomic.Pointer[string] // the mirror the last OpenRun's body came from, or nil
 }
 
 // OpenRun requests the run's bytes from object from on.
