@@ -39,6 +39,7 @@ store:
   verifyInterval: "0"
 hostNetwork: false
 trustSharedContent: true
+allowNonCanonicalImages: true
 limits:
   maxImageSize: 64M
   downloadBudget: "0"
