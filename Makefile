@@ -11,12 +11,13 @@ BIN := bin/csi-composefs
 # `make fuzz FUZZTIME=10m`. Minimisation is capped: the seeds are whole images, and minimising
 # one costs up to a minute. The driver's attribute and secret parsers run 30000x each (the
 # driver package's instrumented test binary is slow per execution); the OCI
-# parsers (object index, artifact manifests, layer tars) 30000x each (about 10 s each).
+# parsers (object index, artifact manifests, layer tars) and the canonical-image check 30000x
+# each (about 10 s each).
 FUZZCOUNT ?= 300000x
 FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange:100000x \
 	./pkg/driver:FuzzParseVolumeContext:30000x ./pkg/driver:FuzzParseSecrets:30000x \
-	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x \
+	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x ./pkg/cfs:FuzzCheckCanonical:30000x \
 	./pkg/fetch/oci:FuzzDecodeIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x
 
 # The plugin image (make image): built without a container engine by
@@ -31,9 +32,9 @@ IMAGE_OUT ?= _output/image
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
-SUBMODULES := hack/image test/deploy
+SUBMODULES := hack/image test/deploy test/e2e/registry
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules vm-test
 
 all: build
 
@@ -53,9 +54,11 @@ vet:
 unit:
 	$(GO) test -race -count=1 ./...
 
-# The image builder and the deployment tests (chart, kustomize base,
+# The image builder, the deployment tests (chart, kustomize base,
 # manifests decoded strictly, DaemonSet arguments parsed by the binary's
-# flag set) are modules of their own, so the product's go.mod stays lean.
+# flag set) and the registry e2e (distribution in process: push, publish
+# over gRPC with real mounts, the registry's GC) are modules of their own,
+# so the product's go.mod stays lean.
 test-modules:
 	@set -e; for m in $(SUBMODULES); do echo "go test in $$m"; (cd $$m && $(GO) test -count=1 ./...); done
 
@@ -121,6 +124,14 @@ e2e:
 # a tarball, one run.
 bench-e2e:
 	E2E_BENCH=1 E2E_RUN=TestBenchStartup ./hack/e2e.sh
+
+# The QEMU tests (test/e2e/vm) on Debian's 6.12 kernel with fs-verity:
+# TestVMVerity (about 1 minute; `make test` runs it too) and the power-cut
+# test (20 cuts, about 3 minutes; only here). hack/vm-deps.sh fetches the
+# kernel and QEMU the first time. POWERCUT_SEED replays a power-cut run.
+vm-test:
+	CSI_COMPOSEFS_VM_POWERCUT=1 $(if $(POWERCUT_SEED),CSI_COMPOSEFS_POWERCUT_SEED=$(POWERCUT_SEED)) \
+	  $(GO) test -count=1 -v -timeout 40m -run '^TestVM' ./test/e2e/vm/
 
 clean:
 	rm -rf bin _output

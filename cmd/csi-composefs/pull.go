@@ -72,6 +72,7 @@ type storeFlags struct {
 	maxSize      string
 	retries      int
 	named        bool
+	nonCanonical bool
 }
 
 // addDir adds --store-dir.
@@ -83,8 +84,9 @@ func (f *storeFlags) addDir(cmd *cobra.Command) {
 func (f *storeFlags) addFetch(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 256, "most concurrent object downloads (from 16, doubling while the throughput grows)")
-	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes 2 to 16 times its size in memory")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 2 to 20 times its size in memory")
 	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+	cmd.Flags().BoolVar(&f.nonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (other writers than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs)")
 	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
 	_ = cmd.Flags().MarkHidden("named-temp-files")
 }
@@ -99,6 +101,7 @@ func (f *storeFlags) options() (fetch.Options, error) {
 	o.ExtraObjectDirs = f.extra
 	o.Parallelism = f.concurrency
 	o.NamedTempFiles = f.named
+	o.AllowNonCanonicalImages = f.nonCanonical
 	if f.concurrency < 0 {
 		return o, usageErrorf("--fetch-concurrency must be positive")
 	}
@@ -250,31 +253,55 @@ func pull(ctx context.Context, stdout, stderr io.Writer, src fetch.Source, dir s
 	}
 	defer s.Close()
 	start := time.Now()
-	d, err := s.EnsureImage(ctx, src, ref)
+	// A container image is converted while its layers come: that is where
+	// its bytes are, so its progress is shown first.
+	var conv fetch.Progress
+	var d cfs.Digest
+	if _, ok := src.(fetch.ImageBuilder); ok {
+		err = withProgress(stderr, &conv, mode, start, func() error {
+			d, err = s.EnsureImage(ctx, src, ref, fetch.WithProgress(&conv))
+			return err
+		})
+	} else {
+		d, err = s.EnsureImage(ctx, src, ref)
+	}
 	if err != nil {
 		return err
 	}
 	var p fetch.Progress
-	stop := make(chan struct{})
-	shown := make(chan struct{})
-	go func() {
-		defer close(shown)
-		showProgress(stderr, &p, mode, start, stop)
-	}()
-	st, err := s.EnsureObjects(ctx, src, d, fetch.WithProgress(&p))
-	close(stop)
-	<-shown
+	var st fetch.Stats
+	err = withProgress(stderr, &p, mode, start, func() error {
+		st, err = s.EnsureObjects(ctx, src, d, fetch.WithProgress(&p))
+		return err
+	})
 	if err != nil {
 		return err
 	}
 	el := time.Since(start)
 	if mode != progressNone {
+		if conv.FetchBytes.Load() > 0 {
+			fmt.Fprintf(stderr, "converted %s: %s of layers, %d objects written\n", ref, human(conv.Fetched.Load()), conv.DoneObjects.Load())
+		}
 		fmt.Fprintf(stderr, "pulled %s: %d objects (%s), fetched %d (%s) in %s, %s already on the node\n",
 			ref, st.Objects, human(int64(st.Bytes)), st.Fetched, human(int64(st.FetchedBytes)),
 			el.Round(time.Millisecond), human(int64(st.SavedBytes())))
 	}
 	fmt.Fprintln(stdout, d)
 	return nil
+}
+
+// withProgress runs f while showing p.
+func withProgress(w io.Writer, p *fetch.Progress, mode progressKind, start time.Time, f func() error) error {
+	stop := make(chan struct{})
+	shown := make(chan struct{})
+	go func() {
+		defer close(shown)
+		showProgress(w, p, mode, start, stop)
+	}()
+	err := f()
+	close(stop)
+	<-shown
+	return err
 }
 
 func showProgress(w io.Writer, p *fetch.Progress, mode progressKind, start time.Time, stop <-chan struct{}) {

@@ -39,6 +39,7 @@ store:
   verifyInterval: "0"
 hostNetwork: false
 trustSharedContent: true
+allowNonCanonicalImages: true
 limits:
   maxImageSize: 64M
   downloadBudget: "0"
@@ -52,6 +53,9 @@ allowedSources:
 enableInlineVolumes: false
 fetchConcurrency: 4
 minVerity: userspace
+registryMirrors:
+  docker.io: ["https://mirror.example.com", "http://127.0.0.1:30020/"]
+  registry.example.com:5000: ["https://cache.example.com/v2-proxy"]
 extraObjectDirs:
   - /sysroot/ostree/repo/objects
   - /var/lib/composefs/objects
@@ -144,6 +148,10 @@ func TestChartSchema(t *testing.T) {
 		"bad digest":                "image: {repository: r, tag: \"\", digest: sha256:abc, pullPolicy: Always}",
 		"relative extra object dir": "extraObjectDirs: [objects]",
 		"zero port":                 "metrics: {port: 0}",
+		"mirror not a URL":          "registryMirrors: {docker.io: [mirror.example.com]}",
+		"mirror not a list":         "registryMirrors: {docker.io: https://mirror.example.com}",
+		"empty mirror list":         "registryMirrors: {docker.io: []}",
+		"mirror of a URL":           "registryMirrors: {\"https://docker.io\": [https://mirror.example.com]}",
 	} {
 		if _, err := render(t, values(t, y), renderOpts{}); err == nil {
 			t.Errorf("%s (%s): rendered", name, y)
