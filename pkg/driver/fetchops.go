@@ -193,6 +193,7 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 		who = principal(spec, credFP)
 		opts = append(opts, fetch.ForPrincipal(who))
 	}
+	cachedName := false
 	switch spec.PullPolicy {
 	case PullAlways:
 		// Ask the source again, by name when there is one; the digest, if
@@ -211,7 +212,7 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 			// A name another principal resolved is resolved again (the
 			// image is small; fetching it is its proof).
 			if ok && d.store.HasImage(dg) && (who == "" || spec.PullPolicy == PullNever || d.store.ImageShown(ctx, dg, who)) {
-				ref.Digest = dg
+				ref.Digest, cachedName = dg, true
 			}
 		}
 	}
@@ -225,6 +226,24 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	}
 	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
+	}
+	// The trust policy is applied to the image as stored: what is checked
+	// is what gets pinned and mounted.
+	err = d.checkImageSignature(ctx, spec, src, ref.Name, dg)
+	if err != nil && cachedName && isVerdict(err) {
+		// The name may have moved, with a new signature, since this node
+		// resolved it: resolve it again, once.
+		d.mu.Lock()
+		delete(d.names, nameKey)
+		d.mu.Unlock()
+		ref.Digest, fromStore = cfs.Digest{}, false
+		if dg, err = d.store.EnsureImage(ctx, src, ref, opts...); err != nil {
+			return cfs.Digest{}, fetch.Stats{}, err
+		}
+		err = d.checkImageSignature(ctx, spec, src, ref.Name, dg)
+	}
+	if err != nil {
+		return cfs.Digest{}, fetch.Stats{}, err
 	}
 	if ref.Name != "" {
 		d.mu.Lock()

@@ -27,6 +27,7 @@ type Metrics struct {
 	volumes   prometheus.Gauge
 	gcRuns    *prometheus.CounterVec
 	verifyErr prometheus.Counter
+	trust     trustMetrics
 
 	once sync.Once
 }
@@ -66,6 +67,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Help: "Content refused because its digest did not match (fetched images and objects, mounted images).",
 		}),
 	}
+	m.trust = newTrustMetrics(reg)
 	reg.MustRegister(m.publish, m.unpublish, m.fetches, m.volumes, m.gcRuns, m.verifyErr,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
