@@ -82,7 +82,12 @@ func ParsePolicy(data []byte) (*Policy, error) {
 	p := &Policy{Digest: hex.EncodeToString(sum[:])}
 	var f policyFile
 	if err := yaml.UnmarshalStrict(data, &f); err != nil {
-		return nil, fmt.Errorf("trust policy: %w", err)
+		// sigs.k8s.io/yaml converts to JSON first: its wording says so.
+		msg := err.Error()
+		for _, p := range []string{"error unmarshaling JSON: ", "while decoding JSON: ", "json: "} {
+			msg = strings.TrimPrefix(msg, p)
+		}
+		return nil, fmt.Errorf("trust policy: %s", msg)
 	}
 	if len(f.Sources) > maxRules {
 		return nil, fmt.Errorf("trust policy: %d sources, more than %d", len(f.Sources), maxRules)
