@@ -117,11 +117,12 @@ func parseIndex(b []byte) (*ocispec.Index, error) {
 // checkDescriptor refuses descriptors whose digest is not a valid sha256
 // (what this package fetches and verifies) or whose size is negative.
 func checkDescriptor(d ocispec.Descriptor, what string) error {
-	if d.Digest.Algorithm() != digest.SHA256 {
-		return fmt.Errorf("%s: digest %q is not sha256", what, truncate(d.Digest.String()))
-	}
+	// Validate first: Algorithm panics on a digest without a colon.
 	if err := d.Digest.Validate(); err != nil {
 		return fmt.Errorf("%s: digest %q: %w", what, truncate(d.Digest.String()), err)
+	}
+	if d.Digest.Algorithm() != digest.SHA256 {
+		return fmt.Errorf("%s: digest %q is not sha256", what, truncate(d.Digest.String()))
 	}
 	if d.Size < 0 {
 		return fmt.Errorf("%s: negative size %d", what, d.Size)

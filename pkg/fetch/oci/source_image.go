@@ -172,7 +172,7 @@ func (s *ImageSource) resolve(ctx context.Context) (*imagePlan, error) {
 		if _, err := decompressorFor(l.MediaType); err != nil {
 			return nil, bad("layer %d: %v", i, err)
 		}
-		if d := cfg.RootFS.DiffIDs[i]; d.Algorithm() != digest.SHA256 || d.Validate() != nil {
+		if d := cfg.RootFS.DiffIDs[i]; d.Validate() != nil || d.Algorithm() != digest.SHA256 {
 			return nil, bad("diff_id %d is not a sha256 digest", i)
 		}
 	}
