@@ -30,6 +30,7 @@ type Store interface {
 	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
 	Signatures(ctx context.Context, src fetch.Source, ref fetch.ImageRef) ([]fetch.SignatureFile, error)
+	ManifestSignatures(ctx context.Context, src fetch.ManifestSigner, name string) (string, []fetch.ManifestSignature, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
 	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool

@@ -14,6 +14,7 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/trust"
 )
 
 // fetchOps runs at most one fetch per key (the volume's content and pull
@@ -183,7 +184,8 @@ type completeKey struct {
 func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
 	nameKey := spec.Source.URL + " " + ref.Name
-	src, err := fetch.BindRef(src, ref)
+	repo := src
+	src, err := fetch.BindRef(repo, ref)
 	if err != nil {
 		return cfs.Digest{}, fetch.Stats{}, err
 	}
@@ -219,6 +221,27 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	if spec.PullPolicy == PullNever && (ref.Digest.IsZero() || !d.store.HasImage(ref.Digest)) {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
 	}
+	// A registry's images are signed by manifest digest: the name is
+	// resolved and the signature of what it names checked, and the
+	// manifest verified is what gets fetched (bound by digest, so a tag
+	// moved meanwhile changes nothing). A name this node resolved and
+	// verified before, kept by IfNotPresent, is used as it is.
+	var signer *trust.Key
+	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
+		if rule := d.trustRule(spec.Source); rule != nil && !(cachedName && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
+			manifest, k, err := d.checkManifestSignature(ctx, spec, ms, rule)
+			if err != nil {
+				return cfs.Digest{}, fetch.Stats{}, err
+			}
+			if k != nil {
+				ref = fetch.ImageRef{Name: manifest, Digest: spec.Ref.Digest}
+				cachedName, signer = false, k
+				if src, err = fetch.BindRef(repo, ref); err != nil {
+					return cfs.Digest{}, fetch.Stats{}, err
+				}
+			}
+		}
+	}
 	fromStore := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
 	dg, err := d.store.EnsureImage(ctx, src, ref, opts...)
 	if err != nil {
@@ -229,7 +252,7 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	}
 	// The trust policy is applied to the image as stored: what is checked
 	// is what gets pinned and mounted.
-	err = d.checkImageSignature(ctx, spec, src, ref.Name, dg)
+	err = d.checkImageSignature(ctx, spec, src, ref.Name, dg, signer)
 	if err != nil && cachedName && isVerdict(err) {
 		// The name may have moved, with a new signature, since this node
 		// resolved it: resolve it again, once.
@@ -240,7 +263,7 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 		if dg, err = d.store.EnsureImage(ctx, src, ref, opts...); err != nil {
 			return cfs.Digest{}, fetch.Stats{}, err
 		}
-		err = d.checkImageSignature(ctx, spec, src, ref.Name, dg)
+		err = d.checkImageSignature(ctx, spec, src, ref.Name, dg, nil)
 	}
 	if err != nil {
 		return cfs.Digest{}, fetch.Stats{}, err

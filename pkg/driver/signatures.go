@@ -81,14 +81,19 @@ func (d *Driver) recordVerdict(content string, k *trust.Key) {
 // stored bytes, which are the bytes named by dg, so the digest verified
 // is the digest pinned and mounted. It returns nil when the policy has no
 // rule for the source, or when the rule does not require a signature and
-// none is published.
-func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src fetch.Source, name string, dg cfs.Digest) error {
+// none is published. signer is the key that signed the manifest dg was
+// read from (a registry source, checkManifestSignature), if one did.
+func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src fetch.Source, name string, dg cfs.Digest, signer *trust.Key) error {
 	rule := d.trustRule(spec.Source)
 	if rule == nil {
 		return nil
 	}
 	content := "image " + dg.String()
 	log := klog.FromContext(ctx)
+	if signer != nil {
+		d.recordVerdict(content, signer)
+		return nil
+	}
 	if k := d.verifiedBy(content, rule); k != nil {
 		log.V(4).Info("Image signature verified before", "image", dg.String(), "key", k.String())
 		return nil
@@ -174,3 +179,49 @@ func (e verdictErrors) Error() string {
 }
 
 func (e verdictErrors) Unwrap() []error { return e }
+
+// checkManifestSignature applies the trust policy to what the volume's
+// reference names in a registry now: it resolves the name to a manifest
+// digest and checks the signatures cosign stores for that digest (the
+// sha256-<hex>.sig tag, sigstore bundle referrers). It returns the
+// manifest digest and the key that signed it; no key (and no error) when
+// the rule does not require a signature and none is stored.
+func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, src fetch.ManifestSigner, rule *trust.Rule) (string, *trust.Key, error) {
+	log := klog.FromContext(ctx)
+	manifest, sigs, err := d.store.ManifestSignatures(ctx, src, spec.Ref.Name)
+	if err != nil {
+		return "", nil, err
+	}
+	where := fmt.Sprintf("%s@%s (trust policy prefix %s)", spec.Source.URL, manifest, rule.Prefix)
+	if len(sigs) == 0 {
+		if rule.Require {
+			d.metrics.signatureCheck("unsigned")
+			return "", nil, fmt.Errorf("image %s, manifest %s: %w: the registry holds no %s tag nor sigstore bundle referrer for it",
+				spec.Ref, where, trust.ErrUnsigned, trust.SignatureTag(manifest))
+		}
+		return manifest, nil, nil
+	}
+	var refused verdictErrors
+	for _, s := range sigs {
+		var k *trust.Key
+		switch {
+		case s.Keyless:
+			err = fmt.Errorf("%w: a keyless signature (a certificate); this node verifies key-based signatures (cosign sign --key)", trust.ErrBadSignature)
+		case s.Bundle != nil:
+			k, err = rule.VerifyManifestBundle(s.Bundle, manifest)
+		default:
+			k, err = rule.VerifySimpleSigning(s.Payload, s.Signature, manifest)
+		}
+		if err == nil {
+			d.metrics.signatureCheck("verified")
+			log.V(2).Info("Manifest signature verified", "manifest", manifest, "signature", s.Location, "key", k.String(), "policyPrefix", rule.Prefix)
+			return manifest, k, nil
+		}
+		if !isVerdict(err) {
+			return "", nil, fmt.Errorf("checking the signature %s: %w", s.Location, err)
+		}
+		refused = append(refused, fmt.Errorf("%s: %w", s.Location, err))
+	}
+	d.metrics.signatureCheck("rejected")
+	return "", nil, fmt.Errorf("image %s, manifest %s: %w", spec.Ref, where, refused)
+}

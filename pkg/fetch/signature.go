@@ -95,3 +95,54 @@ func (s *Store) Signatures(ctx context.Context, src Source, ref ImageRef) ([]Sig
 	}
 	return out, nil
 }
+
+// ManifestSignature is signature material a registry holds for a
+// manifest: one layer of cosign's signature manifest (tag
+// sha256-<hex>.sig), or the sigstore bundle of a referrer.
+type ManifestSignature struct {
+	// Location says where it came from, for messages.
+	Location string
+	// Payload and Signature: the simple signing payload (the layer's
+	// bytes) and its base64 signature (the layer's annotation).
+	Payload   []byte
+	Signature string
+	// Keyless: the layer carries a certificate (cosign keyless signing),
+	// which this node does not verify.
+	Keyless bool
+	// Bundle: a sigstore bundle (JSON).
+	Bundle []byte
+}
+
+// ManifestSigner is implemented by registry sources, whose images cosign
+// signs by manifest digest.
+type ManifestSigner interface {
+	// ResolveManifest returns the digest ("sha256:…") of the manifest or
+	// index name (a tag or a digest) names now.
+	ResolveManifest(ctx context.Context, name string) (string, error)
+	// ManifestSignatures returns the signature material the registry
+	// holds for the manifest of that digest (none, without error, when it
+	// holds none).
+	ManifestSignatures(ctx context.Context, manifestDigest string) ([]ManifestSignature, error)
+}
+
+// ManifestSignatures resolves name (a tag or a digest) with src and
+// fetches the signatures of the manifest it names, retrying transient
+// failures as image downloads do.
+func (s *Store) ManifestSignatures(ctx context.Context, src ManifestSigner, name string) (string, []ManifestSignature, error) {
+	var manifest string
+	var out []ManifestSignature
+	err := s.retry(ctx, "signatures of "+name, func(ctx context.Context) error {
+		var err error
+		if manifest == "" {
+			if manifest, err = src.ResolveManifest(ctx, name); err != nil {
+				return err
+			}
+		}
+		out, err = src.ManifestSignatures(ctx, manifest)
+		return err
+	})
+	if err != nil {
+		return "", nil, fmt.Errorf("fetching the signatures of %s from %s: %w", name, src, err)
+	}
+	return manifest, out, nil
+}
