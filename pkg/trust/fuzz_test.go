@@ -6,11 +6,14 @@ import (
 	"crypto/sha256"
 	"crypto/x509"
 	"encoding/base64"
+	"encoding/hex"
 	"encoding/pem"
 	"errors"
 	"fmt"
 	"math/big"
 	"testing"
+
+	"github.com/csi-composefs/csi-composefs/internal/testsign"
 )
 
 // fixedKey is a P-256 key made from a constant, so that fuzz seeds stay
@@ -96,6 +99,42 @@ func FuzzVerifyBlob(f *testing.F) {
 		// blob: it must fail over other content.
 		if _, err := rule.VerifyBlob(s, blobOf([]byte("other"))); err == nil {
 			t.Fatalf("material %q verifies over other content too", material)
+		}
+	})
+}
+
+// FuzzVerifyManifestSignature: what a registry holds for a manifest (a
+// referrer's bundle; a signature layer's payload and annotation) is
+// checked against a fixed manifest digest and key: the outcome is a
+// verdict (never a panic), and what verifies fails for another manifest.
+func FuzzVerifyManifestSignature(f *testing.F) {
+	k := fixedKey(f)
+	key := k.key(f, "fuzz")
+	rule := &Rule{Keys: []*Key{key}}
+	sk := testsign.Key{Priv: k.priv.(*ecdsa.PrivateKey), PEM: k.pem}
+	sum := sha256.Sum256([]byte("a manifest"))
+	manifest := "sha256:" + hex.EncodeToString(sum[:])
+	otherSum := sha256.Sum256([]byte("another manifest"))
+	other := "sha256:" + hex.EncodeToString(otherSum[:])
+	payload := testsign.SimpleSigningPayload(f, "registry.example.com/app", manifest)
+	f.Add(sk.ManifestBundle(f, "registry.example.com/app", manifest), payload, base64.StdEncoding.EncodeToString(sk.SignRaw(f, payload)))
+	f.Fuzz(func(t *testing.T, bundle, payload []byte, sig string) {
+		verdict := func(err error) bool {
+			return errors.Is(err, ErrBadSignature) || errors.Is(err, ErrUnknownKey)
+		}
+		if _, err := rule.VerifyManifestBundle(bundle, manifest); err == nil {
+			if _, err := rule.VerifyManifestBundle(bundle, other); err == nil {
+				t.Fatalf("bundle %q verifies for another manifest too", bundle)
+			}
+		} else if !verdict(err) {
+			t.Fatalf("bundle: error is not a verdict: %v", err)
+		}
+		if _, err := rule.VerifySimpleSigning(payload, sig, manifest); err == nil {
+			if _, err := rule.VerifySimpleSigning(payload, sig, other); err == nil {
+				t.Fatalf("payload %q verifies for another manifest too", payload)
+			}
+		} else if !verdict(err) {
+			t.Fatalf("simple signing: error is not a verdict: %v", err)
 		}
 	})
 }

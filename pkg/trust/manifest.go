@@ -82,8 +82,11 @@ func (r *Rule) VerifySimpleSigning(payloadBytes []byte, sigB64, manifestDigest s
 		return nil, fmt.Errorf("%w: the signed payload has type %q, not %q", ErrBadSignature, truncate(p.Critical.Type), payload.CosignSignatureType)
 	}
 	got, err := manifestSHA256(p.Critical.Image.DockerManifestDigest)
-	if err != nil || !bytes.Equal(got, want) {
-		return nil, fmt.Errorf("%w: it signs manifest %s, not %s", ErrBadSignature, truncate(p.Critical.Image.DockerManifestDigest), manifestDigest)
+	if err != nil {
+		return nil, fmt.Errorf("%w: the signed payload names no manifest digest: %v", ErrBadSignature, err)
+	}
+	if !bytes.Equal(got, want) {
+		return nil, fmt.Errorf("%w: it signs manifest %s, not %s", ErrBadSignature, p.Critical.Image.DockerManifestDigest, manifestDigest)
 	}
 	return key, nil
 }
