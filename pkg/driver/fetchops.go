@@ -225,10 +225,13 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// resolved and the signature of what it names checked, and the
 	// manifest verified is what gets fetched (bound by digest, so a tag
 	// moved meanwhile changes nothing). A name this node resolved and
-	// verified before, kept by IfNotPresent, is used as it is.
+	// verified before (kept by IfNotPresent), or a digest whose image this
+	// node holds and verified as signed by a key the rule accepts, is used
+	// as it is.
 	var signer *trust.Key
 	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
-		if rule := d.trustRule(spec.Source); rule != nil && !(cachedName && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
+		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
+		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
 			manifest, k, err := d.checkManifestSignature(ctx, spec, ms, rule)
 			if err != nil {
 				return cfs.Digest{}, fetch.Stats{}, err

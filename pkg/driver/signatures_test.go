@@ -182,7 +182,7 @@ func TestSignedOCIImages(t *testing.T) {
 	files := func(s string) map[string]string {
 		return map[string]string{"etc/version": s + "\n", "lib/big": strings.Repeat(s, 4096)}
 	}
-	_, m1 := push("v1", files("one"))
+	res1, m1 := push("v1", files("one"))
 	key.Sign(t, r, repoName, m1)
 	push("unsigned", files("unsigned"))
 	_, m3 := push("bundled", files("bundled"))
@@ -213,10 +213,13 @@ func TestSignedOCIImages(t *testing.T) {
 		t.Fatal(err)
 	}
 	node := serveGRPC(t, d)
-	publish := func(tag, pull string) (string, error) {
+	publish := func(tag, pull string, extra ...string) (string, error) {
 		vc := map[string]string{"image": "oci://" + repoName + ":" + tag, "csi.storage.k8s.io/pod.name": "web-0", "csi.storage.k8s.io/pod.namespace": "shop"}
 		if pull != "" {
 			vc["pullPolicy"] = pull
+		}
+		for i := 0; i+1 < len(extra); i += 2 {
+			vc[extra[i]] = extra[i+1]
 		}
 		target := filepath.Join(t.TempDir(), "vol")
 		cleanupMounts(t, target)
@@ -236,6 +239,18 @@ func TestSignedOCIImages(t *testing.T) {
 		if got, want := readVersion(target), files(map[string]string{"v1": "one", "bundled": "bundled"}[tag])["etc/version"]; got != want {
 			t.Fatalf("%s: the volume reads %q, want %q", tag, got, want)
 		}
+	}
+	// Verified before: the same tag again, or its digest, asks the
+	// registry nothing.
+	reg.Reset()
+	if _, err := publish("v1", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := publish("v1", "", "digest", res1.Digest.String()); err != nil {
+		t.Fatal(err)
+	}
+	if n := reg.Counts().Requests; n != 0 {
+		t.Errorf("an image verified before: %d registry requests", n)
 	}
 	for _, c := range []struct{ tag, want string }{
 		{"unsigned", "not signed"},
