@@ -33,7 +33,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
 SUBMODULES := hack/image test/deploy
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules test-cosign
 
 all: build
 
@@ -58,6 +58,12 @@ unit:
 # flag set) are modules of their own, so the product's go.mod stays lean.
 test-modules:
 	@set -e; for m in $(SUBMODULES); do echo "go test in $$m"; (cd $$m && $(GO) test -count=1 ./...); done
+
+# Round trips with the real cosign CLI, built from its module by the test
+# (test/cosign; about 4 CPU-minutes to build once, then cached). Not part of
+# `make test`.
+test-cosign:
+	cd test/cosign && $(GO) test -count=1 ./...
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; \
