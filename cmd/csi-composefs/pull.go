@@ -72,6 +72,7 @@ type storeFlags struct {
 	maxSize      string
 	retries      int
 	named        bool
+	nonCanonical bool
 }
 
 // addDir adds --store-dir.
@@ -83,8 +84,9 @@ func (f *storeFlags) addDir(cmd *cobra.Command) {
 func (f *storeFlags) addFetch(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 16, "concurrent object downloads")
-	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing an image takes 2 to 16 times its size in memory")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 2 to 20 times its size in memory")
 	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
+	cmd.Flags().BoolVar(&f.nonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (other writers than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs)")
 	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
 	_ = cmd.Flags().MarkHidden("named-temp-files")
 }
@@ -99,6 +101,7 @@ func (f *storeFlags) options() (fetch.Options, error) {
 	o.ExtraObjectDirs = f.extra
 	o.Parallelism = f.concurrency
 	o.NamedTempFiles = f.named
+	o.AllowNonCanonicalImages = f.nonCanonical
 	if f.concurrency < 0 {
 		return o, usageErrorf("--fetch-concurrency must be positive")
 	}

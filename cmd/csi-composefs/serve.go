@@ -31,6 +31,9 @@ func serve(ctx context.Context, c app.ServeConfig) error {
 	if c.Driver.TrustSharedContent {
 		log.Info("WARNING: --trust-shared-content: content on this node serves every volume that names it; sources are not asked to show that they hold it")
 	}
+	if c.Store.AllowNonCanonicalImages {
+		log.Info("WARNING: --allow-noncanonical-images: images from any writer reach the kernel's EROFS parser (crafted images too)")
+	}
 	if len(c.Driver.AllowedSources) == 0 {
 		log.Info("WARNING: --allowed-sources is empty: volumes may fetch from any URL (inline volumes can point anywhere)")
 	}

@@ -187,6 +187,9 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	if cfg.MinVerity == "" {
 		cfg.MinVerity = cfs.VerityOff
 	}
+	if err := checkMinVerity(cfg, store); err != nil {
+		return nil, err
+	}
 	if cfg.StateDir == "" {
 		cfg.StateDir = filepath.Join(store.Root(), "csi-state")
 	}
@@ -227,6 +230,28 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 	}
 	d.metrics.attach(d)
 	return d, nil
+}
+
+// checkMinVerity refuses to make a driver that could serve no volume:
+// with MinVerity require, the store and every extra object directory must
+// have fs-verity (the kernel enforces it on every read).
+func checkMinVerity(cfg Config, store Store) error {
+	if cfg.MinVerity != cfs.VerityRequire {
+		return nil
+	}
+	if !store.VerityEnabled() {
+		return fmt.Errorf("--min-verity=require: the store %s has no fs-verity (the kernel lacks CONFIG_FS_VERITY or the filesystem the feature, e.g. ext4 without -O verity); refusing to serve volumes the kernel cannot verify", store.Root())
+	}
+	for _, dir := range cfg.ExtraObjectDirs {
+		ok, err := cfs.VeritySupport(dir)
+		if err != nil {
+			return fmt.Errorf("--min-verity=require: extra object directory %s: %w", dir, err)
+		}
+		if !ok {
+			return fmt.Errorf("--min-verity=require: extra object directory %s has no fs-verity; refusing to serve volumes the kernel cannot verify", dir)
+		}
+	}
+	return nil
 }
 
 // Config returns the configuration in effect (defaults filled in).
@@ -309,7 +334,7 @@ func (d *Driver) Recover(ctx context.Context) error {
 			"target", m.MountPoint, "image", dg.String())
 	}
 	log.Info("Driver state recovered", "volumes", kept, "dropped", dropped, "unrecordedMounts", unrecorded, "composefsMounts", len(mounts))
-	d.metrics.setVolumes(st.len())
+	d.metrics.setVolumes(st.all())
 	d.ready.Store(true)
 	if d.cfg.GCInterval > 0 {
 		d.goBackground(func() { every(klog.NewContext(d.ctx, log), d.cfg.GCInterval, "Store GC", d.RunGC) })

@@ -12,6 +12,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"google.golang.org/grpc/codes"
 
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
@@ -25,6 +26,7 @@ type Metrics struct {
 	unpublish *prometheus.HistogramVec
 	fetches   *prometheus.CounterVec
 	volumes   prometheus.Gauge
+	byVerity  *prometheus.GaugeVec
 	gcRuns    *prometheus.CounterVec
 	verifyErr prometheus.Counter
 	trust     trustMetrics
@@ -58,6 +60,10 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Namespace: metricsNamespace, Name: "volumes_published",
 			Help: "Targets with a composefs volume published.",
 		}),
+		byVerity: prometheus.NewGaugeVec(prometheus.GaugeOpts{
+			Namespace: metricsNamespace, Name: "volumes_published_by_verity",
+			Help: "Published volumes by verity mode: require (the kernel checks the image and every page read, overlay verity=require), userspace (digests checked when content entered the store), off.",
+		}, []string{"verity"}),
 		gcRuns: prometheus.NewCounterVec(prometheus.CounterOpts{
 			Namespace: metricsNamespace, Name: "gc_runs_total",
 			Help: "Store garbage collections by result.",
@@ -68,7 +74,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 		}),
 	}
 	m.trust = newTrustMetrics(reg)
-	reg.MustRegister(m.publish, m.unpublish, m.fetches, m.volumes, m.gcRuns, m.verifyErr,
+	reg.MustRegister(m.publish, m.unpublish, m.fetches, m.volumes, m.byVerity, m.gcRuns, m.verifyErr,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
@@ -104,7 +110,22 @@ func (m *Metrics) observeGC(_ fetch.GCStats, err error) {
 	m.gcRuns.WithLabelValues(r).Inc()
 }
 
-func (m *Metrics) setVolumes(n int)     { m.volumes.Set(float64(n)) }
+// setVolumes sets the published-volume gauges from the records.
+func (m *Metrics) setVolumes(recs []Record) {
+	m.volumes.Set(float64(len(recs)))
+	n := map[cfs.VerityMode]int{cfs.VerityRequire: 0, cfs.VerityUserspace: 0, cfs.VerityOff: 0}
+	for _, r := range recs {
+		mode := r.Verity
+		if mode == "" {
+			mode = cfs.VerityOff
+		}
+		n[mode]++
+	}
+	for mode, k := range n {
+		m.byVerity.WithLabelValues(string(mode)).Set(float64(k))
+	}
+}
+
 func (m *Metrics) verificationFailure() { m.verifyErr.Inc() }
 
 // storeCollector exports the store's cumulative counters and its size.
@@ -140,13 +161,15 @@ var (
 		"Proofs of possession asked of a volume's source for content already on the node, by result (passed, failed).", []string{"result"}, nil)
 	descProofBytes = prometheus.NewDesc(metricsNamespace+"_proof_bytes_total",
 		"Bytes received by proofs of possession.", nil, nil)
+	descStoreVerity = prometheus.NewDesc(metricsNamespace+"_store_fsverity",
+		"1 when the store enables fs-verity on every file it stores (the kernel and filesystem support it; needed by verity=require), else 0.", nil, nil)
 	descInFlight = prometheus.NewDesc(metricsNamespace+"_fetches_in_flight",
 		"Fetches running (including those kubelet stopped waiting for).", nil, nil)
 )
 
 func (c *storeCollector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{descFetchedBytes, descFetched, descDedupBytes, descDedupObjects,
-		descRetries, descQuarantined, descGCRemoved, descGCBytes, descStoreBytes, descInFlight, descProofs, descProofBytes} {
+		descRetries, descQuarantined, descGCRemoved, descGCBytes, descStoreBytes, descStoreVerity, descInFlight, descProofs, descProofBytes} {
 		ch <- d
 	}
 }
@@ -170,6 +193,11 @@ func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
 	counter(descProofs, k.Proofs, "passed")
 	counter(descProofs, k.ProofsFailed, "failed")
 	counter(descProofBytes, k.ProofBytes)
+	storeVerity := 0.0
+	if c.d.store.VerityEnabled() {
+		storeVerity = 1
+	}
+	ch <- prometheus.MustNewConstMetric(descStoreVerity, prometheus.GaugeValue, storeVerity)
 	ch <- prometheus.MustNewConstMetric(descInFlight, prometheus.GaugeValue, float64(c.d.ops.inFlight()))
 
 	// Measuring the store walks it: do it at most every 30s.

@@ -10,6 +10,7 @@ import (
 
 	"k8s.io/klog/v2"
 
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
@@ -67,12 +68,54 @@ func TestMetricsAfterPublish(t *testing.T) {
 		`csi_composefs_store_bytes{part="objects"}`,
 		`csi_composefs_dedup_saved_bytes_total`,
 		`csi_composefs_proofs_total{result="failed"} 0`,
+		`csi_composefs_volumes_published_by_verity{verity="userspace"} 1`,
+		`csi_composefs_volumes_published_by_verity{verity="require"} 0`,
+		`csi_composefs_volumes_published_by_verity{verity="off"} 0`,
 	} {
 		if !strings.Contains(body, want) {
 			t.Errorf("/metrics lacks %q", want)
 		}
 	}
+	storeVerity := "csi_composefs_store_fsverity 0"
+	if e.store.VerityEnabled() {
+		storeVerity = "csi_composefs_store_fsverity 1"
+	}
+	if !strings.Contains(body, storeVerity) {
+		t.Errorf("/metrics lacks %q", storeVerity)
+	}
+	if c := e.volumeCondition(t, target); c.GetAbnormal() || !strings.Contains(c.GetMessage(), "verity: userspace") {
+		t.Errorf("volume condition %+v does not say verity: userspace", c)
+	}
 	if _, err := e.d.NodeUnpublishVolume(context.Background(), unpublishReq("v", target)); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// TestMinVerityRequireRefusesToServe: a node whose floor is require but
+// whose store cannot have fs-verity would refuse every volume; it refuses
+// to start instead, naming the flag and the store. (Where the store has
+// fs-verity the VM test in test/e2e/vm starts one and serves require.)
+func TestMinVerityRequireRefusesToServe(t *testing.T) {
+	root := t.TempDir()
+	st, err := fetch.Open(context.Background(), root, fetch.Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	if st.VerityEnabled() {
+		t.Skip("the test directory's filesystem has fs-verity here")
+	}
+	d, err := New(Config{NodeID: "n", MinVerity: cfs.VerityRequire}, st)
+	if err == nil {
+		d.Close()
+		t.Fatal("a driver with --min-verity=require started over a store without fs-verity")
+	}
+	if !strings.Contains(err.Error(), "--min-verity=require") || !strings.Contains(err.Error(), root) {
+		t.Errorf("error %q names neither the flag nor the store", err)
+	}
+	d, err = New(Config{NodeID: "n", MinVerity: cfs.VerityUserspace}, st)
+	if err != nil {
+		t.Fatalf("--min-verity=userspace: %v", err)
+	}
+	d.Close()
 }

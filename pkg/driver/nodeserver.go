@@ -233,7 +233,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 			d.unpin(target)
 			return toStatus("recording the volume", err)
 		}
-		d.metrics.setVolumes(d.state.len())
+		d.metrics.setVolumes(d.state.all())
 		log.Info("Adopted a mount left by an interrupted publish", "image", dg.String())
 		return nil
 	}
@@ -270,7 +270,7 @@ func (d *Driver) publish(ctx context.Context, req *csi.NodePublishVolumeRequest)
 		return toStatus("recording the volume", err)
 	}
 	ok = true
-	d.metrics.setVolumes(d.state.len())
+	d.metrics.setVolumes(d.state.all())
 	log.V(2).Info("Volume published", "image", dg.String(), "verity", mode)
 	return nil
 }
@@ -404,7 +404,7 @@ func (d *Driver) unpublish(ctx context.Context, req *csi.NodeUnpublishVolumeRequ
 		}
 		log.V(2).Info("Volume unpublished", "image", rec.Image)
 	}
-	d.metrics.setVolumes(d.state.len())
+	d.metrics.setVolumes(d.state.all())
 	return nil
 }
 
@@ -478,7 +478,7 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 				{Unit: csi.VolumeUsage_BYTES},
 				{Unit: csi.VolumeUsage_INODES},
 			},
-			VolumeCondition: &csi.VolumeCondition{Abnormal: true, Message: d.imageCondition(dg, err)},
+			VolumeCondition: &csi.VolumeCondition{Abnormal: true, Message: d.imageCondition(dg, err) + verityNote(rec.Verity)},
 		}, nil
 	}
 	resp := &csi.NodeGetVolumeStatsResponse{
@@ -486,12 +486,24 @@ func (d *Driver) NodeGetVolumeStats(ctx context.Context, req *csi.NodeGetVolumeS
 			{Unit: csi.VolumeUsage_BYTES, Total: int64(st.TotalFileBytes), Used: int64(st.TotalFileBytes)},
 			{Unit: csi.VolumeUsage_INODES, Total: int64(st.Inodes), Used: int64(st.Inodes)},
 		},
-		VolumeCondition: &csi.VolumeCondition{Message: "mounted; every object of the image is in the store"},
+		VolumeCondition: &csi.VolumeCondition{Message: "mounted; every object of the image is in the store" + verityNote(rec.Verity)},
 	}
 	if msg := d.checkVolume(ctx, path, dg); msg != "" {
-		resp.VolumeCondition = &csi.VolumeCondition{Abnormal: true, Message: msg}
+		resp.VolumeCondition = &csi.VolumeCondition{Abnormal: true, Message: msg + verityNote(rec.Verity)}
 	}
 	return resp, nil
+}
+
+// verityNote says, at the end of a volume condition, how the volume's
+// content is verified (CSI has no field for it).
+func verityNote(mode cfs.VerityMode) string {
+	switch mode {
+	case cfs.VerityRequire:
+		return "; verity: require (the kernel checks the image's digest and every page read from an object)"
+	case cfs.VerityUserspace:
+		return "; verity: userspace (digests checked when the content entered the store, not on reads)"
+	}
+	return "; verity: off (nothing checked at mount)"
 }
 
 // imageStats parses the image once (within the store's parse memory

@@ -583,7 +583,7 @@ func parseShape(t *testing.T, kind string, n int) []byte {
 }
 
 // TestParseEstimate: the parse memory estimate covers what the reader
-// really takes (peak live heap, sampled while it parses with a low GC
+// and the canonical check really take (peak live heap, sampled while it parses with a low GC
 // target) for images of many empty files (with their own mtimes, or
 // compact inodes), hard links to one file, files backed by objects, and
 // symlinks. It fails when the reader grows past the estimate; the
@@ -596,8 +596,14 @@ func TestParseEstimate(t *testing.T) {
 	for _, kind := range []string{"empty", "compact", "hardlink", "external", "symlink"} {
 		img := parseShape(t, kind, n)
 		est := parseEstimate(int64(len(img)))
+		// What the reservation covers: the parse and the canonical check
+		// (the writer's image of the parsed tree, compared as written).
 		peak := peakLiveHeap(t, func() {
-			if _, err := parseImage(bytes.NewReader(img), int64(len(img)), 0); err != nil {
+			im, _, err := parseImage(bytes.NewReader(img), int64(len(img)), 0)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := cfs.CheckCanonical(im, bytes.NewReader(img), int64(len(img))); err != nil {
 				t.Fatal(err)
 			}
 		})

@@ -196,7 +196,7 @@ func (s *Store) builtComplete(ctx context.Context, d cfs.Digest) bool {
 		return false
 	}
 	for _, o := range objs {
-		if where, err := s.locate(o); err != nil || where == missingObject {
+		if where, err := s.locate(ctx, o); err != nil || where == missingObject {
 			return false
 		}
 	}
@@ -253,15 +253,17 @@ func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *pr
 	if err != nil {
 		return cfs.Digest{}, err
 	}
-	objs, err := parseImage(f, fi.Size(), s.opts.MaxImageInodes)
+	_, objs, err := parseImage(f, fi.Size(), s.opts.MaxImageInodes)
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s built from %s: %w: %w", d, ref, ErrInvalidImage, err)
 	}
+	// The project's writer made it in this process: canonical.
+	s.markCanonical(d)
 	// Publish the objects the image references.
 	if err := sink.publish(ctx, objs, pid); err != nil {
 		return cfs.Digest{}, err
 	}
-	if err := s.finishFile(f); err != nil {
+	if err := s.finishFile(f, d); err != nil {
 		return cfs.Digest{}, err
 	}
 	release := s.hold(d)
@@ -276,7 +278,7 @@ func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *pr
 	if pid != nil {
 		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := s.syncDir(filepath.Dir(final)); err != nil {
 		return cfs.Digest{}, err
 	}
 	if err := s.saveRecord(buildRecord{Key: plan.Key(), Image: d.String(), Proof: proof}); err != nil {
@@ -368,7 +370,7 @@ func (b *buildSink) has(d cfs.Digest, size int64) bool {
 	if ok {
 		return true
 	}
-	where, err := b.s.locate(cfs.Object{Digest: d, Size: uint64(size)})
+	where, err := b.s.locate(b.ctx, cfs.Object{Digest: d, Size: uint64(size)})
 	return err == nil && where != missingObject
 }
 
@@ -411,7 +413,7 @@ func (b *buildSink) publish(ctx context.Context, objs []cfs.Object, pid *princip
 		if err != nil {
 			return err
 		}
-		if err := s.prepareFile(f, false); err != nil {
+		if err := s.prepareFile(f, o.Digest, false); err != nil {
 			return err
 		}
 	}

@@ -8,18 +8,22 @@ import (
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
 
-func (s *Store) finishFile(f *os.File) error { return s.prepareFile(f, true) }
+// finishFile makes a complete, verified temporary file whose content has
+// digest want ready to be renamed into the store: mode 0644, fsynced,
+// closed, fs-verity enabled (and measured equal to want) where the
+// filesystem supports it. f is closed.
+func (s *Store) finishFile(f *os.File, want cfs.Digest) error { return s.prepareFile(f, want, true) }
 
 // prepareFile makes a complete, verified temporary file ready to be
 // renamed into the store: mode 0644, fsynced when sync is set (otherwise
 // the caller makes it durable), closed, fs-verity enabled where the
 // filesystem supports it. f is closed.
-func (s *Store) prepareFile(f *os.File, sync bool) error {
+func (s *Store) prepareFile(f *os.File, want cfs.Digest, sync bool) error {
 	if err := f.Chmod(0o644); err != nil {
 		return fmt.Errorf("finishing %s: %w", f.Name(), err)
 	}
 	if sync {
-		if err := f.Sync(); err != nil {
+		if err := s.fsync(f); err != nil {
 			return fmt.Errorf("syncing %s: %w", f.Name(), err)
 		}
 	}
@@ -34,23 +38,17 @@ func (s *Store) prepareFile(f *os.File, sync bool) error {
 		return fmt.Errorf("enabling fs-verity: %w", err)
 	}
 	defer ro.Close()
-	if err := cfs.EnableVerity(ro); err != nil {
-		if errors.Is(err, cfs.ErrVerityUnsupported) {
-			s.verity.Store(false)
-			return nil
-		}
-		return err
-	}
-	return nil
+	return s.enableVerity(ro, want)
 }
 
-// prepareTemp makes a complete, verified temporary object file ready to be
-// published once the group sync has made it durable: mode 0644, fs-verity
-// enabled where the filesystem supports it. It stays open (an anonymous
-// file lives only as long as a descriptor on it).
-func (s *Store) prepareTemp(t *tempFile) error {
+// prepareTemp makes a complete, verified temporary object file whose
+// content has digest want ready to be published once the group sync has
+// made it durable: mode 0644, fs-verity enabled (and measured equal to
+// want) where the filesystem supports it. It stays open (an anonymous file
+// lives only as long as a descriptor on it).
+func (s *Store) prepareTemp(t *tempFile, want cfs.Digest) error {
 	if !t.anon {
-		return s.prepareFile(t.File, false)
+		return s.prepareFile(t.File, want, false)
 	}
 	if err := t.Chmod(0o644); err != nil {
 		return fmt.Errorf("finishing %s: %w", t.Name(), err)
@@ -61,12 +59,28 @@ func (s *Store) prepareTemp(t *tempFile) error {
 	if err := t.reopenReadOnly(); err != nil {
 		return fmt.Errorf("enabling fs-verity: %w", err)
 	}
-	if err := cfs.EnableVerity(t.File); err != nil {
+	return s.enableVerity(t.File, want)
+}
+
+// enableVerity enables fs-verity on f (open read-only, no writer) and
+// checks that the digest the kernel measures is want: the name the file
+// gets. From then on the kernel checks every page read from the file
+// against that digest. A filesystem that turns out not to support it turns
+// fs-verity off for the store (the file is then used as it is).
+func (s *Store) enableVerity(f *os.File, want cfs.Digest) error {
+	if err := cfs.EnableVerity(f); err != nil {
 		if errors.Is(err, cfs.ErrVerityUnsupported) {
 			s.verity.Store(false)
 			return nil
 		}
 		return err
+	}
+	got, err := cfs.MeasureVerity(f)
+	if err != nil {
+		return err
+	}
+	if got != want {
+		return fmt.Errorf("%s: the kernel measures fs-verity digest %s, want %s: %w", f.Name(), got, want, ErrDigestMismatch)
 	}
 	return nil
 }

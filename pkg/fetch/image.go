@@ -52,7 +52,21 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 	if !ref.Digest.IsZero() && s.HasImage(ref.Digest) {
 		release := s.hold(ref.Digest)
 		defer release()
-		if _, err := s.Objects(ctx, ref.Digest); err == nil {
+		if err := s.storedImageVerity(ctx, ref.Digest); err != nil {
+			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
+		}
+		if err := s.storedImageCanonical(ctx, ref.Digest); err != nil {
+			return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, err)
+		}
+		_, err := s.Objects(ctx, ref.Digest)
+		if errors.Is(err, ErrInvalidImage) {
+			// It was valid when it was stored: the file is corrupt. Keep
+			// it as evidence (as GC would) and fetch the image again.
+			if _, qerr := s.quarantine(ctx, s.ImagePath(ref.Digest), err.Error()); qerr != nil && !errors.Is(qerr, fs.ErrNotExist) {
+				return cfs.Digest{}, fmt.Errorf("ensuring image %s: %w", ref, qerr)
+			}
+		}
+		if err == nil {
 			if pid != nil && !s.isShown(shownKey{d: ref.Digest, image: true, p: *pid}) {
 				err := s.proveImage(ctx, src, ref, ref.Digest, *pid)
 				if err != nil && !errors.Is(err, fs.ErrNotExist) {
@@ -68,7 +82,7 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 				return ref.Digest, nil
 			}
 		}
-		// Unreadable or gone meanwhile: fetch it again.
+		// Corrupt, unreadable or gone meanwhile: fetch it again.
 	}
 	// Downloads are shared only by callers holding the same Source value
 	// and acting for the same principal: a caller never rides on a
@@ -159,12 +173,15 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if err != nil {
 		return cfs.Digest{}, err
 	}
-	objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	img, objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	if err == nil {
+		err = s.checkCanonical(ctx, d, img, f, n)
+	}
 	mem.release()
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
-	if err := s.finishFile(f); err != nil {
+	if err := s.finishFile(f, d); err != nil {
 		return cfs.Digest{}, err
 	}
 	release := s.hold(d)
@@ -180,17 +197,13 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if pid != nil {
 		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
 	}
-	if err := syncDir(filepath.Dir(final)); err != nil {
+	if err := s.syncDir(filepath.Dir(final)); err != nil {
 		return cfs.Digest{}, err
 	}
 	s.c.imagesFetched.Add(1)
 	s.c.imageBytesFetched.Add(uint64(n))
 	return d, nil
 }
-
-// finishFile makes a complete, verified temporary file ready to be renamed
-// into the store: mode 0644, fsynced, closed, fs-verity enabled where the
-// filesystem supports it. f is closed.
 
 // Objects returns the objects the stored image references (parsed once and
 // cached: images are immutable).
@@ -233,7 +246,7 @@ func (s *Store) parseStored(ctx context.Context, image cfs.Digest) ([]cfs.Object
 		return nil, err
 	}
 	r := &readErrAt{r: f}
-	objs, err := parseImage(r, fi.Size(), math.MaxInt)
+	_, objs, err := parseImage(r, fi.Size(), math.MaxInt)
 	mem.release()
 	if err != nil {
 		if r.err != nil {
@@ -268,18 +281,18 @@ func (r *readErrAt) ReadAt(p []byte, off int64) (int, error) {
 // parseImage validates an image with the strict reader (at most maxInodes
 // inodes, 0 meaning the reader's default) and returns its objects, each
 // named by digest.
-func parseImage(r io.ReaderAt, size int64, maxInodes int) ([]cfs.Object, error) {
+func parseImage(r io.ReaderAt, size int64, maxInodes int) (*cfs.Image, []cfs.Object, error) {
 	img, err := cfs.Open(r, size, cfs.OpenOptions{MaxInodes: maxInodes})
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	objs := img.Objects()
 	for _, o := range objs {
 		if o.Digest.IsZero() {
-			return nil, fmt.Errorf("object %q is not named by a digest", o.Path)
+			return nil, nil, fmt.Errorf("object %q is not named by a digest", o.Path)
 		}
 	}
-	return objs, nil
+	return img, objs, nil
 }
 
 // ImageStats parses the stored image (within the parse memory budget) and

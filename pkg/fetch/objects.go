@@ -122,7 +122,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		if err := ctx.Err(); err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s: %w", image, context.Cause(ctx))
 		}
-		where, err := s.locate(o)
+		where, err := s.locate(ctx, o)
 		if err != nil {
 			return st, fmt.Errorf("ensuring objects of image %s: %w", image, err)
 		}
@@ -307,17 +307,30 @@ const (
 // object of another size than the image records therefore means the image
 // is wrong, and the call fails with ErrSizeMismatch and ErrInvalidImage.
 // Only Verify, which re-hashes, quarantines corrupt objects.
-func (s *Store) locate(o cfs.Object) (location, error) {
+func (s *Store) locate(ctx context.Context, o cfs.Object) (location, error) {
 	path := s.objectPath(o.Digest)
-	if fi, err := os.Lstat(path); err == nil {
-		if !fi.Mode().IsRegular() {
+	if fi, err := lstatVerity(path); err == nil {
+		if !fi.regular {
 			return missingObject, fmt.Errorf("object %s: %s is not a regular file (the store is damaged; verification quarantines it)", o.Digest, path)
 		}
-		if uint64(fi.Size()) != o.Size {
+		if uint64(fi.size) != o.Size {
 			return missingObject, fmt.Errorf("object %s: the image records %d bytes but the object with that digest has %d: %w: %w",
-				o.Digest, o.Size, fi.Size(), ErrSizeMismatch, ErrInvalidImage)
+				o.Digest, o.Size, fi.size, ErrSizeMismatch, ErrInvalidImage)
 		}
-		return inStore, nil
+		if fi.verity || !s.verity.Load() {
+			return inStore, nil
+		}
+		// Stored without fs-verity on a store that has it now: a mount
+		// with verity=require could not read it. Enable it (the kernel
+		// hashes the file once); content that is not its name goes to
+		// quarantine and is fetched again.
+		ok, err := s.addVerity(ctx, path, o.Digest)
+		if err != nil {
+			return missingObject, fmt.Errorf("object %s: %w", o.Digest, err)
+		}
+		if ok {
+			return inStore, nil
+		}
 	}
 	if s.inExtraDir(o) {
 		return inExtra, nil
@@ -343,7 +356,7 @@ const waitersPerSlot = 4
 // fetchObject downloads o into the store, holding one of slots while it
 // downloads.
 func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, slots chan struct{}, pid *principalID) (objectResult, error) {
-	if where, err := s.locate(o); err != nil {
+	if where, err := s.locate(ctx, o); err != nil {
 		return objectResult{}, err
 	} else if where != missingObject { // arrived while we queued
 		return objectResult{found: where}, nil
@@ -384,7 +397,7 @@ func (s *Store) publishObject(ctx context.Context, f *tempFile, o cfs.Object) (s
 			f.discard()
 		}
 	}()
-	if err := s.prepareTemp(f); err != nil {
+	if err := s.prepareTemp(f, o.Digest); err != nil {
 		return "", err
 	}
 	if err := s.durable.wait(ctx); err != nil {

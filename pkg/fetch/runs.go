@@ -176,7 +176,7 @@ func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run
 					return s.stallError(ctx, actx, readError(run.Where, err))
 				}
 			}
-			where, err := s.locate(o.Object)
+			where, err := s.locate(ctx, o.Object)
 			if err != nil {
 				return err
 			}

@@ -44,7 +44,7 @@ type Options struct {
 	// per call); 0 means 64.
 	MaxConcurrentDownloads int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
-	// image takes 2 to 16 times its size in memory (see ParseMemory).
+	// image (and checking it canonical) takes 2 to 20 times its size in memory (see ParseMemory).
 	MaxImageSize int64
 	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
 	// MaxInodes); 0 means the reader's default (4,000,000).
@@ -87,7 +87,7 @@ type Options struct {
 	DownloadBudget int64
 	// ParseMemory bounds the memory that parsing images (when downloaded,
 	// and stored ones after a restart) may take at once, node wide: each
-	// parse reserves an estimate (16 bytes per byte of image, what the
+	// parse reserves an estimate (20 bytes per byte of image, what the
 	// worst images take) before it starts; parses that do not fit wait
 	// their turn (one larger than the whole budget runs alone). 0 means
 	// 256 MiB, negative means none.
@@ -107,6 +107,20 @@ type Options struct {
 	// where the filesystem has O_TMPFILE (as on filesystems without it;
 	// tests of that path).
 	NamedTempFiles bool
+	// AllowNonCanonicalImages accepts images that are not byte for byte
+	// what the project's writer makes of their tree (images from writers
+	// other than mkcomposefs 1.0.8, composefs-rs V1 and this project).
+	// Off, the default, an image is parsed and written again before its
+	// first use and refused (ErrInvalidImage, ErrNotCanonical) unless the
+	// bytes are identical, so that the kernel's EROFS parser only ever
+	// reads bytes this project's writer could have made.
+	AllowNonCanonicalImages bool
+	// UnsafeNoSync skips every fsync, syncfs and directory sync: files are
+	// then renamed or linked into place before their content is on stable
+	// storage, and a power cut can leave a file whose content is not its
+	// name. Only for tests that prove a durability test can fail; never
+	// set it anywhere else (no flag sets it).
+	UnsafeNoSync bool
 }
 
 func (o *Options) setDefaults() {
@@ -191,7 +205,11 @@ type Store struct {
 	busy    map[cfs.Digest]int          // images an Ensure call is working on
 	lastUse map[cfs.Digest]time.Time    // in-process last use, for GC grace and LRU
 	index   map[cfs.Digest][]cfs.Object // objects of parsed images (immutable)
-	gen     uint64                      // bumped when pins or busy gain an image
+	// canonical holds the images found canonical by this process (the
+	// verdict is not kept across restarts: the first use after one checks
+	// again, as the flag may have changed).
+	canonical map[cfs.Digest]bool
+	gen       uint64 // bumped when pins or busy gain an image
 
 	bufs sync.Pool // *[]byte copy buffers
 
@@ -257,13 +275,15 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 		lastUse: make(map[cfs.Digest]time.Time),
 		index:   make(map[cfs.Digest][]cfs.Object),
 
+		canonical: make(map[cfs.Digest]bool),
+
 		downloads: make(chan struct{}, opts.MaxConcurrentDownloads),
 
 		tmpBudget:   newBudget(opts.DownloadBudget),
 		parseBudget: newBudget(opts.ParseMemory),
 	}
 	s.bufs.New = func() any { b := make([]byte, 256<<10); return &b }
-	if s.durable, err = newGroupSync(root); err != nil {
+	if s.durable, err = newGroupSync(root, opts.UnsafeNoSync); err != nil {
 		s.Close()
 		return nil, fmt.Errorf("opening store %s: %w", root, err)
 	}
@@ -364,6 +384,22 @@ func (s *Store) quarantine(ctx context.Context, path, reason string) (string, er
 	s.c.quarantined.Add(1)
 	klog.FromContext(ctx).Info("corrupt file quarantined", "path", path, "reason", reason, "movedTo", dst)
 	return dst, nil
+}
+
+// syncDir syncs a directory of the store (unless UnsafeNoSync).
+func (s *Store) syncDir(dir string) error {
+	if s.opts.UnsafeNoSync {
+		return nil
+	}
+	return syncDir(dir)
+}
+
+// fsync syncs a file of the store (unless UnsafeNoSync).
+func (s *Store) fsync(f *os.File) error {
+	if s.opts.UnsafeNoSync {
+		return nil
+	}
+	return f.Sync()
 }
 
 func syncDir(dir string) error {

@@ -61,7 +61,7 @@ func TestTempFileKinds(t *testing.T) {
 			if _, err := tf.Write(data); err != nil {
 				t.Fatal(err)
 			}
-			if err := s.prepareTemp(tf); err != nil {
+			if err := s.prepareTemp(tf, o.Digest); err != nil {
 				t.Fatal(err)
 			}
 			if err := tf.publish(final); err != nil {

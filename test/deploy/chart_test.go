@@ -53,6 +53,7 @@ trustPolicy:
     - prefix: "*"
   existingConfigMap: ""
   pollInterval: 30s
+allowNonCanonicalImages: true
 limits:
   maxImageSize: 64M
   downloadBudget: "0"

@@ -128,6 +128,7 @@ func TestDaemonSet(t *testing.T) {
 		concurrency     int
 		grace           time.Duration
 		trust, hostNet  bool
+		nonCanonical    bool
 		limits          [5]int64 // max image, download budget, parse memory, max object, min free
 		goMemLimit      string   // "" : from the memory limit
 	}{
@@ -137,7 +138,7 @@ func TestDaemonSet(t *testing.T) {
 		{name: "non-default", vals: nonDefault, kubeletDir: "/var/snap/microk8s/common/var/lib/kubelet", store: "/mnt/verity/csi-composefs",
 			extra: []string{"/sysroot/ostree/repo/objects", "/var/lib/composefs/objects"}, sidecar: true, maxSize: 20 << 30,
 			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4,
-			grace: -1, trust: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB"},
+			grace: -1, trust: true, nonCanonical: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB"},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var vals map[string]any
@@ -250,6 +251,9 @@ func TestDaemonSet(t *testing.T) {
 
 			if cfg.Store.GCGrace != c.grace || cfg.Driver.TrustSharedContent != c.trust {
 				t.Errorf("GC grace %v, trust shared content %v; want %v, %v", cfg.Store.GCGrace, cfg.Driver.TrustSharedContent, c.grace, c.trust)
+			}
+			if cfg.Store.AllowNonCanonicalImages != c.nonCanonical {
+				t.Errorf("allow non-canonical images %v, want %v", cfg.Store.AllowNonCanonicalImages, c.nonCanonical)
 			}
 			if got := [5]int64{cfg.Store.MaxImageSize, cfg.Store.DownloadBudget, cfg.Store.ParseMemory, cfg.Store.MaxObjectSize, cfg.Store.MinFreeSpace}; got != c.limits {
 				t.Errorf("limits %v from the values, want %v", got, c.limits)

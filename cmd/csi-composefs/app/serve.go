@@ -74,7 +74,7 @@ func NewServeCommand(c Command) *cobra.Command {
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
 		trustf                                trustFlags
-		trustShared                           bool
+		trustShared, allowNonCanonical        bool
 		insecureRegs, mirrors                 []string
 	)
 	cmd := &cobra.Command{
@@ -138,7 +138,8 @@ to the log only.`,
 			if err != nil {
 				return usagef("--registry-mirror: %v", err)
 			}
-			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace}
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace,
+				AllowNonCanonicalImages: allowNonCanonical}
 			if err := limits.apply(&so, usagef); err != nil {
 				return err
 			}
@@ -199,6 +200,7 @@ to the log only.`,
 	f.DurationVar(&gcGrace, "gc-grace", 10*time.Minute, "images used within that long are kept by GC even when no volume uses them (0 = none)")
 	f.DurationVar(&verifyInterval, "verify-interval", 24*time.Hour, "how often every object and image is re-hashed; corrupt files go to quarantine/ and their volumes report abnormal (0 = never)")
 	f.BoolVar(&trustShared, "trust-shared-content", false, "serve content already on the node to any volume that names it, without its source showing that it holds it (single-tenant clusters only: any pod can then read any other pod's content by digest)")
+	f.BoolVar(&allowNonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (images from writers other than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs); off, every image is parsed and written again before its first use and refused unless identical, so the kernel's EROFS parser reads no crafted bytes")
 	f.StringArrayVar(&insecureRegs, "insecure-registry", nil, "registry HOST[:PORT] (or pattern) reached over plain HTTP (repeatable; tests and local registries)")
 	f.StringArrayVar(&mirrors, "registry-mirror", nil, "REGISTRY=URL: a mirror tried first for the blobs of REGISTRY (repeatable, in order; containerd hosts.toml mirrors); manifests always come from REGISTRY with the volume's credentials")
 	limits.add(f)

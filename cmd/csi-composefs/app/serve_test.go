@@ -53,6 +53,13 @@ func TestServeRegistrationFlags(t *testing.T) {
 	if c, _ := parse(t); c.Driver.TrustSharedContent {
 		t.Error("shared content trusted by default")
 	}
+	c, err = parse(t, "--allow-noncanonical-images")
+	if err != nil || !c.Store.AllowNonCanonicalImages {
+		t.Errorf("--allow-noncanonical-images: %+v, %v", c.Store, err)
+	}
+	if c, _ := parse(t); c.Store.AllowNonCanonicalImages {
+		t.Error("non-canonical images allowed by default")
+	}
 	c, err = parse(t, "--registration=none")
 	if err != nil || c.Registration.Enabled {
 		t.Errorf("--registration=none: %+v, %v", c.Registration, err)
