@@ -33,7 +33,7 @@ IMAGE_OUT ?= _output/image
 SOURCE_DATE_EPOCH ?= $(shell git log -1 --format=%ct 2>/dev/null || echo 0)
 REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
-SUBMODULES := hack/image test/deploy
+SUBMODULES := hack/image test/deploy test/e2e/registry
 
 .PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules vm-test test-cosign
 
@@ -55,9 +55,11 @@ vet:
 unit:
 	$(GO) test -race -count=1 ./...
 
-# The image builder and the deployment tests (chart, kustomize base,
+# The image builder, the deployment tests (chart, kustomize base,
 # manifests decoded strictly, DaemonSet arguments parsed by the binary's
-# flag set) are modules of their own, so the product's go.mod stays lean.
+# flag set) and the registry e2e (distribution in process: push, publish
+# over gRPC with real mounts, the registry's GC) are modules of their own,
+# so the product's go.mod stays lean.
 test-modules:
 	@set -e; for m in $(SUBMODULES); do echo "go test in $$m"; (cd $$m && $(GO) test -count=1 ./...); done
 

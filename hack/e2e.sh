@@ -12,6 +12,7 @@ test/e2e/cluster/install-deps.sh
 
 export E2E_WORK=${E2E_WORK:-/var/tmp/csi-composefs-e2e}
 export E2E_REPO_ADDR=${E2E_REPO_ADDR:-127.0.0.1:18080}
+export E2E_REGISTRY_ADDR=${E2E_REGISTRY_ADDR:-127.0.0.1:18443}
 harness=$PWD/bin/e2e-cluster
 t0=$(date +%s)
 stamp() { echo "e2e: $1 at +$(( $(date +%s) - t0 ))s"; }
@@ -41,7 +42,7 @@ stamp "cluster up"
 plugin=$(ls -t _output/image/*-linux-"$(go env GOARCH)".tar 2>/dev/null | head -n1)
 [ -n "$plugin" ] || { echo "e2e: no docker-save tarball of the plugin image under _output/image" >&2; exit 1; }
 "$harness" install --chart charts/csi-composefs --image "$plugin" \
-	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/}"
+	--set "allowedSources={http://$E2E_REPO_ADDR/e2e/,oci://$E2E_REGISTRY_ADDR/e2e/,docker://$E2E_REGISTRY_ADDR/e2e/}"
 stamp "driver installed"
 E2E=1 E2E_CLI=$PWD/bin/csi-composefs go -C test/e2e/cluster test -count=1 -v -timeout 60m -run "${E2E_RUN:-.}" ./suite
 stamp "suite done"

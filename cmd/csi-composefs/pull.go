@@ -253,31 +253,55 @@ func pull(ctx context.Context, stdout, stderr io.Writer, src fetch.Source, dir s
 	}
 	defer s.Close()
 	start := time.Now()
-	d, err := s.EnsureImage(ctx, src, ref)
+	// A container image is converted while its layers come: that is where
+	// its bytes are, so its progress is shown first.
+	var conv fetch.Progress
+	var d cfs.Digest
+	if _, ok := src.(fetch.ImageBuilder); ok {
+		err = withProgress(stderr, &conv, mode, start, func() error {
+			d, err = s.EnsureImage(ctx, src, ref, fetch.WithProgress(&conv))
+			return err
+		})
+	} else {
+		d, err = s.EnsureImage(ctx, src, ref)
+	}
 	if err != nil {
 		return err
 	}
 	var p fetch.Progress
-	stop := make(chan struct{})
-	shown := make(chan struct{})
-	go func() {
-		defer close(shown)
-		showProgress(stderr, &p, mode, start, stop)
-	}()
-	st, err := s.EnsureObjects(ctx, src, d, fetch.WithProgress(&p))
-	close(stop)
-	<-shown
+	var st fetch.Stats
+	err = withProgress(stderr, &p, mode, start, func() error {
+		st, err = s.EnsureObjects(ctx, src, d, fetch.WithProgress(&p))
+		return err
+	})
 	if err != nil {
 		return err
 	}
 	el := time.Since(start)
 	if mode != progressNone {
+		if conv.FetchBytes.Load() > 0 {
+			fmt.Fprintf(stderr, "converted %s: %s of layers, %d objects written\n", ref, human(conv.Fetched.Load()), conv.DoneObjects.Load())
+		}
 		fmt.Fprintf(stderr, "pulled %s: %d objects (%s), fetched %d (%s) in %s, %s already on the node\n",
 			ref, st.Objects, human(int64(st.Bytes)), st.Fetched, human(int64(st.FetchedBytes)),
 			el.Round(time.Millisecond), human(int64(st.SavedBytes())))
 	}
 	fmt.Fprintln(stdout, d)
 	return nil
+}
+
+// withProgress runs f while showing p.
+func withProgress(w io.Writer, p *fetch.Progress, mode progressKind, start time.Time, f func() error) error {
+	stop := make(chan struct{})
+	shown := make(chan struct{})
+	go func() {
+		defer close(shown)
+		showProgress(w, p, mode, start, stop)
+	}()
+	err := f()
+	close(stop)
+	<-shown
+	return err
 }
 
 func showProgress(w io.Writer, p *fetch.Progress, mode progressKind, start time.Time, stop <-chan struct{}) {

@@ -1,12 +1,15 @@
 package main
 
 import (
+	"fmt"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/csi-composefs/csi-composefs/internal/testoci"
 )
 
 // TestPullAndStoreCommands publishes a directory with image build --repo,
@@ -80,5 +83,42 @@ func TestParseSize(t *testing.T) {
 		if _, err := parseSize(bad); err == nil {
 			t.Errorf("parseSize(%q) accepted", bad)
 		}
+	}
+}
+
+// pull docker://… shows the conversion's progress (the layers' bytes as
+// they come, the objects written), then the objects', as for HTTP.
+func TestPullContainerImageProgress(t *testing.T) {
+	reg := testoci.NewRegistry(t, testoci.Options{})
+	big := strings.Repeat("0123456789abcdef", 40<<10)
+	l1 := testoci.Layer(t, []testoci.Entry{testoci.Dir("usr/"), testoci.File("usr/a", big+"a"), testoci.File("usr/b", big+"b")})
+	l2 := testoci.Layer(t, []testoci.Entry{testoci.File("usr/c", big+"c")})
+	img := testoci.Image(t, l1, l2)
+	testoci.Push(t, reg.Host, "app:1", img, "", "")
+	var layerBytes int64
+	ls, err := img.Layers()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, l := range ls {
+		n, err := l.Size()
+		if err != nil {
+			t.Fatal(err)
+		}
+		layerBytes += n
+	}
+	store := t.TempDir()
+	ref := "docker://" + reg.Host + "/app:1"
+	code, stdout, stderr := runCmd(t, "pull", "--store-dir", store, "--insecure-registry", reg.Host, "--progress", "bar", ref)
+	if code != exitOK || len(strings.TrimSpace(stdout)) != 64 {
+		t.Fatalf("pull %s: %d %q %s", ref, code, stdout, stderr)
+	}
+	// The conversion's last bar line: every layer byte, the three objects.
+	want := fmt.Sprintf("3/3 objects  %s/%s", human(layerBytes), human(layerBytes))
+	if !strings.Contains(stderr, want) {
+		t.Errorf("no conversion progress %q in:\n%s", want, stderr)
+	}
+	if !strings.Contains(stderr, "3 objects written") {
+		t.Errorf("no conversion summary in:\n%s", stderr)
 	}
 }

@@ -26,6 +26,9 @@ type Registry struct {
 	IgnoreRange atomic.Bool
 	// Tamper, when set, rewrites blob bodies.
 	Tamper atomic.Pointer[func(path string, body []byte) []byte]
+	// Intercept, when set, sees every request first and, by returning
+	// true, answers it itself (a broken server, a query to check).
+	Intercept atomic.Pointer[func(w http.ResponseWriter, req *http.Request) bool]
 
 	user, pass string
 
@@ -52,6 +55,9 @@ func NewRegistry(t testing.TB, opts Options) *Registry {
 		r.mu.Lock()
 		r.requests++
 		r.mu.Unlock()
+		if f := r.Intercept.Load(); f != nil && (*f)(w, req) {
+			return
+		}
 		if r.user != "" {
 			u, p, ok := req.BasicAuth()
 			if !ok || u != r.user || p != r.pass {

@@ -15,6 +15,7 @@ import (
 	"os"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 
 	"k8s.io/klog/v2"
 
@@ -64,6 +65,10 @@ type BuildSink interface {
 	Challenge(name string, size int64) int64
 	// Logger for warnings (an image without /usr, …).
 	Logger() klog.Logger
+	// WillFetch tells the progress (WithProgress) how many bytes the build
+	// downloads, and Received counts them as they come.
+	WillFetch(total int64)
+	Received(n int64)
 }
 
 // ProofBlock is the size of the block a build proof asks for.
@@ -130,7 +135,7 @@ func (s *Store) saveRecord(r buildRecord) error {
 }
 
 // ensureBuilt is EnsureImage for an ImageBuilder.
-func (s *Store) ensureBuilt(ctx context.Context, b ImageBuilder, ref ImageRef, pid *principalID) (cfs.Digest, error) {
+func (s *Store) ensureBuilt(ctx context.Context, b ImageBuilder, ref ImageRef, pid *principalID, p *Progress) (cfs.Digest, error) {
 	// A pinned image the store has (complete, and shown to the principal)
 	// needs no request, as for downloaded images.
 	if d := ref.Digest; !d.IsZero() && s.HasImage(d) {
@@ -184,7 +189,7 @@ func (s *Store) ensureBuilt(ctx context.Context, b ImageBuilder, ref ImageRef, p
 		key += fmt.Sprintf("\x00%x", pid[:])
 	}
 	d, _, err := s.images.do(ctx, key, func(ctx context.Context) (cfs.Digest, error) {
-		return s.build(ctx, plan, ref, pid)
+		return s.build(ctx, plan, ref, pid, p)
 	})
 	return d, err
 }
@@ -216,9 +221,9 @@ func checkExpected(d, pinned, announced cfs.Digest) error {
 // build runs a plan: the objects are staged under tmp/ as the build writes
 // them and published only when the image is complete and checked, so a
 // failed build leaves nothing but what it removes.
-func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *principalID) (cfs.Digest, error) {
+func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *principalID, p *Progress) (cfs.Digest, error) {
 	log := klog.FromContext(ctx)
-	sink := &buildSink{s: s, ctx: ctx, staged: make(map[cfs.Digest]string)}
+	sink := &buildSink{s: s, ctx: ctx, staged: make(map[cfs.Digest]string), p: p}
 	defer sink.discard()
 	var (
 		root  *cfs.Node
@@ -226,6 +231,7 @@ func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *pr
 	)
 	err := s.retry(ctx, "converting "+ref.String(), func(ctx context.Context) error {
 		var err error
+		sink.restart()
 		root, proof, err = plan.Build(ctx, sink)
 		return err
 	})
@@ -296,9 +302,42 @@ type buildSink struct {
 
 	mu     sync.Mutex
 	staged map[cfs.Digest]string // named files under tmp/
+
+	p *Progress // or nil
 }
 
 func (b *buildSink) Logger() klog.Logger { return klog.FromContext(b.ctx) }
+
+func (b *buildSink) WillFetch(total int64) {
+	if b.p != nil {
+		b.p.FetchBytes.Store(total)
+	}
+}
+
+func (b *buildSink) Received(n int64) {
+	if b.p != nil {
+		b.p.Fetched.Add(n)
+	}
+}
+
+// restart zeroes the progress for a new attempt of the build.
+func (b *buildSink) restart() {
+	if p := b.p; p != nil {
+		for _, v := range []*atomic.Int64{&p.Objects, &p.Bytes, &p.DoneObjects, &p.DoneBytes, &p.Fetched} {
+			v.Store(0)
+		}
+	}
+}
+
+// wrote counts an object of the build in the progress.
+func (b *buildSink) wrote(size int64) {
+	if p := b.p; p != nil {
+		p.Objects.Add(1)
+		p.Bytes.Add(size)
+		p.DoneObjects.Add(1)
+		p.DoneBytes.Add(size)
+	}
+}
 
 func (b *buildSink) Challenge(name string, size int64) int64 {
 	blocks := (size + proofBlock - 1) / proofBlock
@@ -316,6 +355,14 @@ func (b *buildSink) Challenge(name string, size int64) int64 {
 const smallObject = 1 << 20
 
 func (b *buildSink) Object(ctx context.Context, r io.Reader, size int64) (cfs.Digest, error) {
+	d, err := b.object(r, size)
+	if err == nil {
+		b.wrote(size)
+	}
+	return d, err
+}
+
+func (b *buildSink) object(r io.Reader, size int64) (cfs.Digest, error) {
 	s := b.s
 	if size <= smallObject {
 		buf := make([]byte, size)

@@ -43,7 +43,7 @@ func (s *Store) EnsureImage(ctx context.Context, src Source, ref ImageRef, opts 
 		return cfs.Digest{}, errors.New("image reference: a name or a digest is needed")
 	}
 	if b, ok := src.(ImageBuilder); ok {
-		d, err := s.ensureBuilt(ctx, b, ref, pid)
+		d, err := s.ensureBuilt(ctx, b, ref, pid, cfg.progress)
 		if err != nil {
 			return cfs.Digest{}, fmt.Errorf("ensuring image %s from %s: %w", ref, src, err)
 		}

@@ -64,7 +64,8 @@ type ensureConfig struct {
 	hasPrincipal bool
 }
 
-// WithProgress makes EnsureObjects update p as it goes.
+// WithProgress makes EnsureObjects update p as it goes, and EnsureImage
+// when it converts an image (the layer bytes received, the objects written).
 func WithProgress(p *Progress) EnsureOption { return func(c *ensureConfig) { c.progress = p } }
 
 // EnsureObjects makes sure every object the stored image references is in

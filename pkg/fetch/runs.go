@@ -152,7 +152,7 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run, p *Progress, got func(cfs.Object, *tempFile)) (int64, error) {
 	done := 0
 	var overhead int64
-	err := s.retry(ctx, "objects "+run.Where, func(ctx context.Context) error {
+	err := s.fetchRunAttempts(ctx, rs, run, func(ctx context.Context) error {
 		select {
 		case s.downloads <- struct{}{}:
 			defer func() { <-s.downloads }()
@@ -211,6 +211,18 @@ func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run
 	return overhead, nil
 }
 
+// fetchRunAttempts runs attempt with the store's retries; when it fails
+// because an object's bytes were wrong and the source can read the run
+// from elsewhere (RunFallback), it runs the retries once more.
+func (s *Store) fetchRunAttempts(ctx context.Context, rs RunSource, run *Run, attempt func(context.Context) error) error {
+	err := s.retry(ctx, "objects "+run.Where, attempt)
+	if fb, ok := rs.(RunFallback); ok && err != nil && (errors.Is(err, ErrDigestMismatch) || errors.Is(err, ErrSizeMismatch)) &&
+		ctx.Err() == nil && fb.FallBack(ctx, run, err) {
+		err = s.retry(ctx, "objects "+run.Where, attempt)
+	}
+	return err
+}
+
 // readError makes a failed read of a run transient (resets, truncation).
 func readError(where string, err error) error {
 	if errors.Is(err, io.EOF) {
@@ -220,4 +232,13 @@ func readError(where string, err error) error {
 		return err
 	}
 	return Transient(err)
+}
+
+// RunFallback is implemented by run sources that may read a run from a
+// mirror (any copy whose bytes the store checks). When an object of a run
+// fails its check (its digest or size), the store calls FallBack: true
+// means the source reads that run from its origin from now on, and the
+// store tries the run again from that object, once, instead of failing.
+type RunFallback interface {
+	FallBack(ctx context.Context, run *Run, why error) bool
 }

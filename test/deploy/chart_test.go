@@ -67,6 +67,9 @@ allowedSources:
 enableInlineVolumes: false
 fetchConcurrency: 4
 minVerity: userspace
+registryMirrors:
+  docker.io: ["https://mirror.example.com", "http://127.0.0.1:30020/"]
+  registry.example.com:5000: ["https://cache.example.com/v2-proxy"]
 extraObjectDirs:
   - /sysroot/ostree/repo/objects
   - /var/lib/composefs/objects
@@ -162,6 +165,10 @@ func TestChartSchema(t *testing.T) {
 		"trust key not PEM":         "trustPolicy: {sources: [{prefix: https://a.example.com, keys: [{publicKey: abc}]}]}",
 		"trust rule without prefix": "trustPolicy: {sources: [{requireSignature: true}]}",
 		"trust poll interval 0":     "trustPolicy: {sources: [], pollInterval: \"0\"}",
+		"mirror not a URL":          "registryMirrors: {docker.io: [mirror.example.com]}",
+		"mirror not a list":         "registryMirrors: {docker.io: https://mirror.example.com}",
+		"empty mirror list":         "registryMirrors: {docker.io: []}",
+		"mirror of a URL":           "registryMirrors: {\"https://docker.io\": [https://mirror.example.com]}",
 	} {
 		if _, err := render(t, values(t, y), renderOpts{}); err == nil {
 			t.Errorf("%s (%s): rendered", name, y)

@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"path"
+	"reflect"
 	"regexp"
 	"strconv"
 	"strings"
@@ -131,6 +132,7 @@ func TestDaemonSet(t *testing.T) {
 		nonCanonical    bool
 		limits          [5]int64 // max image, download budget, parse memory, max object, min free
 		goMemLimit      string   // "" : from the memory limit
+		mirrors         map[string][]string
 	}{
 		{name: "default", kubeletDir: "/var/lib/kubelet", store: "/var/lib/csi-composefs",
 			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 16,
@@ -138,7 +140,8 @@ func TestDaemonSet(t *testing.T) {
 		{name: "non-default", vals: nonDefault, kubeletDir: "/var/snap/microk8s/common/var/lib/kubelet", store: "/mnt/verity/csi-composefs",
 			extra: []string{"/sysroot/ostree/repo/objects", "/var/lib/composefs/objects"}, sidecar: true, maxSize: 20 << 30,
 			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4,
-			grace: -1, trust: true, nonCanonical: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB"},
+			grace: -1, trust: true, nonCanonical: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB",
+			mirrors: map[string][]string{"docker.io": {"https://mirror.example.com", "http://127.0.0.1:30020"}, "registry.example.com:5000": {"https://cache.example.com/v2-proxy"}}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			var vals map[string]any
@@ -249,6 +252,9 @@ func TestDaemonSet(t *testing.T) {
 				t.Errorf("serve config %+v / %+v from the values", cfg.Store, cfg.Driver)
 			}
 
+			if got := cfg.Driver.Registries.Mirrors; len(got) != len(c.mirrors) || (len(c.mirrors) > 0 && !reflect.DeepEqual(got, c.mirrors)) {
+				t.Errorf("registry mirrors %v from the values, want %v", got, c.mirrors)
+			}
 			if cfg.Store.GCGrace != c.grace || cfg.Driver.TrustSharedContent != c.trust {
 				t.Errorf("GC grace %v, trust shared content %v; want %v, %v", cfg.Store.GCGrace, cfg.Driver.TrustSharedContent, c.grace, c.trust)
 			}

@@ -14,10 +14,12 @@ import (
 	"net/url"
 	"path"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
+	"k8s.io/klog/v2"
 	"oras.land/oras-go/v2/errdef"
 	"oras.land/oras-go/v2/registry"
 	"oras.land/oras-go/v2/registry/remote"
@@ -65,7 +67,13 @@ type Client struct {
 	upstream *remote.Repository
 	mirrors  []*remote.Repository
 	authc    *auth.Client
+
+	mu         sync.Mutex
+	distrusted map[digest.Digest]bool // blobs a mirror served wrong: read from the registry
 }
+
+// maxDistrusted bounds the blobs a client remembers a mirror failed on.
+const maxDistrusted = 4096
 
 // NewClient makes a client for ref's repository.
 func NewClient(ref Reference, opts Options) (*Client, error) {
@@ -85,7 +93,7 @@ func NewClient(ref Reference, opts Options) (*Client, error) {
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{ref: ref, opts: opts, http: hc}
+	c := &Client{ref: ref, opts: opts, http: hc, distrusted: make(map[digest.Digest]bool)}
 	c.authc = &auth.Client{Client: hc, Credential: cred, Cache: auth.NewCache(), Header: http.Header{"User-Agent": {opts.UserAgent}}}
 	if isLoopback(ref.Registry) {
 		// A registry on loopback may have its token service there too.
@@ -251,37 +259,90 @@ func blobURL(r *remote.Repository, d digest.Digest) string {
 
 // openBlob GETs a blob (bytes off to off+n-1 with a single-range request
 // when n >= 0, the whole blob otherwise), from the mirrors in order, then
-// the registry. A mirror that fails for any reason is passed over. It
-// returns the body, which holds exactly the asked bytes: when a server
-// ignores Range (200), openBlob skips to off itself and reports it
-// (ignored), so that the caller can stop asking for ranges.
+// the registry. A mirror that fails for any reason is passed over, and a
+// blob a mirror served wrong bytes for (distrust) is read from the
+// registry only. It returns the body, which holds exactly the asked bytes:
+// when a server ignores Range (200), openBlob skips to off itself and
+// reports it (ignored), so that the caller can stop asking for ranges.
+// mirrorOf tells where the body comes from.
 //
 // oras-go's blob Fetch reads a blob from its start and seeks with
 // open-ended ranges (bytes=N-); a bounded range needs its own request,
 // made here through oras-go's auth client (tokens, challenges, redirects).
 func (c *Client) openBlob(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
-	var firstErr error
-	for _, m := range c.mirrors {
-		rc, ignored, err := c.openBlobAt(ctx, m, desc, off, n)
-		if err == nil {
-			return rc, ignored, nil
-		}
-		if ctx.Err() != nil {
-			return nil, false, err
-		}
-		if firstErr == nil {
-			firstErr = err
+	if !c.isDistrusted(desc.Digest) {
+		for _, m := range c.mirrors {
+			rc, ignored, err := c.openBlobAt(ctx, m, desc, off, n)
+			if err == nil {
+				return rc, ignored, nil
+			}
+			if ctx.Err() != nil {
+				return nil, false, err
+			}
+			klog.FromContext(ctx).V(2).Info("Mirror failed; trying the next one, then the registry", "mirror", m.Reference.Registry, "blob", desc.Digest.String(), "err", err)
 		}
 	}
-	rc, ignored, err := c.openBlobAt(ctx, c.upstream, desc, off, n)
-	return rc, ignored, err
+	return c.openBlobAt(ctx, c.upstream, desc, off, n)
+}
+
+// openUpstreamBlob is openBlob from the registry itself, with the
+// client's credentials: what proofs of possession read (a mirror serves
+// anyone, so what it holds proves nothing about the credentials).
+func (c *Client) openUpstreamBlob(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
+	return c.openBlobAt(ctx, c.upstream, desc, off, n)
+}
+
+// mirrorOf returns the mirror host a body of openBlob comes from, "" for
+// the registry.
+func mirrorOf(rc io.ReadCloser) string {
+	if b, ok := rc.(*blobBody); ok {
+		return b.mirror
+	}
+	return ""
+}
+
+func (c *Client) isDistrusted(d digest.Digest) bool {
+	if len(c.mirrors) == 0 {
+		return false
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.distrusted[d]
+}
+
+// mirrorFault is called with a failure of the content of a blob body
+// (a digest, a size, a layer that does not parse). When the body came
+// from a mirror, the mirror is to blame: the blob is read from the
+// registry from now on, and the failure becomes transient, so that the
+// next attempt does that. Content from the registry fails as it is.
+func (c *Client) mirrorFault(ctx context.Context, rc io.ReadCloser, d digest.Digest, err error) error {
+	m := mirrorOf(rc)
+	if m == "" || err == nil || fetch.IsTransient(err) || errors.Is(err, context.Canceled) || errors.Is(err, context.DeadlineExceeded) {
+		return err
+	}
+	c.distrust(ctx, d, m, err)
+	return fetch.Transient(fmt.Errorf("mirror %s: %w (the next attempt reads the blob from the registry)", m, err))
+}
+
+// distrust makes the client read blob d from the registry only.
+func (c *Client) distrust(ctx context.Context, d digest.Digest, mirror string, why error) {
+	c.mu.Lock()
+	if len(c.distrusted) >= maxDistrusted {
+		clear(c.distrusted)
+	}
+	c.distrusted[d] = true
+	c.mu.Unlock()
+	klog.FromContext(ctx).Info("A mirror served a blob that fails its check; reading it from the registry", "mirror", mirror, "blob", d.String(), "err", why)
 }
 
 func (c *Client) openBlobAt(ctx context.Context, r *remote.Repository, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
 	u := blobURL(r, desc.Digest)
 	what := c.String() + "@" + desc.Digest.String()
+	mirror := ""
 	if r != c.upstream {
-		what = u
+		// As containerd tells a mirror which registry it stands for.
+		u += "?ns=" + url.QueryEscape(c.ref.Registry)
+		what, mirror = u, r.Reference.Registry
 	}
 	if off < 0 || (n >= 0 && off+n > desc.Size) || (n < 0 && off != 0) {
 		return nil, false, fmt.Errorf("range %d+%d of a blob of %d bytes", off, n, desc.Size)
@@ -316,20 +377,20 @@ func (c *Client) openBlobAt(ctx context.Context, r *remote.Repository, desc ocis
 		if first != off || last != off+n-1 || (total >= 0 && total != desc.Size) {
 			return fail(fmt.Errorf("asked for bytes %d-%d/%d, got Content-Range %q", off, off+n-1, desc.Size, resp.Header.Get("Content-Range")))
 		}
-		return blobBody{resp.Body, what}, false, nil
+		return &blobBody{resp.Body, resp.Body, what, mirror}, false, nil
 	case resp.StatusCode == http.StatusOK:
 		if resp.ContentLength >= 0 && resp.ContentLength != desc.Size {
 			return fail(fmt.Errorf("%d bytes announced, the descriptor says %d: %w", resp.ContentLength, desc.Size, fetch.ErrSizeMismatch))
 		}
 		if !ranged {
-			return blobBody{resp.Body, what}, false, nil
+			return &blobBody{resp.Body, resp.Body, what, mirror}, false, nil
 		}
 		// Range ignored: skip to off, and read only n bytes.
 		if _, err := io.CopyN(io.Discard, resp.Body, off); err != nil {
 			resp.Body.Close()
 			return nil, false, &fetch.SourceError{Op: "fetching blob", URL: what, Err: fetch.Transient(err)}
 		}
-		return limitedBody{io.LimitReader(blobBody{resp.Body, what}, n), resp.Body}, true, nil
+		return &blobBody{io.LimitReader(resp.Body, n), resp.Body, what, mirror}, true, nil
 	}
 	err = errutilResponse(resp)
 	resp.Body.Close()
@@ -341,26 +402,27 @@ func errutilResponse(resp *http.Response) error {
 	return &errcode.ErrorResponse{Method: resp.Request.Method, URL: resp.Request.URL, StatusCode: resp.StatusCode}
 }
 
+// blobBody is the body of a blob GET: read errors are transient.
 type blobBody struct {
-	io.ReadCloser
-	what string
+	r      io.Reader
+	c      io.Closer
+	what   string
+	mirror string // the mirror host that serves it, "" for the registry
 }
 
-func (b blobBody) Read(p []byte) (int, error) {
-	n, err := b.ReadCloser.Read(p)
+func (b *blobBody) Read(p []byte) (int, error) {
+	n, err := b.r.Read(p)
 	if err != nil && err != io.EOF {
 		err = &fetch.SourceError{Op: "reading blob", URL: b.what, Err: fetch.Transient(err)}
 	}
 	return n, err
 }
 
-type limitedBody struct {
-	io.Reader
-	io.Closer
-}
+func (b *blobBody) Close() error { return b.c.Close() }
 
 // readBlob reads a whole small blob (at most limit bytes) and checks its
-// digest and size.
+// digest and size. Wrong bytes from a mirror are read again from the
+// registry at once.
 func (c *Client) readBlob(ctx context.Context, desc ocispec.Descriptor, limit int64) ([]byte, error) {
 	what := c.String() + "@" + desc.Digest.String()
 	if desc.Size > limit {
@@ -371,7 +433,20 @@ func (c *Client) readBlob(ctx context.Context, desc ocispec.Descriptor, limit in
 	if err != nil {
 		return nil, err
 	}
-	defer rc.Close()
+	b, err := readWhole(rc, desc, what)
+	rc.Close()
+	if m := mirrorOf(rc); err != nil && m != "" && !fetch.IsTransient(err) {
+		c.distrust(ctx, desc.Digest, m, err)
+		if rc, _, err = c.openUpstreamBlob(ctx, desc, 0, -1); err != nil {
+			return nil, err
+		}
+		b, err = readWhole(rc, desc, what)
+		rc.Close()
+	}
+	return b, err
+}
+
+func readWhole(rc io.Reader, desc ocispec.Descriptor, what string) ([]byte, error) {
 	b, err := io.ReadAll(io.LimitReader(rc, desc.Size+1))
 	if err != nil {
 		return nil, err
@@ -390,11 +465,12 @@ func (c *Client) readBlob(ctx context.Context, desc ocispec.Descriptor, limit in
 // verifyingReader checks, at EOF, that the bytes had the descriptor's size
 // and sha256 digest.
 type verifyingReader struct {
-	r    io.ReadCloser
-	desc ocispec.Descriptor
-	what string
-	h    digestHash
-	n    int64
+	r     io.ReadCloser
+	desc  ocispec.Descriptor
+	what  string
+	h     digestHash
+	n     int64
+	fault func(error) error // a mirror's fault (Client.mirrorFault), or nil
 }
 
 type digestHash interface {
@@ -406,7 +482,25 @@ func newVerifyingReader(r io.ReadCloser, desc ocispec.Descriptor, what string) *
 	return &verifyingReader{r: r, desc: desc, what: what, h: sha256.New()}
 }
 
+// verifying returns a verifyingReader of a body of openBlob: wrong bytes
+// from a mirror are its fault (mirrorFault).
+func (c *Client) verifying(ctx context.Context, body io.ReadCloser, desc ocispec.Descriptor, what string) *verifyingReader {
+	v := newVerifyingReader(body, desc, what)
+	if mirrorOf(body) != "" {
+		v.fault = func(err error) error { return c.mirrorFault(ctx, body, desc.Digest, err) }
+	}
+	return v
+}
+
 func (v *verifyingReader) Read(p []byte) (int, error) {
+	n, err := v.read(p)
+	if err != nil && err != io.EOF && v.fault != nil {
+		err = v.fault(err)
+	}
+	return n, err
+}
+
+func (v *verifyingReader) read(p []byte) (int, error) {
 	n, err := v.r.Read(p)
 	v.h.Write(p[:n])
 	v.n += int64(n)

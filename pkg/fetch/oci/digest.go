@@ -48,3 +48,6 @@ func (h hashSink) Object(_ context.Context, r io.Reader, size int64) (cfs.Digest
 func (hashSink) Challenge(string, int64) int64 { return 0 }
 
 func (h hashSink) Logger() klog.Logger { return klog.FromContext(h.ctx) }
+
+func (hashSink) WillFetch(int64) {}
+func (hashSink) Received(int64)  {}

@@ -175,7 +175,7 @@ func (s *ArtifactSource) OpenImage(ctx context.Context, ref fetch.ImageRef) (io.
 		return nil, 0, err
 	}
 	what := s.String() + " image layer " + a.Image.Digest.String()
-	return &verityCheck{r: newVerifyingReader(body, a.Image, what), want: a.Digest, h: cfs.NewVerityHash(), what: what}, a.Image.Size, nil
+	return &verityCheck{r: s.c.verifying(ctx, body, a.Image, what), want: a.Digest, h: cfs.NewVerityHash(), what: what}, a.Image.Size, nil
 }
 
 // verityCheck fails at EOF unless the bytes have the fs-verity digest want.
@@ -244,8 +244,9 @@ func (s *ArtifactSource) OpenObject(ctx context.Context, d cfs.Digest, size uint
 }
 
 // OpenObjectRange reads n bytes at off of object d from its pack with one
-// range request (a server that ignores Range is read up to them). The
-// body is always exactly the range.
+// range request (a server that ignores Range is read up to them), from
+// the registry itself, never a mirror. The body is always exactly the
+// range.
 func (s *ArtifactSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uint64, off, n int64) (io.ReadCloser, bool, error) {
 	if off < 0 || n <= 0 || uint64(off)+uint64(n) > size {
 		return nil, false, fmt.Errorf("range %d+%d of an object of %d bytes", off, n, size)
@@ -254,7 +255,8 @@ func (s *ArtifactSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size
 	if err != nil {
 		return nil, false, err
 	}
-	body, ignored, err := s.c.openBlob(ctx, r.a.Packs[e.Pack], e.Offset+off, n)
+	// From the registry itself: this is what proofs of possession read.
+	body, ignored, err := s.c.openUpstreamBlob(ctx, r.a.Packs[e.Pack], e.Offset+off, n)
 	if ignored {
 		s.noRange.Store(true)
 	}
@@ -349,7 +351,8 @@ func (s *ArtifactSource) PlanRuns(ctx context.Context, image cfs.Digest, objs []
 
 type boundRun struct {
 	*runData
-	art *resolvedArtifact
+	art    *resolvedArtifact
+	mirror atomic.Pointer[string] // the mirror the last OpenRun's body came from, or nil
 }
 
 // OpenRun requests the run's bytes from object from on.
@@ -366,11 +369,42 @@ func (s *ArtifactSource) OpenRun(ctx context.Context, run *fetch.Run, from int) 
 		if err != nil {
 			return nil, err
 		}
+		br.setMirror(mirrorOf(body))
 		return body, nil
 	}
 	body, ignored, err := s.c.openBlob(ctx, desc, start, n)
 	if ignored {
 		s.noRange.Store(true)
 	}
+	if err == nil {
+		br.setMirror(mirrorOf(body))
+	}
 	return body, err
+}
+
+var _ fetch.RunFallback = (*ArtifactSource)(nil)
+
+// FallBack is called when an object of run failed its check: when the
+// run was read from a mirror, its pack is read from the registry from now
+// on, and FallBack says so (the store then retries the run).
+func (s *ArtifactSource) FallBack(ctx context.Context, run *fetch.Run, why error) bool {
+	br, ok := run.Data.(*boundRun)
+	if !ok {
+		return false
+	}
+	m := br.mirror.Load()
+	if m == nil {
+		return false
+	}
+	s.c.distrust(ctx, br.art.a.Packs[br.pack].Digest, *m, why)
+	br.mirror.Store(nil)
+	return true
+}
+
+func (br *boundRun) setMirror(m string) {
+	if m == "" {
+		br.mirror.Store(nil)
+		return
+	}
+	br.mirror.Store(&m)
 }

@@ -256,6 +256,11 @@ type layerProof struct {
 func (p *imagePlan) Build(ctx context.Context, sink fetch.BuildSink) (*cfs.Node, []byte, error) {
 	tb := newTreeBuilder(p.s.limits, sink.Object)
 	proofs := make([]layerProof, len(p.layers))
+	var total int64
+	for _, l := range p.layers {
+		total += l.Size
+	}
+	sink.WillFetch(total)
 	for i, l := range p.layers {
 		lp, err := p.applyLayer(ctx, tb, i, l, sink)
 		if err != nil {
@@ -283,26 +288,32 @@ func (p *imagePlan) applyLayer(ctx context.Context, tb *treeBuilder, i int, l oc
 		return lp, err
 	}
 	defer body.Close()
-	compressed := newVerifyingReader(body, l, what)
-	grab := &blockGrabber{r: compressed, off: lp.Off, n: lp.Len}
+	compressed := p.s.c.verifying(ctx, body, l, what)
+	grab := &blockGrabber{r: receivedReader{compressed, sink}, off: lp.Off, n: lp.Len}
 	decomp, _ := decompressorFor(l.MediaType)
 	dr, err := decomp(grab)
 	if err != nil {
-		return lp, &fetch.SourceError{Op: "reading layer", URL: what, Err: fmt.Errorf("%w: %w", ErrBadLayer, err)}
+		return lp, p.s.c.mirrorFault(ctx, body, l.Digest, &fetch.SourceError{Op: "reading layer", URL: what, Err: fmt.Errorf("%w: %w", ErrBadLayer, err)})
 	}
 	defer dr.Close()
 	diff := sha256.New()
 	tee := io.TeeReader(dr, diff)
+	// A layer from a mirror that fails (its digest, or its content before
+	// the digest could be checked) is the mirror's fault: the next attempt
+	// reads it from the registry.
+	fail := func(err error) (layerProof, error) {
+		return lp, p.s.c.mirrorFault(ctx, body, l.Digest, layerFailure(what, err))
+	}
 	if err := tb.applyLayer(ctx, i, tee); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	// The rest of the stream (tar padding) counts for the diff_id, and the
 	// compressed digest is checked at its end.
 	if _, err := io.Copy(io.Discard, tee); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	if _, err := io.Copy(io.Discard, grab); err != nil {
-		return lp, layerFailure(what, err)
+		return fail(err)
 	}
 	if got := digest.NewDigestFromBytes(digest.SHA256, diff.Sum(nil)); got != p.diffIDs[i] {
 		return lp, &fetch.SourceError{Op: "reading layer", URL: what,
@@ -320,6 +331,18 @@ func layerFailure(what string, err error) error {
 		return err
 	}
 	return &fetch.SourceError{Op: "converting layer", URL: what, Err: fmt.Errorf("%w: %w", fetch.ErrInvalidImage, err)}
+}
+
+// receivedReader counts the bytes read in a build's progress.
+type receivedReader struct {
+	r    io.Reader
+	sink fetch.BuildSink
+}
+
+func (r receivedReader) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	r.sink.Received(int64(n))
+	return n, err
 }
 
 // blockGrabber keeps a copy of bytes [off, off+n) of what it reads.
@@ -352,7 +375,8 @@ func (p *imagePlan) Prove(ctx context.Context, proof []byte, sink fetch.BuildSin
 		if lp.Digest != l.Digest || lp.Off < 0 || lp.Len < 0 || lp.Off+lp.Len > l.Size {
 			return fmt.Errorf("layer %d: the conversion record names another layer", i)
 		}
-		body, _, err := p.s.c.openBlob(ctx, l, lp.Off, lp.Len)
+		// From the registry itself: a mirror serves anyone.
+		body, _, err := p.s.c.openUpstreamBlob(ctx, l, lp.Off, lp.Len)
 		if err != nil {
 			return err
 		}
