@@ -18,7 +18,8 @@ FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange:100000x \
 	./pkg/driver:FuzzParseVolumeContext:30000x ./pkg/driver:FuzzParseSecrets:30000x \
 	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x ./pkg/cfs:FuzzCheckCanonical:30000x \
-	./pkg/fetch/oci:FuzzDecodeIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x
+	./pkg/fetch/oci:FuzzDecodeIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x \
+	./pkg/trust:FuzzParsePolicy:20000x ./pkg/trust:FuzzVerifyBlob:20000x ./pkg/trust:FuzzVerifyManifestSignature:10000x
 
 # The plugin image (make image): built without a container engine by
 # hack/image. The chart's default image.repository is IMAGE_REPO; set
@@ -34,7 +35,7 @@ REVISION ?= $(shell git rev-parse HEAD 2>/dev/null)
 # Modules of their own, tested by `make test` too.
 SUBMODULES := hack/image test/deploy test/e2e/registry
 
-.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules vm-test
+.PHONY: all build deps test vet fmt-check unit fuzz bench bench-cfs c-tools demo e2e bench-e2e clean image image-check test-modules vm-test test-cosign
 
 all: build
 
@@ -61,6 +62,12 @@ unit:
 # so the product's go.mod stays lean.
 test-modules:
 	@set -e; for m in $(SUBMODULES); do echo "go test in $$m"; (cd $$m && $(GO) test -count=1 ./...); done
+
+# Round trips with the real cosign CLI, built from its module by the test
+# (test/cosign; about 4 CPU-minutes to build once, then cached). Not part of
+# `make test`.
+test-cosign:
+	cd test/cosign && $(GO) test -count=1 ./...
 
 fuzz:
 	@set -e; for t in $(FUZZ_TARGETS); do pkg=$${t%%:*}; rest=$${t#*:}; fn=$${rest%%:*}; \

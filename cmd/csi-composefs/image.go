@@ -12,5 +12,6 @@ func newImageCmd() *cobra.Command {
 		newImageMountCmd(),
 		newImagePushCmd(),
 		newImageUmountCmd(),
+		newImageVerifyCmd(),
 	)
 }

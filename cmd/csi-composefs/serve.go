@@ -15,6 +15,7 @@ import (
 	"github.com/csi-composefs/csi-composefs/cmd/csi-composefs/app"
 	"github.com/csi-composefs/csi-composefs/pkg/driver"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/trust"
 )
 
 // newServeCmd is the node plugin; its flags live in package app so that
@@ -58,6 +59,20 @@ func serve(ctx context.Context, c app.ServeConfig) error {
 		log.Info("Pod events go to the log only", "reason", err.Error())
 	default:
 		log.Error(err, "Pod events go to the log only")
+	}
+	m := driver.NewMetrics(nil)
+	dopts = append(dopts, driver.WithMetrics(m))
+	if c.Trust.PolicyFile != "" {
+		w, err := trust.NewWatcher(c.Trust.PolicyFile)
+		if err != nil {
+			return fmt.Errorf("--trust-policy: %w", err)
+		}
+		w.OnReload = m.PolicyReloaded
+		dopts = append(dopts, driver.WithTrustPolicy(w))
+		go w.Run(ctx, c.Trust.Poll)
+		log.Info("Trust policy in force", "path", w.Path(), "policy", w.Policy().Digest, "rules", len(w.Policy().Rules()))
+	} else {
+		log.Info("No --trust-policy: image signatures are not checked")
 	}
 	d, err := driver.New(c.Driver, st, dopts...)
 	if err != nil {

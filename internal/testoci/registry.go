@@ -50,7 +50,7 @@ type Options struct {
 func NewRegistry(t testing.TB, opts Options) *Registry {
 	t.Helper()
 	r := &Registry{user: opts.User, pass: opts.Password}
-	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)))
+	inner := registry.New(registry.Logger(log.New(io.Discard, "", 0)), registry.WithReferrersSupport(true))
 	r.Srv = httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, req *http.Request) {
 		r.mu.Lock()
 		r.requests++

@@ -29,6 +29,8 @@ const DefaultDriverName = "composefs.csi.dev"
 type Store interface {
 	EnsureImage(ctx context.Context, src fetch.Source, ref fetch.ImageRef, opts ...fetch.EnsureOption) (cfs.Digest, error)
 	EnsureObjects(ctx context.Context, src fetch.Source, image cfs.Digest, opts ...fetch.EnsureOption) (fetch.Stats, error)
+	Signatures(ctx context.Context, src fetch.Source, ref fetch.ImageRef) ([]fetch.SignatureFile, error)
+	ManifestSignatures(ctx context.Context, src fetch.ManifestSigner, name string) (string, []fetch.ManifestSignature, error)
 	Objects(ctx context.Context, image cfs.Digest) ([]cfs.Object, error)
 	ImageStats(ctx context.Context, image cfs.Digest) (cfs.ImageStats, error)
 	HasImage(d cfs.Digest) bool
@@ -142,6 +144,8 @@ type Driver struct {
 	checked  map[cfs.Digest]bool    // images whose file digest was checked
 	infos    map[cfs.Digest]*imgRef // parsed image stats, for NodeGetVolumeStats
 	sources  map[string]fetch.Source
+	trust    TrustPolicy         // nil: no signature checks
+	verdicts map[verdictKey]bool // signatures verified, by content and key
 
 	ctx     context.Context // lives as long as the driver: background fetches
 	cancel  context.CancelFunc
@@ -214,6 +218,7 @@ func New(cfg Config, store Store, opts ...Option) (*Driver, error) {
 		checked:   make(map[cfs.Digest]bool),
 		infos:     make(map[cfs.Digest]*imgRef),
 		sources:   make(map[string]fetch.Source),
+		verdicts:  make(map[verdictKey]bool),
 		ctx:       ctx,
 		cancel:    cancel,
 	}

@@ -34,7 +34,9 @@ func errorCode(err error) codes.Code {
 	switch {
 	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
 		return codes.Aborted
-	case errors.Is(err, errNotAuthorized), errors.Is(err, errNotOnNode):
+	case isVerdict(err):
+		return codes.PermissionDenied
+	case errors.Is(err, errNotAuthorized), errors.Is(err, errNotOnNode), errors.Is(err, errSignatureNotVerified):
 		return codes.FailedPrecondition
 	case errors.Is(err, fetch.ErrRedirectRefused):
 		return codes.PermissionDenied

@@ -14,6 +14,10 @@ import (
 const (
 	ReasonFetchFailed        = "FetchFailed"
 	ReasonVerificationFailed = "VerificationFailed"
+	// ReasonSignatureRejected: the trust policy refused the image
+	// (unsigned where a signature is required, an unknown key, or a
+	// signature that does not verify).
+	ReasonSignatureRejected = "SignatureRejected"
 )
 
 // EventRecorder reports what happened to a pod's volume where its owner
@@ -45,7 +49,10 @@ func (d *Driver) reportFailure(ctx context.Context, pod PodInfo, err error) {
 		return
 	}
 	reason := ReasonFetchFailed
-	if errors.Is(err, fetch.ErrDigestMismatch) || errors.Is(err, cfs.ErrImageDigestMismatch) {
+	switch {
+	case isVerdict(err):
+		reason = ReasonSignatureRejected
+	case errors.Is(err, fetch.ErrDigestMismatch) || errors.Is(err, cfs.ErrImageDigestMismatch):
 		reason = ReasonVerificationFailed
 	}
 	d.events.PodEvent(ctx, pod, true, reason, err.Error())

@@ -14,6 +14,7 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/trust"
 )
 
 // fetchOps runs at most one fetch per key (the volume's content and pull
@@ -183,7 +184,8 @@ type completeKey struct {
 func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, credFP string, p *fetch.Progress) (cfs.Digest, fetch.Stats, error) {
 	ref := spec.Ref
 	nameKey := spec.Source.URL + " " + ref.Name
-	src, err := fetch.BindRef(src, ref)
+	repo := src
+	src, err := fetch.BindRef(repo, ref)
 	if err != nil {
 		return cfs.Digest{}, fetch.Stats{}, err
 	}
@@ -193,6 +195,7 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 		who = principal(spec, credFP)
 		opts = append(opts, fetch.ForPrincipal(who))
 	}
+	cachedName := false
 	switch spec.PullPolicy {
 	case PullAlways:
 		// Ask the source again, by name when there is one; the digest, if
@@ -211,12 +214,36 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 			// A name another principal resolved is resolved again (the
 			// image is small; fetching it is its proof).
 			if ok && d.store.HasImage(dg) && (who == "" || spec.PullPolicy == PullNever || d.store.ImageShown(ctx, dg, who)) {
-				ref.Digest = dg
+				ref.Digest, cachedName = dg, true
 			}
 		}
 	}
 	if spec.PullPolicy == PullNever && (ref.Digest.IsZero() || !d.store.HasImage(ref.Digest)) {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: %w", spec.Ref, errNotOnNode)
+	}
+	// A registry's images are signed by manifest digest: the name is
+	// resolved and the signature of what it names checked, and the
+	// manifest verified is what gets fetched (bound by digest, so a tag
+	// moved meanwhile changes nothing). A name this node resolved and
+	// verified before (kept by IfNotPresent), or a digest whose image this
+	// node holds and verified as signed by a key the rule accepts, is used
+	// as it is.
+	var signer *trust.Key
+	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
+		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
+		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
+			manifest, k, err := d.checkManifestSignature(ctx, spec, ms, rule)
+			if err != nil {
+				return cfs.Digest{}, fetch.Stats{}, err
+			}
+			if k != nil {
+				ref = fetch.ImageRef{Name: manifest, Digest: spec.Ref.Digest}
+				cachedName, signer = false, k
+				if src, err = fetch.BindRef(repo, ref); err != nil {
+					return cfs.Digest{}, fetch.Stats{}, err
+				}
+			}
+		}
 	}
 	fromStore := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
 	dg, err := d.store.EnsureImage(ctx, src, ref, opts...)
@@ -225,6 +252,24 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	}
 	if !spec.Ref.Digest.IsZero() && dg != spec.Ref.Digest {
 		return cfs.Digest{}, fetch.Stats{}, fmt.Errorf("image %s: the source serves digest %s: %w", spec.Ref, dg, fetch.ErrDigestMismatch)
+	}
+	// The trust policy is applied to the image as stored: what is checked
+	// is what gets pinned and mounted.
+	err = d.checkImageSignature(ctx, spec, src, ref.Name, dg, signer)
+	if err != nil && cachedName && isVerdict(err) {
+		// The name may have moved, with a new signature, since this node
+		// resolved it: resolve it again, once.
+		d.mu.Lock()
+		delete(d.names, nameKey)
+		d.mu.Unlock()
+		ref.Digest, fromStore = cfs.Digest{}, false
+		if dg, err = d.store.EnsureImage(ctx, src, ref, opts...); err != nil {
+			return cfs.Digest{}, fetch.Stats{}, err
+		}
+		err = d.checkImageSignature(ctx, spec, src, ref.Name, dg, nil)
+	}
+	if err != nil {
+		return cfs.Digest{}, fetch.Stats{}, err
 	}
 	if ref.Name != "" {
 		d.mu.Lock()

@@ -29,6 +29,7 @@ type Metrics struct {
 	byVerity  *prometheus.GaugeVec
 	gcRuns    *prometheus.CounterVec
 	verifyErr prometheus.Counter
+	trust     trustMetrics
 
 	once sync.Once
 }
@@ -72,6 +73,7 @@ func NewMetrics(reg *prometheus.Registry) *Metrics {
 			Help: "Content refused because its digest did not match (fetched images and objects, mounted images).",
 		}),
 	}
+	m.trust = newTrustMetrics(reg)
 	reg.MustRegister(m.publish, m.unpublish, m.fetches, m.volumes, m.byVerity, m.gcRuns, m.verifyErr,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -39,6 +39,20 @@ store:
   verifyInterval: "0"
 hostNetwork: false
 trustSharedContent: true
+trustPolicy:
+  sources:
+    - prefix: https://repo.example.com/apps
+      requireSignature: true
+      keys:
+        - name: apps-2026
+          publicKey: |
+            -----BEGIN PUBLIC KEY-----
+            MFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE/E6MOz1ddU5T/0anzl8nLOghHpyQ
+            4BROIARwcDvkJAvKLyjkar18XJpJE9BcYIN1ZHQeXDDEVBE1CMI9Lf34tA==
+            -----END PUBLIC KEY-----
+    - prefix: "*"
+  existingConfigMap: ""
+  pollInterval: 30s
 allowNonCanonicalImages: true
 limits:
   maxImageSize: 64M
@@ -148,6 +162,9 @@ func TestChartSchema(t *testing.T) {
 		"bad digest":                "image: {repository: r, tag: \"\", digest: sha256:abc, pullPolicy: Always}",
 		"relative extra object dir": "extraObjectDirs: [objects]",
 		"zero port":                 "metrics: {port: 0}",
+		"trust key not PEM":         "trustPolicy: {sources: [{prefix: https://a.example.com, keys: [{publicKey: abc}]}]}",
+		"trust rule without prefix": "trustPolicy: {sources: [{requireSignature: true}]}",
+		"trust poll interval 0":     "trustPolicy: {sources: [], pollInterval: \"0\"}",
 		"mirror not a URL":          "registryMirrors: {docker.io: [mirror.example.com]}",
 		"mirror not a list":         "registryMirrors: {docker.io: https://mirror.example.com}",
 		"empty mirror list":         "registryMirrors: {docker.io: []}",

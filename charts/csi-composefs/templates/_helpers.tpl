@@ -36,3 +36,14 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "csi-composefs.pluginDir" -}}
 {{ .Values.kubeletDir }}/plugins/{{ .Values.driverName }}
 {{- end -}}
+
+{{/* The trust policy's ConfigMap, or "" without a policy. */}}
+{{- define "csi-composefs.trustPolicyConfigMap" -}}
+{{- with .Values.trustPolicy -}}
+{{- if .existingConfigMap -}}
+{{ .existingConfigMap }}
+{{- else if .sources -}}
+{{ include "csi-composefs.fullname" $ }}-trust-policy
+{{- end -}}
+{{- end -}}
+{{- end -}}

@@ -34,6 +34,8 @@ type ServeConfig struct {
 	Driver      driver.Config
 	// Registration says how the plugin registers with the kubelet.
 	Registration driver.RegistrationConfig
+	// Trust is the trust policy setting (image signatures).
+	Trust TrustConfig
 }
 
 // Command is what NewServeCommand needs from the binary.
@@ -71,6 +73,7 @@ func NewServeCommand(c Command) *cobra.Command {
 		fetchConcurrency                      int
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
+		trustf                                trustFlags
 		trustShared, allowNonCanonical        bool
 		insecureRegs, mirrors                 []string
 	)
@@ -140,6 +143,10 @@ to the log only.`,
 			if err := limits.apply(&so, usagef); err != nil {
 				return err
 			}
+			tc, err := trustf.apply(usagef)
+			if err != nil {
+				return err
+			}
 			if !filepath.IsAbs(kubeletRoot) {
 				return usagef("--kubelet-root %q must be an absolute path", kubeletRoot)
 			}
@@ -170,6 +177,7 @@ to the log only.`,
 				Store:        so,
 				StoreDir:     storeDir,
 				Registration: reg,
+				Trust:        tc,
 				Driver: driver.Config{DriverName: driverName, Version: c.Version, NodeID: nodeID,
 					AllowedSources: al, MinVerity: floor, ExtraObjectDirs: extraDirs, GCInterval: gcInterval, VerifyInterval: verifyInterval,
 					TrustSharedContent: trustShared,
@@ -196,6 +204,7 @@ to the log only.`,
 	f.StringArrayVar(&insecureRegs, "insecure-registry", nil, "registry HOST[:PORT] (or pattern) reached over plain HTTP (repeatable; tests and local registries)")
 	f.StringArrayVar(&mirrors, "registry-mirror", nil, "REGISTRY=URL: a mirror tried first for the blobs of REGISTRY (repeatable, in order; containerd hosts.toml mirrors); manifests always come from REGISTRY with the volume's credentials")
 	limits.add(f)
+	trustf.add(f)
 	f.StringVar(&kubeletRoot, "kubelet-root", DefaultKubeletRoot, "the kubelet's root directory (its --root-dir) as this process sees it")
 	f.StringVar(&registration, "registration", RegistrationBuiltin, "how the plugin registers with the kubelet: builtin (serve KUBELET-ROOT/plugins_registry/DRIVER-NAME-reg.sock) or none (a node-driver-registrar sidecar does it)")
 	f.StringVar(&regPath, "kubelet-registration-path", "", "the CSI socket's path as the kubelet sees it on the host, when it differs from this process's view (default KUBELET-ROOT/plugins/DRIVER-NAME/csi.sock)")

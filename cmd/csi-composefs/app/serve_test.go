@@ -5,6 +5,7 @@ import (
 	"io"
 	"strings"
 	"testing"
+	"time"
 )
 
 // parse runs the serve command on args and returns the configuration it
@@ -94,5 +95,19 @@ func TestServeKlogFlags(t *testing.T) {
 		if _, err := parse(t, v); err != nil {
 			t.Errorf("%s: %v", v, err)
 		}
+	}
+}
+
+func TestServeTrustFlags(t *testing.T) {
+	c, err := parse(t)
+	if err != nil || c.Trust.PolicyFile != "" || c.Trust.Poll <= 0 {
+		t.Errorf("defaults: %+v, %v", c.Trust, err)
+	}
+	c, err = parse(t, "--trust-policy=/etc/csi-composefs/trust/policy.yaml", "--trust-policy-poll=3s")
+	if err != nil || c.Trust.PolicyFile != "/etc/csi-composefs/trust/policy.yaml" || c.Trust.Poll != 3*time.Second {
+		t.Errorf("--trust-policy: %+v, %v", c.Trust, err)
+	}
+	if _, err := parse(t, "--trust-policy-poll=0s"); err == nil || !strings.Contains(err.Error(), "--trust-policy-poll") {
+		t.Errorf("--trust-policy-poll=0s: %v", err)
 	}
 }

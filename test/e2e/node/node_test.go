@@ -132,14 +132,38 @@ func (e *env) kubeletRoot() string {
 	return e.kubelet
 }
 
+// built is the plugin binary, built once for every test of the package.
+var built struct {
+	once     sync.Once
+	dir, bin string
+	err      error
+}
+
 func buildBinary(t *testing.T) string {
-	bin := filepath.Join(t.TempDir(), "csi-composefs")
-	cmd := exec.Command("go", "build", "-o", bin, "github.com/csi-composefs/csi-composefs/cmd/csi-composefs")
-	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
-	if out, err := cmd.CombinedOutput(); err != nil {
-		t.Fatalf("building the plugin: %v\n%s", err, out)
+	t.Helper()
+	built.once.Do(func() {
+		if built.dir, built.err = os.MkdirTemp("", "csi-composefs-e2e-"); built.err != nil {
+			return
+		}
+		built.bin = filepath.Join(built.dir, "csi-composefs")
+		cmd := exec.Command("go", "build", "-o", built.bin, "github.com/csi-composefs/csi-composefs/cmd/csi-composefs")
+		cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
+		if out, err := cmd.CombinedOutput(); err != nil {
+			built.err = fmt.Errorf("building the plugin: %v\n%s", err, out)
+		}
+	})
+	if built.err != nil {
+		t.Fatal(built.err)
 	}
-	return bin
+	return built.bin
+}
+
+func TestMain(m *testing.M) {
+	code := m.Run()
+	if built.dir != "" {
+		os.RemoveAll(built.dir)
+	}
+	os.Exit(code)
 }
 
 func (e *env) start() *plugin {

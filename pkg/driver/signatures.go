@@ -1,0 +1,227 @@
+package driver
+
+import (
+	"context"
+	"crypto/sha256"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/trust"
+)
+
+// TrustPolicy gives the trust policy in force (a *trust.Watcher, which
+// reloads its file).
+type TrustPolicy interface {
+	Policy() *trust.Policy
+}
+
+// WithTrustPolicy makes the driver check image signatures as the policy p
+// gives says, per source prefix.
+func WithTrustPolicy(p TrustPolicy) Option { return func(d *Driver) { d.trust = p } }
+
+// errSignatureNotVerified: pullPolicy Never, a signature is required, and
+// this node has not verified the image's signature since it started.
+var errSignatureNotVerified = errors.New("its signature has not been verified on this node since the plugin started, and pullPolicy Never forbids fetching it; publish it once with IfNotPresent")
+
+// isVerdict reports whether err is a signature verdict (PermissionDenied).
+func isVerdict(err error) bool {
+	return errors.Is(err, trust.ErrUnsigned) || errors.Is(err, trust.ErrUnknownKey) || errors.Is(err, trust.ErrBadSignature)
+}
+
+// trustRule returns the policy's rule for the source, or nil.
+func (d *Driver) trustRule(src SourceSpec) *trust.Rule {
+	if d.trust == nil {
+		return nil
+	}
+	return d.trust.Policy().Rule(src.URL)
+}
+
+// verdictKey is one verified signature: image (or manifest) content by an
+// accepted key. A signature does not expire, so the verdict holds while
+// the key stays in the policy (a rule without it does not consult it).
+type verdictKey struct {
+	content string // "image <digest>" or "manifest sha256:…"
+	keyID   string
+}
+
+// maxVerdicts bounds the verdicts kept; they are cheap to earn again.
+const maxVerdicts = 100000
+
+// verifiedBy returns the rule's key that verified content before, or nil.
+func (d *Driver) verifiedBy(content string, rule *trust.Rule) *trust.Key {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	for _, k := range rule.Keys {
+		if d.verdicts[verdictKey{content, k.ID}] {
+			return k
+		}
+	}
+	return nil
+}
+
+func (d *Driver) recordVerdict(content string, k *trust.Key) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if len(d.verdicts) >= maxVerdicts {
+		clear(d.verdicts)
+	}
+	d.verdicts[verdictKey{content, k.ID}] = true
+}
+
+// checkImageSignature applies the trust policy to the image dg of an HTTP
+// repository, as stored: the signatures published beside the image's
+// name (cosign sign-blob over the image file) must verify over the
+// stored bytes, which are the bytes named by dg, so the digest verified
+// is the digest pinned and mounted. It returns nil when the policy has no
+// rule for the source, or when the rule does not require a signature and
+// none is published. signer is the key that signed the manifest dg was
+// read from (a registry source, checkManifestSignature), if one did.
+func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src fetch.Source, name string, dg cfs.Digest, signer *trust.Key) error {
+	rule := d.trustRule(spec.Source)
+	if rule == nil {
+		return nil
+	}
+	content := "image " + dg.String()
+	log := klog.FromContext(ctx)
+	if signer != nil {
+		d.recordVerdict(content, signer)
+		return nil
+	}
+	if k := d.verifiedBy(content, rule); k != nil {
+		log.V(4).Info("Image signature verified before", "image", dg.String(), "key", k.String())
+		return nil
+	}
+	if spec.PullPolicy == PullNever {
+		if rule.Require {
+			return fmt.Errorf("image %s: %w", dg, errSignatureNotVerified)
+		}
+		return nil
+	}
+	if _, ok := src.(fetch.SignatureSource); !ok {
+		if rule.Require {
+			return fmt.Errorf("image %s: %w: %s publishes no signatures this node can check", dg, trust.ErrUnsigned, src)
+		}
+		return nil
+	}
+	ref := fetch.ImageRef{Name: name, Digest: dg}
+	files, err := d.store.Signatures(ctx, src, ref)
+	if err != nil {
+		return err
+	}
+	if len(files) == 0 {
+		if rule.Require {
+			d.metrics.signatureCheck("unsigned")
+			return fmt.Errorf("image %s: %w (trust policy prefix %s): no %s.sig nor %s.bundle is published", ref, trust.ErrUnsigned, rule.Prefix, ref.String(), ref.String())
+		}
+		return nil
+	}
+	blob, err := d.imageBlob(dg)
+	if err != nil {
+		return err
+	}
+	var refused verdictErrors
+	for _, f := range files {
+		sig, err := trust.ParseBlobSignature(f.Data)
+		var k *trust.Key
+		if err == nil {
+			k, err = rule.VerifyBlob(sig, blob)
+		}
+		if err == nil {
+			d.recordVerdict(content, k)
+			d.metrics.signatureCheck("verified")
+			log.V(2).Info("Image signature verified", "image", dg.String(), "signature", f.Location, "key", k.String(), "policyPrefix", rule.Prefix)
+			return nil
+		}
+		if !isVerdict(err) {
+			return fmt.Errorf("checking the signature %s: %w", f.Location, err)
+		}
+		refused = append(refused, fmt.Errorf("%s: %w", f.Location, err))
+	}
+	d.metrics.signatureCheck("rejected")
+	return fmt.Errorf("image %s (trust policy prefix %s): %w", ref, rule.Prefix, refused)
+}
+
+// imageBlob is the stored image dg as signed content.
+func (d *Driver) imageBlob(dg cfs.Digest) (trust.Blob, error) {
+	path := d.store.ImagePath(dg)
+	open := func() (io.ReadCloser, error) { return os.Open(path) }
+	f, err := open()
+	if err != nil {
+		return trust.Blob{}, fmt.Errorf("reading image %s: %w", dg, err)
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, f); err != nil {
+		return trust.Blob{}, fmt.Errorf("reading image %s: %w", dg, err)
+	}
+	b := trust.Blob{Open: open}
+	h.Sum(b.SHA256[:0])
+	return b, nil
+}
+
+// verdictErrors are the refusals of each signature file; errors.Is sees
+// each of them.
+type verdictErrors []error
+
+func (e verdictErrors) Error() string {
+	s := make([]string, len(e))
+	for i, err := range e {
+		s[i] = err.Error()
+	}
+	return strings.Join(s, "; ")
+}
+
+func (e verdictErrors) Unwrap() []error { return e }
+
+// checkManifestSignature applies the trust policy to what the volume's
+// reference names in a registry now: it resolves the name to a manifest
+// digest and checks the signatures cosign stores for that digest (the
+// sha256-<hex>.sig tag, sigstore bundle referrers). It returns the
+// manifest digest and the key that signed it; no key (and no error) when
+// the rule does not require a signature and none is stored.
+func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, src fetch.ManifestSigner, rule *trust.Rule) (string, *trust.Key, error) {
+	log := klog.FromContext(ctx)
+	manifest, sigs, err := d.store.ManifestSignatures(ctx, src, spec.Ref.Name)
+	if err != nil {
+		return "", nil, err
+	}
+	where := fmt.Sprintf("%s@%s (trust policy prefix %s)", spec.Source.URL, manifest, rule.Prefix)
+	if len(sigs) == 0 {
+		if rule.Require {
+			d.metrics.signatureCheck("unsigned")
+			return "", nil, fmt.Errorf("image %s, manifest %s: %w: the registry holds no %s tag nor sigstore bundle referrer for it",
+				spec.Ref, where, trust.ErrUnsigned, trust.SignatureTag(manifest))
+		}
+		return manifest, nil, nil
+	}
+	var refused verdictErrors
+	for _, s := range sigs {
+		var k *trust.Key
+		switch {
+		case s.Keyless:
+			err = fmt.Errorf("%w: a keyless signature (a certificate); this node verifies key-based signatures (cosign sign --key)", trust.ErrBadSignature)
+		case s.Bundle != nil:
+			k, err = rule.VerifyManifestBundle(s.Bundle, manifest)
+		default:
+			k, err = rule.VerifySimpleSigning(s.Payload, s.Signature, manifest)
+		}
+		if err == nil {
+			d.metrics.signatureCheck("verified")
+			log.V(2).Info("Manifest signature verified", "manifest", manifest, "signature", s.Location, "key", k.String(), "policyPrefix", rule.Prefix)
+			return manifest, k, nil
+		}
+		if !isVerdict(err) {
+			return "", nil, fmt.Errorf("checking the signature %s: %w", s.Location, err)
+		}
+		refused = append(refused, fmt.Errorf("%s: %w", s.Location, err))
+	}
+	d.metrics.signatureCheck("rejected")
+	return "", nil, fmt.Errorf("image %s, manifest %s: %w", spec.Ref, where, refused)
+}

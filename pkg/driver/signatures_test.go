@@ -1,0 +1,293 @@
+package driver
+
+import (
+	"context"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+	"k8s.io/klog/v2"
+
+	"github.com/csi-composefs/csi-composefs/internal/testoci"
+	"github.com/csi-composefs/csi-composefs/internal/testsign"
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
+	"github.com/csi-composefs/csi-composefs/pkg/trust"
+)
+
+// writePolicy writes a trust policy file and returns its watcher.
+func writePolicy(t *testing.T, path, text string) *trust.Watcher {
+	t.Helper()
+	if err := os.WriteFile(path, []byte(text), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	w, err := trust.NewWatcher(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return w
+}
+
+// lastEvent returns the last event recorded.
+func (f *fakeRecorder) last(t *testing.T) recordedEvent {
+	t.Helper()
+	f.mu.Lock()
+	defer f.mu.Unlock()
+	if len(f.events) == 0 {
+		t.Fatal("no event")
+	}
+	return f.events[len(f.events)-1]
+}
+
+// HTTP repositories: cosign sign-blob signatures beside the image file,
+// checked over the stored image before its objects are fetched.
+func TestSignedHTTPImages(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	key, stranger := testsign.NewKey(t), testsign.NewKey(t)
+	images := filepath.Join(repo.dir, "images")
+	sign := func(name string, k testsign.Key) {
+		b, err := os.ReadFile(filepath.Join(images, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(images, name+".sig"), k.SignBlob(t, b), 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i, name := range []string{"signed", "unsigned", "stranger", "truncated", "other-digest", "swapped"} {
+		repo.publish(t, name, sampleFiles(100+i))
+	}
+	sign("signed", key)
+	sign("stranger", stranger)
+	sign("truncated", key)
+	sig, _ := os.ReadFile(filepath.Join(images, "truncated.sig"))
+	os.WriteFile(filepath.Join(images, "truncated.sig"), sig[:len(sig)/2], 0o644)
+	sig, _ = os.ReadFile(filepath.Join(images, "signed.sig"))
+	os.WriteFile(filepath.Join(images, "other-digest.sig"), sig, 0o644)
+	sign("swapped", key)
+	repo.publish(t, "swapped", sampleFiles(200)) // the image changed after signing
+
+	policy := filepath.Join(t.TempDir(), "policy.yaml")
+	w := writePolicy(t, policy, testsign.Policy(repo.srv.URL, true, key))
+	rec := &fakeRecorder{}
+	e := newTestEnv(t, Config{}, WithTrustPolicy(w), WithEventRecorder(rec))
+	node := e.grpcNode(t)
+	pod := map[string]string{"csi.storage.k8s.io/pod.name": "web-0", "csi.storage.k8s.io/pod.namespace": "shop"}
+	publish := func(name string) (string, error) {
+		vc := map[string]string{"repository": repo.srv.URL, "image": name}
+		for k, v := range pod {
+			vc[k] = v
+		}
+		target := filepath.Join(t.TempDir(), "vol")
+		cleanupMounts(t, target)
+		_, err := node.NodePublishVolume(context.Background(), publishReq(name, target, vc))
+		return target, err
+	}
+
+	target, err := publish("signed")
+	if err != nil {
+		t.Fatalf("signed image by name: %v", err)
+	}
+	if b, err := os.ReadFile(filepath.Join(target, "etc/version")); err != nil || string(b) != sampleFiles(100)["etc/version"] {
+		t.Fatalf("signed image: reading the volume: %q, %v", b, err)
+	}
+	for _, c := range []struct{ name, want string }{
+		{"unsigned", "not signed"},
+		{"stranger", "does not verify"},
+		{"truncated", "does not verify"},
+		{"other-digest", "does not verify"},
+		{"swapped", "does not verify"},
+	} {
+		before := repo.requests("/objects/")
+		_, err := publish(c.name)
+		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want PermissionDenied naming %q", c.name, err, c.want)
+			continue
+		}
+		if n := repo.requests("/objects/") - before; n != 0 {
+			t.Errorf("%s: %d object requests for a refused image", c.name, n)
+		}
+		if ev := rec.last(t); ev.reason != ReasonSignatureRejected || !ev.warning || ev.pod.Name != "web-0" {
+			t.Errorf("%s: event %+v, want a %s warning on the pod", c.name, ev, ReasonSignatureRejected)
+		}
+		t.Logf("%s: %v", c.name, err)
+	}
+
+	// The policy changes while the driver runs: signatures no longer
+	// required, and a published one by an unknown key still refused.
+	if err := os.WriteFile(policy, []byte(testsign.Policy(repo.srv.URL, false, key)), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	if changed, err := w.Reload(); !changed || err != nil {
+		t.Fatalf("reload: %v, %v", changed, err)
+	}
+	if _, err := publish("unsigned"); err != nil {
+		t.Errorf("unsigned image, signatures not required: %v", err)
+	}
+	if _, err := publish("stranger"); status.Code(err) != codes.PermissionDenied {
+		t.Errorf("a signature by an unknown key, signatures not required: %v, want PermissionDenied", err)
+	}
+}
+
+// signerStore moves a tag right after the driver checked its signature.
+type signerStore struct {
+	*fetch.Store
+	after func()
+}
+
+func (s *signerStore) ManifestSignatures(ctx context.Context, src fetch.ManifestSigner, name string) (string, []fetch.ManifestSignature, error) {
+	m, sigs, err := s.Store.ManifestSignatures(ctx, src, name)
+	if s.after != nil {
+		s.after()
+	}
+	return m, sigs, err
+}
+
+// Registries: cosign sign --key signatures (the sha256-<hex>.sig tag) and
+// sigstore bundle referrers over the manifest digest; a tag is resolved,
+// verified and then fetched by that digest.
+func TestSignedOCIImages(t *testing.T) {
+	needRoot(t)
+	reg := testoci.NewRegistry(t, testoci.Options{})
+	key, stranger := testsign.NewKey(t), testsign.NewKey(t)
+	r := testsign.Repository(t, reg.Host, "team/app")
+	repoName := reg.Host + "/team/app"
+	push := func(tag string, files map[string]string) (oci.PushResult, string) {
+		t.Helper()
+		src := t.TempDir()
+		writeFiles(t, src, files)
+		ref, err := oci.ParseReference("oci://" + repoName + ":" + tag)
+		if err != nil {
+			t.Fatal(err)
+		}
+		c, err := oci.NewClient(ref, oci.Options{Insecure: []string{reg.Host}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		in, err := oci.InputFromDir(context.Background(), src, cfs.DirOptions{}, cfs.DefaultWriteOptions())
+		if err != nil {
+			t.Fatal(err)
+		}
+		res, err := oci.Push(context.Background(), c, in, oci.PushOptions{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res, testsign.Manifest(t, r, tag).Digest.String()
+	}
+	files := func(s string) map[string]string {
+		return map[string]string{"etc/version": s + "\n", "lib/big": strings.Repeat(s, 4096)}
+	}
+	res1, m1 := push("v1", files("one"))
+	key.Sign(t, r, repoName, m1)
+	push("unsigned", files("unsigned"))
+	_, m3 := push("bundled", files("bundled"))
+	testsign.AttachBundle(t, r, testsign.Manifest(t, r, "bundled"), key.ManifestBundle(t, repoName, m3))
+	_, m4 := push("stranger", files("stranger"))
+	stranger.Sign(t, r, repoName, m4)
+	testsign.AttachBundle(t, r, testsign.Manifest(t, r, "stranger"), stranger.ManifestBundle(t, repoName, m4))
+	_, m5 := push("other-digest", files("other"))
+	testsign.CosignSign(t, r, m5, testsign.SimpleSigning{ // a signature of v1 under v5's tag
+		Payload: testsign.SimpleSigningPayload(t, repoName, m1), Signature: signatureOf(t, key, testsign.SimpleSigningPayload(t, repoName, m1))})
+
+	policy := filepath.Join(t.TempDir(), "policy.yaml")
+	w := writePolicy(t, policy, testsign.Policy("oci://"+reg.Host+"/team", true, key))
+	rec := &fakeRecorder{}
+	ctx := klog.NewContext(context.Background(), klog.Background())
+	st, err := fetch.Open(ctx, t.TempDir(), fetch.Options{Retries: -1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer st.Close()
+	ss := &signerStore{Store: st}
+	d, err := New(Config{NodeID: "n", Registries: RegistryConfig{Insecure: []string{reg.Host}}}, ss, WithTrustPolicy(w), WithEventRecorder(rec))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if err := d.Recover(ctx); err != nil {
+		t.Fatal(err)
+	}
+	node := serveGRPC(t, d)
+	publish := func(tag, pull string, extra ...string) (string, error) {
+		vc := map[string]string{"image": "oci://" + repoName + ":" + tag, "csi.storage.k8s.io/pod.name": "web-0", "csi.storage.k8s.io/pod.namespace": "shop"}
+		if pull != "" {
+			vc["pullPolicy"] = pull
+		}
+		for i := 0; i+1 < len(extra); i += 2 {
+			vc[extra[i]] = extra[i+1]
+		}
+		target := filepath.Join(t.TempDir(), "vol")
+		cleanupMounts(t, target)
+		_, err := node.NodePublishVolume(context.Background(), publishReq(tag, target, vc))
+		return target, err
+	}
+	readVersion := func(target string) string {
+		b, _ := os.ReadFile(filepath.Join(target, "etc/version"))
+		return string(b)
+	}
+
+	for _, tag := range []string{"v1", "bundled"} {
+		target, err := publish(tag, "")
+		if err != nil {
+			t.Fatalf("%s, signed, by tag: %v", tag, err)
+		}
+		if got, want := readVersion(target), files(map[string]string{"v1": "one", "bundled": "bundled"}[tag])["etc/version"]; got != want {
+			t.Fatalf("%s: the volume reads %q, want %q", tag, got, want)
+		}
+	}
+	// Verified before: the same tag again, or its digest, asks the
+	// registry nothing.
+	reg.Reset()
+	if _, err := publish("v1", ""); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := publish("v1", "", "digest", res1.Digest.String()); err != nil {
+		t.Fatal(err)
+	}
+	if n := reg.Counts().Requests; n != 0 {
+		t.Errorf("an image verified before: %d registry requests", n)
+	}
+	for _, c := range []struct{ tag, want string }{
+		{"unsigned", "not signed"},
+		{"stranger", "does not accept"}, // the bundle's key hint names another key
+		{"other-digest", "signs manifest " + m1[:40]},
+	} {
+		_, err := publish(c.tag, "")
+		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s: %v, want PermissionDenied naming %q", c.tag, err, c.want)
+			continue
+		}
+		if ev := rec.last(t); ev.reason != ReasonSignatureRejected {
+			t.Errorf("%s: event %+v, want %s", c.tag, ev, ReasonSignatureRejected)
+		}
+		t.Logf("%s: %v", c.tag, err)
+	}
+
+	// The tag moves to unsigned content between the check and the fetch:
+	// what was verified is what gets mounted.
+	ss.after = func() {
+		ss.after = nil
+		push("v1", files("moved"))
+	}
+	target, err := publish("v1", "Always")
+	if err != nil {
+		t.Fatalf("v1 moved after verification: %v", err)
+	}
+	if got := readVersion(target); got != "one\n" {
+		t.Fatalf("v1 moved after verification: the volume reads %q, the signed content says \"one\"", got)
+	}
+	// Asked again, the tag names the unsigned manifest: refused.
+	if _, err := publish("v1", "Always"); status.Code(err) != codes.PermissionDenied {
+		t.Fatalf("v1 moved to an unsigned manifest: %v, want PermissionDenied", err)
+	}
+}
+
+// signatureOf is the base64 signature the key makes over b.
+func signatureOf(t *testing.T, k testsign.Key, b []byte) string {
+	return strings.TrimSpace(string(k.SignBlob(t, b)))
+}
