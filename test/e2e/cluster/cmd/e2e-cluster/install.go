@@ -61,7 +61,10 @@ func install(ctx context.Context, work string, fs *flag.FlagSet, args []string) 
 				return err
 			}
 		}
-		pre = append(pre, "image.repository="+repo, "image.tag="+tag, "image.pullPolicy=IfNotPresent")
+		// As strings: a commit's short hash may be digits only.
+		if err := helmops.ParseSetString(vals, "image.repository="+repo, "image.tag="+tag, "image.pullPolicy=IfNotPresent"); err != nil {
+			return err
+		}
 	}
 	if c != nil {
 		pre = append(pre, localValues(c)...)

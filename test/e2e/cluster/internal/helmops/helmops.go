@@ -58,6 +58,17 @@ func ParseSet(vals map[string]any, sets ...string) error {
 	return nil
 }
 
+// ParseSetString merges --set-string style assignments into vals: every
+// value a string (an image tag of digits only is still a tag).
+func ParseSetString(vals map[string]any, sets ...string) error {
+	for _, s := range sets {
+		if err := strvals.ParseIntoString(s, vals); err != nil {
+			return fmt.Errorf("--set-string %s: %w", s, err)
+		}
+	}
+	return nil
+}
+
 // Install installs the chart folder with vals, or upgrades the release
 // to it when it exists (values replaced, not reused), and waits until its
 // resources are ready.
