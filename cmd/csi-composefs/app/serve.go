@@ -70,7 +70,7 @@ func NewServeCommand(c Command) *cobra.Command {
 		metricsAddr                           string
 		kubeletRoot, registration, regPath    string
 		extraDirs                             []string
-		fetchConcurrency                      int
+		fetchConcurrency, maxDownloads        int
 		gcInterval, gcGrace, verifyInterval   time.Duration
 		limits                                limitFlags
 		trustf                                trustFlags
@@ -121,6 +121,9 @@ to the log only.`,
 			if fetchConcurrency <= 0 {
 				return usagef("--fetch-concurrency must be positive")
 			}
+			if maxDownloads <= 0 {
+				return usagef("--max-downloads must be positive")
+			}
 			if gcInterval < 0 {
 				return usagef("--gc-interval must not be negative")
 			}
@@ -138,7 +141,7 @@ to the log only.`,
 			if err != nil {
 				return usagef("--registry-mirror: %v", err)
 			}
-			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxSize: maxSize, GCGrace: grace,
+			so := fetch.Options{ExtraObjectDirs: extraDirs, Parallelism: fetchConcurrency, MaxConcurrentDownloads: maxDownloads, MaxSize: maxSize, GCGrace: grace,
 				AllowNonCanonicalImages: allowNonCanonical}
 			if err := limits.apply(&so, usagef); err != nil {
 				return err
@@ -194,6 +197,7 @@ to the log only.`,
 	f.StringVar(&storeMaxSize, "store-max-size", "0", "size budget of the store for GC (bytes, or with K/M/G/T; 0 = none)")
 	f.StringArrayVar(&extraDirs, "extra-object-dir", nil, "read-only object directory used before fetching (repeatable)")
 	f.IntVar(&fetchConcurrency, "fetch-concurrency", 256, "most concurrent object downloads per image (from 16, doubling while the throughput grows)")
+	f.IntVar(&maxDownloads, "max-downloads", 256, "most concurrent object downloads of all volumes together (node-wide; bounds the download buffers and, at 4 per download, the fetch goroutines)")
 	f.StringVar(&minVerity, "min-verity", "off", "the weakest verity mode a volume may ask for: off, userspace or require")
 	f.StringVar(&metricsAddr, "metrics-address", ":9810", "address of /metrics, /healthz and /readyz (empty = off)")
 	f.DurationVar(&gcInterval, "gc-interval", 10*time.Minute, "how often the store is garbage collected (0 = never)")
