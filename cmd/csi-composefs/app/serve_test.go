@@ -53,6 +53,13 @@ func TestServeRegistrationFlags(t *testing.T) {
 	if c, _ := parse(t); c.Driver.TrustSharedContent {
 		t.Error("shared content trusted by default")
 	}
+	c, err = parse(t, "--max-downloads=32")
+	if err != nil || c.Store.MaxConcurrentDownloads != 32 {
+		t.Errorf("--max-downloads=32: %+v, %v", c.Store, err)
+	}
+	if c, _ := parse(t); c.Store.MaxConcurrentDownloads != 256 {
+		t.Errorf("--max-downloads default: %d, want 256", c.Store.MaxConcurrentDownloads)
+	}
 	c, err = parse(t, "--allow-noncanonical-images")
 	if err != nil || !c.Store.AllowNonCanonicalImages {
 		t.Errorf("--allow-noncanonical-images: %+v, %v", c.Store, err)
@@ -79,6 +86,7 @@ func TestServeRegistrationFlags(t *testing.T) {
 		{[]string{"--min-verity=maybe"}, "--min-verity"},
 		{[]string{"--store-max-size=lots"}, "--store-max-size"},
 		{[]string{"--fetch-concurrency=0"}, "--fetch-concurrency"},
+		{[]string{"--max-downloads=0"}, "--max-downloads"},
 		{[]string{"--gc-grace=-1s"}, "--gc-grace"},
 		{[]string{"--download-budget=lots"}, "--download-budget"},
 		{[]string{"--allowed-sources=not a url"}, "--allowed-sources"},
