@@ -521,6 +521,7 @@ func transportWithCA(ca []byte) (http.RoundTripper, error) {
 		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		ForceAttemptHTTP2:     true,
+		HTTP2:                 fetch.HTTP2Config(), // bounded buffers per connection
 		MaxIdleConnsPerHost:   64,
 		MaxConnsPerHost:       64,
 		IdleConnTimeout:       90 * time.Second,

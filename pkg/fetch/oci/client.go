@@ -191,6 +191,7 @@ func newTransport(ca []byte) (*http.Transport, error) {
 		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
 		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		ForceAttemptHTTP2:     true,
+		HTTP2:                 fetch.HTTP2Config(), // bounded buffers per connection
 		MaxIdleConns:          128,
 		MaxIdleConnsPerHost:   64,
 		MaxConnsPerHost:       64,
