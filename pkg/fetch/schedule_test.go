@@ -281,3 +281,55 @@ func TestRetryAfterHonoured(t *testing.T) {
 		t.Fatalf("retried after %v despite Retry-After: 1", gap)
 	}
 }
+
+// TestAdaptiveLimitStartsWorkersForSlots: a call starts a goroutine for an
+// object only when a download slot is free or freed for it (not one per
+// object up to waitersPerSlot per slot, most of them waiting for a slot);
+// one that finished without downloading (present, shared) frees its place.
+func TestAdaptiveLimitStartsWorkersForSlots(t *testing.T) {
+	l := newAdaptiveLimit(4, nil, klog.Background())
+	ctx := context.Background()
+	tryWorker := func() (context.Context, *worker, error) {
+		c, cancel := context.WithTimeout(ctx, 50*time.Millisecond)
+		defer cancel()
+		return l.acquireWorker(c)
+	}
+	var ws []*worker
+	var wctxs []context.Context
+	for range 4 {
+		c, w, err := tryWorker()
+		if err != nil {
+			t.Fatalf("worker %d: %v", len(ws), err)
+		}
+		ws, wctxs = append(ws, w), append(wctxs, c)
+	}
+	if _, _, err := tryWorker(); err == nil {
+		t.Fatal("a fifth worker started while all 4 slots were promised to workers")
+	}
+	// Two take their slots: the slots are still all taken.
+	for _, c := range wctxs[:2] {
+		if err := l.acquire(c); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if _, _, err := tryWorker(); err == nil {
+		t.Fatal("a worker started while 2 slots were downloading and 2 promised")
+	}
+	// One finishes its download (its goroutine waits for durability): a
+	// slot is free, one more worker may start.
+	l.release()
+	if _, _, err := tryWorker(); err != nil {
+		t.Fatalf("after a download ended: %v", err)
+	}
+	// One of the promised ones ends without downloading: another may start.
+	l.releaseWorker(ws[3])
+	if _, _, err := tryWorker(); err != nil {
+		t.Fatalf("after a worker ended without downloading: %v", err)
+	}
+	if _, _, err := tryWorker(); err == nil {
+		t.Fatal("more workers than slots")
+	}
+	if l.starting < 0 || l.workers != 5 {
+		t.Fatalf("starting %d, workers %d; want ≥ 0 and 5", l.starting, l.workers)
+	}
+}
