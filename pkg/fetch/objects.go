@@ -238,31 +238,25 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 	)
 	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
 	for _, o := range interleave(missing) {
-		octx, w, err := lim.acquireWorker(wctx)
-		if err != nil {
+		if err := lim.acquireWorker(wctx); err != nil {
 			break
 		}
-		took := false
 		select {
 		case s.workers <- struct{}{}:
-			took = true
 		case <-wctx.Done():
+			lim.releaseWorker()
 		}
 		if wctx.Err() != nil {
-			if took { // taken as the call ended: give it back
-				<-s.workers
-			}
-			lim.releaseWorker(w)
 			break
 		}
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			defer func() { <-s.workers; lim.releaseWorker(w) }()
+			defer func() { <-s.workers; lim.releaseWorker() }()
 			// Keyed by digest and size: a request recording a wrong
 			// size fails alone rather than failing its sharers.
 			key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
-			res, shared, err := s.objects.do(octx, key, func(fctx context.Context) (objectResult, error) {
+			res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
 				return s.fetchObject(fctx, src, o, p, lim, pid)
 			})
 			mu.Lock()

@@ -67,7 +67,6 @@ type adaptiveLimit struct {
 	limit       int
 	inflight    int
 	workers     int // goroutines of the call: downloading or waiting to be durable
-	starting    int // of them, started but not yet holding a download slot
 	peak        int // most in flight since the last adjustment
 	wake        chan struct{}
 	pausedUntil time.Time
@@ -107,10 +106,6 @@ func (l *adaptiveLimit) acquire(ctx context.Context) error {
 		if wait <= 0 && l.inflight < l.limit {
 			l.inflight++
 			l.peak = max(l.peak, l.inflight)
-			if w, ok := ctx.Value(workerKey{}).(*worker); ok && w.lim == l && w.starting {
-				w.starting = false // its place in starting is now a slot
-				l.starting--
-			}
 			l.mu.Unlock()
 			return nil
 		}
@@ -132,48 +127,29 @@ func (l *adaptiveLimit) acquire(ctx context.Context) error {
 	}
 }
 
-// worker is one goroutine of a call's (acquireWorker), found by acquire
-// in the context of its download.
-type worker struct {
-	lim      *adaptiveLimit
-	starting bool // not yet holding a download slot (under lim.mu)
-}
-
-type workerKey struct{}
-
 // acquireWorker waits until the call has fewer than waitersPerSlot
-// goroutines per download slot, and until the download slots are not all
-// taken or promised to goroutines started for them: a goroutine is
-// started for an object only when a slot is there for it, rather than
-// hundreds waiting for one (each a stack and a flight). It returns ctx
-// with the worker, for acquire to find; releaseWorker ends it.
-func (l *adaptiveLimit) acquireWorker(ctx context.Context) (context.Context, *worker, error) {
+// goroutines per download slot.
+func (l *adaptiveLimit) acquireWorker(ctx context.Context) error {
 	for {
 		l.mu.Lock()
-		if l.workers < waitersPerSlot*l.limit && l.inflight+l.starting < l.limit {
+		if l.workers < waitersPerSlot*l.limit {
 			l.workers++
-			l.starting++
 			l.mu.Unlock()
-			w := &worker{lim: l, starting: true}
-			return context.WithValue(ctx, workerKey{}, w), w, nil
+			return nil
 		}
 		wake := l.wake
 		l.mu.Unlock()
 		select {
 		case <-wake:
 		case <-ctx.Done():
-			return nil, nil, context.Cause(ctx)
+			return context.Cause(ctx)
 		}
 	}
 }
 
-func (l *adaptiveLimit) releaseWorker(w *worker) {
+func (l *adaptiveLimit) releaseWorker() {
 	l.mu.Lock()
 	l.workers--
-	if w.starting { // never downloaded (present, shared, or failed first)
-		w.starting = false
-		l.starting--
-	}
 	l.broadcastLocked()
 	l.mu.Unlock()
 }
