@@ -241,12 +241,17 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		if err := lim.acquireWorker(wctx); err != nil {
 			break
 		}
+		took := false
 		select {
 		case s.workers <- struct{}{}:
+			took = true
 		case <-wctx.Done():
-			lim.releaseWorker()
 		}
 		if wctx.Err() != nil {
+			if took { // taken as the call ended: give it back
+				<-s.workers
+			}
+			lim.releaseWorker()
 			break
 		}
 		wg.Add(1)
