@@ -75,13 +75,13 @@ func (l *farLink) serve(dir string) http.Handler {
 }
 
 // farImageFiles are the files of image i: n files of random bytes (no
-// object shared with another image), log-uniform from 1 KiB to 128 KiB.
+// object shared with another image), log-uniform from 1 KiB to 64 KiB.
 func farImageFiles(i, n int) (map[string]string, int64) {
 	rnd := rand.New(rand.NewPCG(uint64(i), 13))
 	files := make(map[string]string, n)
 	var total int64
 	for j := range n {
-		size := int(math.Exp(math.Log(1<<10) + rnd.Float64()*(math.Log(128<<10)-math.Log(1<<10))))
+		size := int(math.Exp(math.Log(1<<10) + rnd.Float64()*(math.Log(64<<10)-math.Log(1<<10))))
 		b := make([]byte, size)
 		_, _ = rand.NewChaCha8([32]byte{byte(i), byte(j), byte(j >> 8)}).Read(b)
 		files[fmt.Sprintf("lib/f%03d", j)] = string(b)
@@ -110,7 +110,7 @@ func TestFarLinkVolumes(t *testing.T) {
 		t.Skip("builds and runs the plugin binary")
 	}
 	bin := buildBinary(t)
-	const volumes, filesPer = 50, 100
+	const volumes, filesPer = 50, 160
 	dir := t.TempDir()
 	var total int64
 	names := make([]string, volumes)
