@@ -45,7 +45,7 @@ type Options struct {
 	// EnsureObjects calls of the store (node-wide, on top of Parallelism
 	// per call); 0 means 256. With it the memory downloads take is
 	// bounded: each holds a copy buffer of at most 64 KiB and what its
-	// response has buffered (HTTP/2: at most 4 MiB per connection, see
+	// response has buffered (HTTP/2: at most 16 MiB per connection, see
 	// HTTP2Config).
 	MaxConcurrentDownloads int
 	// MaxFetchWorkers bounds the goroutines of object downloads node-wide
