@@ -14,7 +14,6 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
-	"github.com/csi-composefs/csi-composefs/pkg/trust"
 )
 
 // fetchOps runs at most one fetch per key (the volume's content and pull
@@ -228,10 +227,10 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// verified before (kept by IfNotPresent), or a digest whose image this
 	// node holds and verified as signed by a key the rule accepts, is used
 	// as it is.
-	var signer *trust.Key
+	var signer *manifestVerdict
 	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
 		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
-		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
+		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedStored(ctx, ref.Digest, rule)) {
 			manifest, k, err := d.checkManifestSignature(ctx, spec, ms, rule)
 			if err != nil {
 				return cfs.Digest{}, fetch.Stats{}, err

@@ -26,6 +26,7 @@ const (
 	imagesDir     = "images"     // images/<digest>.cfs
 	tmpDir        = "tmp"        // partial downloads, cleared at Open
 	quarantineDir = "quarantine" // corrupt files Verify found
+	// signaturesDir (signatures/<digest>.json) is in signatures_kept.go.
 	lockFile      = ".lock"
 	imageSuffix   = ".cfs"
 )
@@ -241,6 +242,7 @@ type Store struct {
 	open func(path string) (storeFile, error)
 
 	prov   provenance // who showed what (provenance.go)
+	keptMu sync.Mutex // serialises changes under signatures/ (signatures_kept.go)
 	proofs proofCounters
 
 	c counters
@@ -262,7 +264,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
-	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
+	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir, signaturesDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
 		}
