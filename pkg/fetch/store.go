@@ -27,8 +27,8 @@ const (
 	tmpDir        = "tmp"        // partial downloads, cleared at Open
 	quarantineDir = "quarantine" // corrupt files Verify found
 	// signaturesDir (signatures/<digest>.json) is in signatures_kept.go.
-	lockFile      = ".lock"
-	imageSuffix   = ".cfs"
+	lockFile    = ".lock"
+	imageSuffix = ".cfs"
 )
 
 // Options configure a Store.
