@@ -26,9 +26,8 @@ const (
 	imagesDir     = "images"     // images/<digest>.cfs
 	tmpDir        = "tmp"        // partial downloads, cleared at Open
 	quarantineDir = "quarantine" // corrupt files Verify found
-	// signaturesDir (signatures/<digest>.json) is in signatures_kept.go.
-	lockFile    = ".lock"
-	imageSuffix = ".cfs"
+	lockFile      = ".lock"
+	imageSuffix   = ".cfs"
 )
 
 // Options configure a Store.
