@@ -185,7 +185,7 @@ func TestSignedOCIImages(t *testing.T) {
 	res1, m1 := push("v1", files("one"))
 	key.Sign(t, r, repoName, m1)
 	push("unsigned", files("unsigned"))
-	_, m3 := push("bundled", files("bundled"))
+	res3, m3 := push("bundled", files("bundled"))
 	testsign.AttachBundle(t, r, testsign.Manifest(t, r, "bundled"), key.ManifestBundle(t, repoName, m3))
 	_, m4 := push("stranger", files("stranger"))
 	stranger.Sign(t, r, repoName, m4)
@@ -198,17 +198,18 @@ func TestSignedOCIImages(t *testing.T) {
 	w := writePolicy(t, policy, testsign.Policy("oci://"+reg.Host+"/team", true, key))
 	rec := &fakeRecorder{}
 	ctx := klog.NewContext(context.Background(), klog.Background())
-	st, err := fetch.Open(ctx, t.TempDir(), fetch.Options{Retries: -1})
+	storeDir := t.TempDir()
+	st, err := fetch.Open(ctx, storeDir, fetch.Options{Retries: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	defer func() { st.Close() }()
 	ss := &signerStore{Store: st}
 	d, err := New(Config{NodeID: "n", Registries: RegistryConfig{Insecure: []string{reg.Host}}}, ss, WithTrustPolicy(w), WithEventRecorder(rec))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	defer func() { d.Close() }()
 	if err := d.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -284,6 +285,47 @@ func TestSignedOCIImages(t *testing.T) {
 	// Asked again, the tag names the unsigned manifest: refused.
 	if _, err := publish("v1", "Always"); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("v1 moved to an unsigned manifest: %v, want PermissionDenied", err)
+	}
+
+	// A restart (a new driver on the same store): the manifest signatures
+	// kept for v1 (cosign's tag) and bundled (a bundle referrer) verify
+	// again offline, under the policy of the new process.
+	restart := func(policyText string) {
+		t.Helper()
+		d.Close()
+		st.Close()
+		if st, err = fetch.Open(ctx, storeDir, fetch.Options{Retries: -1}); err != nil {
+			t.Fatal(err)
+		}
+		w := writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)
+		if d, err = New(Config{NodeID: "n", Registries: RegistryConfig{Insecure: []string{reg.Host}}}, st, WithTrustPolicy(w), WithEventRecorder(rec)); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Recover(ctx); err != nil {
+			t.Fatal(err)
+		}
+		node = serveGRPC(t, d)
+	}
+	restart(testsign.Policy("oci://"+reg.Host+"/team", true, key))
+	reg.Reset()
+	for tag, dg := range map[string]cfs.Digest{"v1": res1.Digest, "bundled": res3.Digest} {
+		if _, err := publish(tag, "Never", "digest", dg.String()); err != nil {
+			t.Errorf("%s, pullPolicy Never, after a restart: %v", tag, err)
+		}
+		// IfNotPresent by digest asks the registry nothing either.
+		if _, err := publish(tag, "", "digest", dg.String()); err != nil {
+			t.Errorf("%s by digest after a restart: %v", tag, err)
+		}
+	}
+	if n := reg.Counts().Requests; n != 0 {
+		t.Errorf("images verified before the restart: %d registry requests", n)
+	}
+	// The key leaves the policy: its kept signatures no longer count.
+	restart(testsign.Policy("oci://"+reg.Host+"/team", true, stranger))
+	for tag, dg := range map[string]cfs.Digest{"v1": res1.Digest, "bundled": res3.Digest} {
+		if _, err := publish(tag, "Never", "digest", dg.String()); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("%s, pullPolicy Never, its key removed from the policy: %v, want PermissionDenied", tag, err)
+		}
 	}
 }
 
