@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"strings"
 
+	"golang.org/x/sys/unix"
 	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
@@ -77,8 +78,12 @@ func (s *Store) keptPath(d cfs.Digest) string {
 // first. None (and no error) when none are kept or the file is not one this
 // store wrote.
 func (s *Store) KeptSignatures(ctx context.Context, d cfs.Digest) ([]KeptSignature, error) {
-	f, err := os.Open(s.keptPath(d))
+	f, err := os.OpenFile(s.keptPath(d), os.O_RDONLY|unix.O_NOFOLLOW, 0)
 	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if errors.Is(err, unix.ELOOP) {
+		klog.FromContext(ctx).Info("Ignoring kept signatures", "image", d.String(), "path", s.keptPath(d), "reason", "a symbolic link")
 		return nil, nil
 	}
 	if err != nil {

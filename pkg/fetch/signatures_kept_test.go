@@ -84,6 +84,18 @@ func TestKeptSignatures(t *testing.T) {
 			t.Errorf("%s: %d kept, %v; want none, no error", name, len(got), err)
 		}
 	}
+	// A symbolic link (to a file that would parse) counts as none.
+	good := filepath.Join(t.TempDir(), "kept.json")
+	if err := os.WriteFile(good, []byte(`{"version":1,"signatures":[{"blob":"c2ln"}]}`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	os.Remove(path)
+	if err := os.Symlink(good, path); err != nil {
+		t.Fatal(err)
+	}
+	if got, err := s.KeptSignatures(ctx, d); err != nil || len(got) != 0 {
+		t.Errorf("a symbolic link: %d kept, %v; want none, no error", len(got), err)
+	}
 	// Keeping one again replaces the damaged file.
 	if err := s.KeepSignature(ctx, d, sig(1)); err != nil {
 		t.Fatal(err)
