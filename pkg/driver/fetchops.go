@@ -225,8 +225,9 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// manifest verified is what gets fetched (bound by digest, so a tag
 	// moved meanwhile changes nothing). A name this node resolved and
 	// verified before (kept by IfNotPresent), or a digest whose image this
-	// node holds and verified as signed by a key the rule accepts, is used
-	// as it is.
+	// node holds and verified as signed by a key the rule accepts (in this
+	// process, or by the signature kept in the store, verified again
+	// offline), is used as it is.
 	var signer *manifestVerdict
 	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
 		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
