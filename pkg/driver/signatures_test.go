@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -332,4 +334,104 @@ func TestSignedOCIImages(t *testing.T) {
 // signatureOf is the base64 signature the key makes over b.
 func signatureOf(t *testing.T, k testsign.Key, b []byte) string {
 	return strings.TrimSpace(string(k.SignBlob(t, b)))
+}
+
+// TestKeptSignaturesAfterRestart (HTTP repositories): the signature an
+// IfNotPresent publish verified is kept in the store; after a restart it is
+// verified again offline (pullPolicy Never, and IfNotPresent without asking
+// the repository). A kept file changed by someone who can write the store
+// is not a verdict: another signature in its place does not verify over
+// the image (PermissionDenied), a damaged file is no signature
+// (FailedPrecondition), and the next IfNotPresent publish keeps a good one.
+func TestKeptSignaturesAfterRestart(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	key := testsign.NewKey(t)
+	images := filepath.Join(repo.dir, "images")
+	dg := repo.publish(t, "signed", sampleFiles(300))
+	other := repo.publish(t, "other", sampleFiles(301))
+	sigOf := func(name string) []byte {
+		b, err := os.ReadFile(filepath.Join(images, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return key.SignBlob(t, b)
+	}
+	if err := os.WriteFile(filepath.Join(images, "signed.sig"), sigOf("signed"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	otherSig := sigOf("other")
+	policyText := testsign.Policy(repo.srv.URL, true, key)
+	e := newTestEnv(t, Config{}, WithTrustPolicy(writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)))
+	restart := func() {
+		t.Helper()
+		e.close()
+		e.open(Config{}, WithTrustPolicy(writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)))
+	}
+	n := 0
+	publish := func(pull string) error {
+		n++
+		target := filepath.Join(t.TempDir(), "vol")
+		cleanupMounts(t, target)
+		vc := map[string]string{"repository": repo.srv.URL, "image": "signed", "digest": dg.String(), "pullPolicy": pull}
+		_, err := e.d.NodePublishVolume(context.Background(), publishReq(fmt.Sprint("v", n), target, vc))
+		return err
+	}
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatal(err)
+	}
+	kept := filepath.Join(e.root, "signatures", dg.String()+".json")
+	good, err := os.ReadFile(kept)
+	if err != nil {
+		t.Fatalf("the verified signature is not kept: %v", err)
+	}
+
+	restart()
+	before := repo.requests("/images/")
+	if err := publish("Never"); err != nil {
+		t.Fatalf("pullPolicy Never after a restart: %v", err)
+	}
+	restart()
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatalf("IfNotPresent after a restart: %v", err)
+	}
+	if n := repo.requests("/images/") - before; n != 0 {
+		t.Errorf("after a restart: %d requests for images or signatures, want none (the kept signature verifies)", n)
+	}
+
+	// Someone who can write the store puts a genuine signature of another
+	// image in its place.
+	var kf struct {
+		Version    int                   `json:"version"`
+		Signatures []fetch.KeptSignature `json:"signatures"`
+	}
+	if err := json.Unmarshal(good, &kf); err != nil || len(kf.Signatures) != 1 {
+		t.Fatalf("kept file %s: %v", good, err)
+	}
+	kf.Signatures[0].Blob = otherSig
+	forged, _ := json.Marshal(kf)
+	for _, c := range []struct {
+		name string
+		data []byte
+		want codes.Code
+	}{
+		{"a signature of image " + other.String()[:12], forged, codes.PermissionDenied},
+		{"a damaged file", []byte("{"), codes.FailedPrecondition},
+	} {
+		if err := os.WriteFile(kept, c.data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		restart()
+		if err := publish("Never"); status.Code(err) != c.want {
+			t.Errorf("kept file replaced by %s: %v, want %s", c.name, err, c.want)
+		}
+	}
+	// IfNotPresent verifies from the repository again and keeps it.
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	if err := publish("Never"); err != nil {
+		t.Fatalf("pullPolicy Never after the signature was kept again: %v", err)
+	}
 }
