@@ -225,13 +225,13 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// manifest verified is what gets fetched (bound by digest, so a tag
 	// moved meanwhile changes nothing). A name this node resolved and
 	// verified before (kept by IfNotPresent), or a digest whose image this
-	// node holds and verified as signed by a key the rule accepts (in this
-	// process, or by the signature kept in the store, verified again
-	// offline), is used as it is.
+	// node holds and verified in this process as signed by a key the rule
+	// accepts, is used as it is. (A manifest signature kept in the store
+	// counts only for pullPolicy Never: verifiedOnNode.)
 	var signer *manifestVerdict
 	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
 		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
-		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedStored(ctx, ref.Digest, rule)) {
+		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {
 			manifest, k, err := d.checkManifestSignature(ctx, spec, ms, rule)
 			if err != nil {
 				return cfs.Digest{}, fetch.Stats{}, err

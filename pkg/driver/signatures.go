@@ -97,7 +97,14 @@ func (d *Driver) keep(ctx context.Context, dg cfs.Digest, sig fetch.KeptSignatur
 // verified again now, offline, with the rule's keys (a key removed from the
 // policy does not count). refused lists the kept signatures the rule does
 // not accept now (verdicts); err is a failure to read them.
-func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.Rule) (_ *trust.Key, refused verdictErrors, _ error) {
+//
+// A kept signature over the image file (an HTTP repository's) proves
+// itself: it is checked over the stored bytes. A kept signature of a
+// registry manifest covers the manifest only; that this image is what the
+// node made of that manifest is the store's word. Those count only when
+// manifests is set (pullPolicy Never, which could not ask the registry);
+// otherwise the registry is asked again.
+func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.Rule, manifests bool) (_ *trust.Key, refused verdictErrors, _ error) {
 	content := "image " + dg.String()
 	if k := d.verifiedBy(content, rule); k != nil {
 		return k, nil, nil
@@ -125,6 +132,8 @@ func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.
 			if sig, err = trust.ParseBlobSignature(ks.Blob); err == nil {
 				k, err = rule.VerifyBlob(sig, *blob)
 			}
+		case ks.Manifest != "" && !manifests:
+			continue
 		case ks.Manifest != "" && len(ks.Bundle) > 0:
 			what += " (of manifest " + ks.Manifest + ")"
 			k, err = rule.VerifyManifestBundle(ks.Bundle, ks.Manifest)
@@ -135,7 +144,12 @@ func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.
 			continue
 		}
 		if err == nil {
-			d.recordVerdict(content, k)
+			if ks.Manifest == "" {
+				// Only a signature over the image itself becomes this
+				// process's verdict; a manifest's is checked again at
+				// each use (it is cheap: no image read).
+				d.recordVerdict(content, k)
+			}
 			klog.FromContext(ctx).V(2).Info("Image signature kept on the node verified", "image", dg.String(), "key", k.String(), "policyPrefix", rule.Prefix)
 			return k, nil, nil
 		}
@@ -169,7 +183,7 @@ func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src f
 		d.keep(ctx, dg, signer.kept)
 		return nil
 	}
-	k, refused, err := d.verifiedOnNode(ctx, dg, rule)
+	k, refused, err := d.verifiedOnNode(ctx, dg, rule, spec.PullPolicy == PullNever)
 	if err != nil {
 		return err
 	}
@@ -309,14 +323,4 @@ func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, sr
 	}
 	d.metrics.signatureCheck("rejected")
 	return "", nil, fmt.Errorf("image %s, manifest %s: %w", spec.Ref, where, refused)
-}
-
-// verifiedStored reports whether the stored image dg was verified before
-// with one of the rule's keys (verifiedOnNode); a failure to tell is a no.
-func (d *Driver) verifiedStored(ctx context.Context, dg cfs.Digest, rule *trust.Rule) bool {
-	k, _, err := d.verifiedOnNode(ctx, dg, rule)
-	if err != nil {
-		klog.FromContext(ctx).V(2).Info("Checking the signatures kept on the node failed; asking the registry", "image", dg.String(), "err", err.Error())
-	}
-	return k != nil
 }
