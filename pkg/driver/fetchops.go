@@ -14,7 +14,6 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
-	"github.com/csi-composefs/csi-composefs/pkg/trust"
 )
 
 // fetchOps runs at most one fetch per key (the volume's content and pull
@@ -226,9 +225,10 @@ func (d *Driver) fetch(ctx context.Context, spec VolumeSpec, src fetch.Source, c
 	// manifest verified is what gets fetched (bound by digest, so a tag
 	// moved meanwhile changes nothing). A name this node resolved and
 	// verified before (kept by IfNotPresent), or a digest whose image this
-	// node holds and verified as signed by a key the rule accepts, is used
-	// as it is.
-	var signer *trust.Key
+	// node holds and verified in this process as signed by a key the rule
+	// accepts, is used as it is. (A manifest signature kept in the store
+	// counts only for pullPolicy Never: verifiedOnNode.)
+	var signer *manifestVerdict
 	if ms, ok := repo.(fetch.ManifestSigner); ok && spec.PullPolicy != PullNever {
 		known := !ref.Digest.IsZero() && d.store.HasImage(ref.Digest)
 		if rule := d.trustRule(spec.Source); rule != nil && !(known && d.verifiedBy("image "+ref.Digest.String(), rule) != nil) {

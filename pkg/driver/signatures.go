@@ -27,8 +27,8 @@ type TrustPolicy interface {
 func WithTrustPolicy(p TrustPolicy) Option { return func(d *Driver) { d.trust = p } }
 
 // errSignatureNotVerified: pullPolicy Never, a signature is required, and
-// this node has not verified the image's signature since it started.
-var errSignatureNotVerified = errors.New("its signature has not been verified on this node since the plugin started, and pullPolicy Never forbids fetching it; publish it once with IfNotPresent")
+// this node keeps no signature of the image.
+var errSignatureNotVerified = errors.New("this node keeps no signature of it (it was never verified here), and pullPolicy Never forbids fetching one; publish it once with IfNotPresent")
 
 // isVerdict reports whether err is a signature verdict (PermissionDenied).
 func isVerdict(err error) bool {
@@ -75,15 +75,103 @@ func (d *Driver) recordVerdict(content string, k *trust.Key) {
 	d.verdicts[verdictKey{content, k.ID}] = true
 }
 
+// manifestVerdict is a verified signature of the registry manifest an
+// image is fetched by: the key, and the material to keep.
+type manifestVerdict struct {
+	key  *trust.Key
+	kept fetch.KeptSignature
+}
+
+// keep keeps the signature that verified the stored image dg, so that the
+// verdict survives a restart (it is verified again there, offline, against
+// the policy then in force). Failing to keep it costs a verification from
+// the source later.
+func (d *Driver) keep(ctx context.Context, dg cfs.Digest, sig fetch.KeptSignature) {
+	if err := d.store.KeepSignature(ctx, dg, sig); err != nil {
+		klog.FromContext(ctx).Error(err, "Keeping the verified signature failed; after a restart the image is verified from its source again", "image", dg.String())
+	}
+}
+
+// verifiedOnNode returns the rule's key that verified the stored image dg
+// before: in this process, or by a signature kept in the store and
+// verified again now, offline, with the rule's keys (a key removed from the
+// policy does not count). refused lists the kept signatures the rule does
+// not accept now (verdicts); err is a failure to read them.
+//
+// A kept signature over the image file (an HTTP repository's) proves
+// itself: it is checked over the stored bytes. A kept signature of a
+// registry manifest covers the manifest only; that this image is what the
+// node made of that manifest is the store's word. Those count only when
+// manifests is set (pullPolicy Never, which could not ask the registry);
+// otherwise the registry is asked again.
+func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.Rule, manifests bool) (_ *trust.Key, refused verdictErrors, _ error) {
+	content := "image " + dg.String()
+	if k := d.verifiedBy(content, rule); k != nil {
+		return k, nil, nil
+	}
+	kept, err := d.store.KeptSignatures(ctx, dg)
+	if err != nil || len(kept) == 0 {
+		return nil, nil, err
+	}
+	var blob *trust.Blob
+	for i := len(kept) - 1; i >= 0; i-- { // newest first
+		ks := kept[i]
+		var k *trust.Key
+		var err error
+		what := fmt.Sprintf("kept signature %d", i)
+		switch {
+		case len(ks.Blob) > 0:
+			if blob == nil {
+				b, err := d.imageBlob(dg)
+				if err != nil {
+					return nil, nil, err
+				}
+				blob = &b
+			}
+			var sig *trust.BlobSignature
+			if sig, err = trust.ParseBlobSignature(ks.Blob); err == nil {
+				k, err = rule.VerifyBlob(sig, *blob)
+			}
+		case ks.Manifest != "" && !manifests:
+			continue
+		case ks.Manifest != "" && len(ks.Bundle) > 0:
+			what += " (of manifest " + ks.Manifest + ")"
+			k, err = rule.VerifyManifestBundle(ks.Bundle, ks.Manifest)
+		case ks.Manifest != "":
+			what += " (of manifest " + ks.Manifest + ")"
+			k, err = rule.VerifySimpleSigning(ks.Payload, ks.Signature, ks.Manifest)
+		default:
+			continue
+		}
+		if err == nil {
+			if ks.Manifest == "" {
+				// Only a signature over the image itself becomes this
+				// process's verdict; a manifest's is checked again at
+				// each use (it is cheap: no image read).
+				d.recordVerdict(content, k)
+			}
+			klog.FromContext(ctx).V(2).Info("Image signature kept on the node verified", "image", dg.String(), "key", k.String(), "policyPrefix", rule.Prefix)
+			return k, nil, nil
+		}
+		if !isVerdict(err) {
+			return nil, nil, fmt.Errorf("checking the %s of image %s: %w", what, dg, err)
+		}
+		refused = append(refused, fmt.Errorf("%s: %w", what, err))
+	}
+	return nil, refused, nil
+}
+
 // checkImageSignature applies the trust policy to the image dg of an HTTP
 // repository, as stored: the signatures published beside the image's
 // name (cosign sign-blob over the image file) must verify over the
 // stored bytes, which are the bytes named by dg, so the digest verified
 // is the digest pinned and mounted. It returns nil when the policy has no
 // rule for the source, or when the rule does not require a signature and
-// none is published. signer is the key that signed the manifest dg was
-// read from (a registry source, checkManifestSignature), if one did.
-func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src fetch.Source, name string, dg cfs.Digest, signer *trust.Key) error {
+// none is published. signer is the verified signature of the manifest dg
+// was read from (a registry source, checkManifestSignature), if one did.
+// A signature verified before (kept in the store) is verified again
+// offline first; with pullPolicy Never that is the only way.
+func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src fetch.Source, name string, dg cfs.Digest, signer *manifestVerdict) error {
 	rule := d.trustRule(spec.Source)
 	if rule == nil {
 		return nil
@@ -91,18 +179,28 @@ func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src f
 	content := "image " + dg.String()
 	log := klog.FromContext(ctx)
 	if signer != nil {
-		d.recordVerdict(content, signer)
+		d.recordVerdict(content, signer.key)
+		d.keep(ctx, dg, signer.kept)
 		return nil
 	}
-	if k := d.verifiedBy(content, rule); k != nil {
+	k, refused, err := d.verifiedOnNode(ctx, dg, rule, spec.PullPolicy == PullNever)
+	if err != nil {
+		return err
+	}
+	if k != nil {
 		log.V(4).Info("Image signature verified before", "image", dg.String(), "key", k.String())
 		return nil
 	}
 	if spec.PullPolicy == PullNever {
-		if rule.Require {
+		switch {
+		case !rule.Require:
+			return nil
+		case len(refused) > 0:
+			d.metrics.signatureCheck("rejected")
+			return fmt.Errorf("image %s (trust policy prefix %s), signatures kept on this node (pullPolicy Never fetches no other): %w", dg, rule.Prefix, refused)
+		default:
 			return fmt.Errorf("image %s: %w", dg, errSignatureNotVerified)
 		}
-		return nil
 	}
 	if _, ok := src.(fetch.SignatureSource); !ok {
 		if rule.Require {
@@ -126,7 +224,7 @@ func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src f
 	if err != nil {
 		return err
 	}
-	var refused verdictErrors
+	refused = nil
 	for _, f := range files {
 		sig, err := trust.ParseBlobSignature(f.Data)
 		var k *trust.Key
@@ -135,6 +233,7 @@ func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src f
 		}
 		if err == nil {
 			d.recordVerdict(content, k)
+			d.keep(ctx, dg, fetch.KeptSignature{Blob: f.Data})
 			d.metrics.signatureCheck("verified")
 			log.V(2).Info("Image signature verified", "image", dg.String(), "signature", f.Location, "key", k.String(), "policyPrefix", rule.Prefix)
 			return nil
@@ -184,9 +283,9 @@ func (e verdictErrors) Unwrap() []error { return e }
 // reference names in a registry now: it resolves the name to a manifest
 // digest and checks the signatures cosign stores for that digest (the
 // sha256-<hex>.sig tag, sigstore bundle referrers). It returns the
-// manifest digest and the key that signed it; no key (and no error) when
+// manifest digest and the verified signature; none (and no error) when
 // the rule does not require a signature and none is stored.
-func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, src fetch.ManifestSigner, rule *trust.Rule) (string, *trust.Key, error) {
+func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, src fetch.ManifestSigner, rule *trust.Rule) (string, *manifestVerdict, error) {
 	log := klog.FromContext(ctx)
 	manifest, sigs, err := d.store.ManifestSignatures(ctx, src, spec.Ref.Name)
 	if err != nil {
@@ -215,7 +314,7 @@ func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, sr
 		if err == nil {
 			d.metrics.signatureCheck("verified")
 			log.V(2).Info("Manifest signature verified", "manifest", manifest, "signature", s.Location, "key", k.String(), "policyPrefix", rule.Prefix)
-			return manifest, k, nil
+			return manifest, &manifestVerdict{key: k, kept: fetch.KeptSignature{Manifest: manifest, Payload: s.Payload, Signature: s.Signature, Bundle: s.Bundle}}, nil
 		}
 		if !isVerdict(err) {
 			return "", nil, fmt.Errorf("checking the signature %s: %w", s.Location, err)

@@ -2,6 +2,8 @@ package driver
 
 import (
 	"context"
+	"encoding/json"
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -185,7 +187,7 @@ func TestSignedOCIImages(t *testing.T) {
 	res1, m1 := push("v1", files("one"))
 	key.Sign(t, r, repoName, m1)
 	push("unsigned", files("unsigned"))
-	_, m3 := push("bundled", files("bundled"))
+	res3, m3 := push("bundled", files("bundled"))
 	testsign.AttachBundle(t, r, testsign.Manifest(t, r, "bundled"), key.ManifestBundle(t, repoName, m3))
 	_, m4 := push("stranger", files("stranger"))
 	stranger.Sign(t, r, repoName, m4)
@@ -198,17 +200,18 @@ func TestSignedOCIImages(t *testing.T) {
 	w := writePolicy(t, policy, testsign.Policy("oci://"+reg.Host+"/team", true, key))
 	rec := &fakeRecorder{}
 	ctx := klog.NewContext(context.Background(), klog.Background())
-	st, err := fetch.Open(ctx, t.TempDir(), fetch.Options{Retries: -1})
+	storeDir := t.TempDir()
+	st, err := fetch.Open(ctx, storeDir, fetch.Options{Retries: -1})
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer st.Close()
+	defer func() { st.Close() }()
 	ss := &signerStore{Store: st}
 	d, err := New(Config{NodeID: "n", Registries: RegistryConfig{Insecure: []string{reg.Host}}}, ss, WithTrustPolicy(w), WithEventRecorder(rec))
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer d.Close()
+	defer func() { d.Close() }()
 	if err := d.Recover(ctx); err != nil {
 		t.Fatal(err)
 	}
@@ -285,9 +288,155 @@ func TestSignedOCIImages(t *testing.T) {
 	if _, err := publish("v1", "Always"); status.Code(err) != codes.PermissionDenied {
 		t.Fatalf("v1 moved to an unsigned manifest: %v, want PermissionDenied", err)
 	}
+
+	// A restart (a new driver on the same store): the manifest signatures
+	// kept for v1 (cosign's tag) and bundled (a bundle referrer) verify
+	// again offline for pullPolicy Never, under the policy of the new
+	// process.
+	restart := func(policyText string) {
+		t.Helper()
+		d.Close()
+		st.Close()
+		if st, err = fetch.Open(ctx, storeDir, fetch.Options{Retries: -1}); err != nil {
+			t.Fatal(err)
+		}
+		w := writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)
+		if d, err = New(Config{NodeID: "n", Registries: RegistryConfig{Insecure: []string{reg.Host}}}, st, WithTrustPolicy(w), WithEventRecorder(rec)); err != nil {
+			t.Fatal(err)
+		}
+		if err := d.Recover(ctx); err != nil {
+			t.Fatal(err)
+		}
+		node = serveGRPC(t, d)
+	}
+	restart(testsign.Policy("oci://"+reg.Host+"/team", true, key))
+	reg.Reset()
+	for tag, dg := range map[string]cfs.Digest{"v1": res1.Digest, "bundled": res3.Digest} {
+		if _, err := publish(tag, "Never", "digest", dg.String()); err != nil {
+			t.Errorf("%s, pullPolicy Never, after a restart: %v", tag, err)
+		}
+	}
+	if n := reg.Counts().Requests; n != 0 {
+		t.Errorf("pullPolicy Never: %d registry requests", n)
+	}
+	// IfNotPresent asks the registry again (the manifest-to-image link is
+	// only the store's word): the tag bundled still names the signed image.
+	if _, err := publish("bundled", "", "digest", res3.Digest.String()); err != nil {
+		t.Errorf("bundled by digest after a restart: %v", err)
+	}
+	if n := reg.Counts().Requests; n == 0 {
+		t.Error("IfNotPresent after a restart: the registry was not asked")
+	}
+	// The key leaves the policy: its kept signatures no longer count.
+	restart(testsign.Policy("oci://"+reg.Host+"/team", true, stranger))
+	for tag, dg := range map[string]cfs.Digest{"v1": res1.Digest, "bundled": res3.Digest} {
+		if _, err := publish(tag, "Never", "digest", dg.String()); status.Code(err) != codes.PermissionDenied {
+			t.Errorf("%s, pullPolicy Never, its key removed from the policy: %v, want PermissionDenied", tag, err)
+		}
+	}
 }
 
 // signatureOf is the base64 signature the key makes over b.
 func signatureOf(t *testing.T, k testsign.Key, b []byte) string {
 	return strings.TrimSpace(string(k.SignBlob(t, b)))
+}
+
+// TestKeptSignaturesAfterRestart (HTTP repositories): the signature an
+// IfNotPresent publish verified is kept in the store; after a restart it is
+// verified again offline (pullPolicy Never, and IfNotPresent without asking
+// the repository). A kept file changed by someone who can write the store
+// is not a verdict: another signature in its place does not verify over
+// the image (PermissionDenied), a damaged file is no signature
+// (FailedPrecondition), and the next IfNotPresent publish keeps a good one.
+func TestKeptSignaturesAfterRestart(t *testing.T) {
+	needRoot(t)
+	repo := newTestRepo(t)
+	key := testsign.NewKey(t)
+	images := filepath.Join(repo.dir, "images")
+	dg := repo.publish(t, "signed", sampleFiles(300))
+	other := repo.publish(t, "other", sampleFiles(301))
+	sigOf := func(name string) []byte {
+		b, err := os.ReadFile(filepath.Join(images, name))
+		if err != nil {
+			t.Fatal(err)
+		}
+		return key.SignBlob(t, b)
+	}
+	if err := os.WriteFile(filepath.Join(images, "signed.sig"), sigOf("signed"), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	otherSig := sigOf("other")
+	policyText := testsign.Policy(repo.srv.URL, true, key)
+	e := newTestEnv(t, Config{}, WithTrustPolicy(writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)))
+	restart := func() {
+		t.Helper()
+		e.close()
+		e.open(Config{}, WithTrustPolicy(writePolicy(t, filepath.Join(t.TempDir(), "policy.yaml"), policyText)))
+	}
+	n := 0
+	publish := func(pull string) error {
+		n++
+		target := filepath.Join(t.TempDir(), "vol")
+		cleanupMounts(t, target)
+		vc := map[string]string{"repository": repo.srv.URL, "image": "signed", "digest": dg.String(), "pullPolicy": pull}
+		_, err := e.d.NodePublishVolume(context.Background(), publishReq(fmt.Sprint("v", n), target, vc))
+		return err
+	}
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatal(err)
+	}
+	kept := filepath.Join(e.root, "signatures", dg.String()+".json")
+	good, err := os.ReadFile(kept)
+	if err != nil {
+		t.Fatalf("the verified signature is not kept: %v", err)
+	}
+
+	restart()
+	before := repo.requests("/images/")
+	if err := publish("Never"); err != nil {
+		t.Fatalf("pullPolicy Never after a restart: %v", err)
+	}
+	restart()
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatalf("IfNotPresent after a restart: %v", err)
+	}
+	if n := repo.requests("/images/") - before; n != 0 {
+		t.Errorf("after a restart: %d requests for images or signatures, want none (the kept signature verifies)", n)
+	}
+
+	// Someone who can write the store puts a genuine signature of another
+	// image in its place.
+	var kf struct {
+		Version    int                   `json:"version"`
+		Signatures []fetch.KeptSignature `json:"signatures"`
+	}
+	if err := json.Unmarshal(good, &kf); err != nil || len(kf.Signatures) != 1 {
+		t.Fatalf("kept file %s: %v", good, err)
+	}
+	kf.Signatures[0].Blob = otherSig
+	forged, _ := json.Marshal(kf)
+	for _, c := range []struct {
+		name string
+		data []byte
+		want codes.Code
+	}{
+		{"a signature of image " + other.String()[:12], forged, codes.PermissionDenied},
+		{"a damaged file", []byte("{"), codes.FailedPrecondition},
+	} {
+		if err := os.WriteFile(kept, c.data, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		restart()
+		if err := publish("Never"); status.Code(err) != c.want {
+			t.Errorf("kept file replaced by %s: %v, want %s", c.name, err, c.want)
+		}
+	}
+	// IfNotPresent verifies from the repository again and keeps it.
+	if err := publish("IfNotPresent"); err != nil {
+		t.Fatal(err)
+	}
+	restart()
+	if err := publish("Never"); err != nil {
+		t.Fatalf("pullPolicy Never after the signature was kept again: %v", err)
+	}
 }

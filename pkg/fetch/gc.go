@@ -112,8 +112,14 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 			}
 			continue
 		}
+		if err := s.removeKept(im.d); err != nil {
+			return st, fmt.Errorf("GC: removing the kept signatures of image %s: %w", im.d, err)
+		}
 		st.ImagesRemoved++
 		st.BytesFreed += im.bytes
+	}
+	if _, err := s.sweepKept(ctx); err != nil {
+		return st, err
 	}
 	var garbage []cfs.Digest
 	for d := range objects {

@@ -241,6 +241,7 @@ type Store struct {
 	open func(path string) (storeFile, error)
 
 	prov   provenance // who showed what (provenance.go)
+	keptMu sync.Mutex // serialises changes under signatures/ (signatures_kept.go)
 	proofs proofCounters
 
 	c counters
@@ -262,7 +263,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 			return nil, err
 		}
 	}
-	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir} {
+	for _, d := range []string{"", objectsDir, imagesDir, tmpDir, quarantineDir, signaturesDir} {
 		if err := os.MkdirAll(filepath.Join(root, d), 0o755); err != nil {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
 		}

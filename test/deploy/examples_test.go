@@ -1,6 +1,8 @@
 package deploy
 
 import (
+	"errors"
+	"io/fs"
 	"os"
 	"path/filepath"
 	"strings"
@@ -18,7 +20,12 @@ import (
 // has volume attributes and secrets the plugin accepts (its own parsers),
 // is read-only, and refers only to claims, volumes and secrets it defines.
 func TestExamples(t *testing.T) {
-	files := yamlFiles(t, filepath.Join(kustomDir, "examples"))
+	var files []string
+	for _, f := range yamlFiles(t, filepath.Join(kustomDir, "examples")) {
+		if !inComponent(t, f) {
+			files = append(files, f)
+		}
+	}
 	if len(files) < 4 {
 		t.Fatalf("%d example files, want inline, static PV, shared PV and private repository", len(files))
 	}
@@ -110,43 +117,7 @@ func TestExamples(t *testing.T) {
 // TestKustomizeOverlay: the overlay the examples README shows builds on the
 // base, and the plugin's serve command accepts the arguments it adds.
 func TestKustomizeOverlay(t *testing.T) {
-	readme, err := os.ReadFile(filepath.Join(kustomDir, "examples", "README.md"))
-	if err != nil {
-		t.Fatal(err)
-	}
-	_, block, ok := strings.Cut(string(readme), "```yaml\n# kustomization.yaml of your overlay\n")
-	block, _, ok2 := strings.Cut(block, "```")
-	if !ok || !ok2 {
-		t.Fatal("the examples README has no overlay kustomization")
-	}
-	base, err := filepath.Abs(kustomDir)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	rel, err := filepath.Rel(dir, base) // kustomize takes relative bases only
-	if err != nil {
-		t.Fatal(err)
-	}
-	var lines []string
-	for _, l := range strings.Split(block, "\n") {
-		if strings.Contains(l, "deploy/kubernetes") && strings.HasPrefix(strings.TrimSpace(l), "- ") {
-			l = "  - " + rel // the README's path is relative to the reader's checkout
-		}
-		lines = append(lines, l)
-	}
-	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(strings.Join(lines, "\n")), 0o644); err != nil {
-		t.Fatal(err)
-	}
-	res, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
-	if err != nil {
-		t.Fatalf("building the README's overlay: %v", err)
-	}
-	y, err := res.AsYaml()
-	if err != nil {
-		t.Fatal(err)
-	}
-	ds := only[*appsv1.DaemonSet](t, decodeAll(t, "the overlay", y))
+	ds := only[*appsv1.DaemonSet](t, readmeOverlay(t, "# kustomization.yaml of your overlay", nil))
 	c := containerOf(t, ds, "csi-composefs")
 	cfg := parseServe(t, c)
 	if got := strings.Join(cfg.Driver.AllowedSources, " "); got != "https://repo.example.com/apps/" {
@@ -155,4 +126,72 @@ func TestKustomizeOverlay(t *testing.T) {
 	if !strings.HasSuffix(c.Image, ":v0.1.0") {
 		t.Errorf("image %s", c.Image)
 	}
+}
+
+// readmeOverlay builds the overlay kustomization the examples README shows
+// in the yaml block starting with header, in a temporary directory: its
+// base is this checkout's, and each line "- NAME" for NAME in dirs becomes
+// that directory (a component the README says to copy).
+func readmeOverlay(t *testing.T, header string, dirs map[string]string) []object {
+	t.Helper()
+	readme, err := os.ReadFile(filepath.Join(kustomDir, "examples", "README.md"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	_, block, ok := strings.Cut(string(readme), "```yaml\n"+header+"\n")
+	block, _, ok2 := strings.Cut(block, "```")
+	if !ok || !ok2 {
+		t.Fatalf("the examples README has no overlay kustomization %q", header)
+	}
+	dir := t.TempDir()
+	rel := func(p string) string {
+		abs, err := filepath.Abs(p)
+		if err != nil {
+			t.Fatal(err)
+		}
+		r, err := filepath.Rel(dir, abs) // kustomize takes relative bases only
+		if err != nil {
+			t.Fatal(err)
+		}
+		return r
+	}
+	var lines []string
+	for _, l := range strings.Split(block, "\n") {
+		item, isItem := strings.CutPrefix(strings.TrimSpace(l), "- ")
+		item, _, _ = strings.Cut(item, " ")
+		switch {
+		case isItem && strings.Contains(item, "deploy/kubernetes"):
+			l = "  - " + rel(kustomDir) // the README's path is relative to the reader's checkout
+		case isItem && dirs[item] != "":
+			l = "  - " + rel(dirs[item])
+		}
+		lines = append(lines, l)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "kustomization.yaml"), []byte(strings.Join(lines, "\n")), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	res, err := krusty.MakeKustomizer(krusty.MakeDefaultOptions()).Run(filesys.MakeFsOnDisk(), dir)
+	if err != nil {
+		t.Fatalf("building the README's overlay %q: %v", header, err)
+	}
+	y, err := res.AsYaml()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return decodeAll(t, "the overlay "+header, y)
+}
+
+// inComponent reports whether f is in the directory of a kustomize
+// component (its kustomization and the files it generates objects from),
+// which TestTrustPolicyOverlay builds.
+func inComponent(t *testing.T, f string) bool {
+	t.Helper()
+	b, err := os.ReadFile(filepath.Join(filepath.Dir(f), "kustomization.yaml"))
+	if errors.Is(err, fs.ErrNotExist) {
+		return false
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	return strings.Contains(string(b), "\nkind: Component\n")
 }

@@ -54,7 +54,9 @@ func (c *configMapDir) write(name, content string) {
 // directory: a signed image is published by name, an unsigned one refused
 // with PermissionDenied; the policy is edited while the plugin runs (a bad
 // edit keeps the last good policy; a good one takes effect without a
-// restart); a plugin given a policy that does not parse does not start.
+// restart); a signature verified before a restart still counts after it,
+// offline (pullPolicy Never), while its key stays in the policy; a plugin
+// given a policy that does not parse does not start.
 func TestSignatures(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("the node e2e mounts composefs images: needs root")
@@ -64,7 +66,7 @@ func TestSignatures(t *testing.T) {
 	}
 	r := newRepo(t)
 	key := testsign.NewKey(t)
-	r.publish(t, "signed", imageFiles(1))
+	signed := r.publish(t, "signed", imageFiles(1))
 	r.publish(t, "unsigned", imageFiles(2))
 	img, err := os.ReadFile(filepath.Join(r.dir, "images", "signed"))
 	if err != nil {
@@ -85,7 +87,9 @@ func TestSignatures(t *testing.T) {
 	p := e.start()
 	pods := t.TempDir()
 	n := 0
-	publish := func(image string) error {
+	// publish publishes image on a new target; attrs are more volume
+	// attributes, name and value.
+	publish := func(image string, attrs ...string) error {
 		n++
 		target := filepath.Join(pods, fmt.Sprintf("pod-%02d", n), "vol")
 		t.Cleanup(func() {
@@ -96,6 +100,9 @@ func TestSignatures(t *testing.T) {
 			}
 		})
 		vc := map[string]string{"repository": r.srv.URL, "image": image}
+		for i := 0; i+1 < len(attrs); i += 2 {
+			vc[attrs[i]] = attrs[i+1]
+		}
 		_, err := p.node.NodePublishVolume(context.Background(), publishReq(fmt.Sprintf("v%d", n), target, vc))
 		if err == nil {
 			checkFiles(t, target, imageFiles(map[string]int{"signed": 1, "unsigned": 2}[image]))
@@ -125,6 +132,43 @@ func TestSignatures(t *testing.T) {
 		err := publish("unsigned")
 		if err != nil && status.Code(err) != codes.PermissionDenied {
 			t.Fatalf("unsigned image: %v", err)
+		}
+		return err == nil
+	})
+
+	// A restart: what this node verified is verified again from the
+	// signature kept in its store, offline, against the policy in force.
+	p.kill()
+	cm.write("policy.yaml", testsign.Policy(r.srv.URL, true, key))
+	p = e.start()
+	first := filepath.Join(pods, "pod-01", "vol")
+	if _, err := p.node.NodePublishVolume(context.Background(), publishReq("v1", first, map[string]string{"repository": r.srv.URL, "image": "signed"})); err != nil {
+		t.Fatalf("repeating the publish of a volume published before the restart: %v", err)
+	}
+	checkFiles(t, first, imageFiles(1))
+	never := func() error { return publish("signed", "digest", signed.String(), "pullPolicy", "Never") }
+	if err := never(); err != nil {
+		t.Fatalf("signed image, pullPolicy Never, after a restart: %v, want it published (its signature was verified before the restart)", err)
+	}
+	if err := publish("unsigned", "pullPolicy", "Never"); status.Code(err) != codes.FailedPrecondition {
+		t.Fatalf("unsigned image, pullPolicy Never, after a restart: %v, want FailedPrecondition (no signature kept)", err)
+	}
+	// The key leaves the policy: its signature no longer counts.
+	other := testsign.NewKey(t)
+	cm.write("policy.yaml", testsign.Policy(r.srv.URL, true, other))
+	waitFor(t, "the key's removal to take effect", func() bool {
+		err := never()
+		if err != nil && status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("signed image, pullPolicy Never, its key removed from the policy: %v, want PermissionDenied", err)
+		}
+		return err != nil
+	})
+	// A rule that no longer requires a signature does not ask for one.
+	cm.write("policy.yaml", testsign.Policy(r.srv.URL, false, other))
+	waitFor(t, "the rule to stop requiring signatures", func() bool {
+		err := never()
+		if err != nil && status.Code(err) != codes.PermissionDenied {
+			t.Fatalf("signed image, pullPolicy Never, signatures no longer required: %v", err)
 		}
 		return err == nil
 	})
