@@ -143,6 +143,10 @@ func parseDigestAnnotation(ann map[string]string) (cfs.Digest, bool, error) {
 	if err != nil {
 		return cfs.Digest{}, true, fmt.Errorf("annotation %s: %w", AnnotationDigest, err)
 	}
+	if d.IsZero() {
+		// No content has it, and everywhere else it means "no digest".
+		return cfs.Digest{}, true, fmt.Errorf("annotation %s: the all-zero digest names no image", AnnotationDigest)
+	}
 	return d, true, nil
 }
 
