@@ -467,6 +467,11 @@ func (b *buildSink) publish(ctx context.Context, objs []cfs.Object, pid *princip
 	if err := s.durable.wait(ctx); err != nil {
 		return fmt.Errorf("storing objects: %w", err)
 	}
+	if pid != nil { // before the names: see fetchObject
+		for _, o := range objs {
+			s.noteShown(shownKey{d: o.Digest, p: *pid})
+		}
+	}
 	dirs := make(map[string]bool)
 	for _, o := range todo {
 		final := s.objectPath(o.Digest)

@@ -190,6 +190,9 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	final := s.ImagePath(d)
 	// Replacing a stored copy keeps who showed it.
 	s.carryShown(final, f.Name())
+	if pid != nil { // before the name: see fetchObject
+		s.noteShown(shownKey{d: d, image: true, p: *pid})
+	}
 	if err := os.Rename(f.Name(), final); err != nil {
 		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
 	}

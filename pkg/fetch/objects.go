@@ -386,6 +386,12 @@ func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Pr
 		if err != nil {
 			return err
 		}
+		if pid != nil {
+			// The source has delivered these verified bytes: record it
+			// before the object gets its name, so that a concurrent call
+			// of the same principal finding it stored needs no proof.
+			s.noteShown(shownKey{d: o.Digest, p: *pid})
+		}
 		dir, err := s.publishObject(ctx, f, o)
 		if err != nil {
 			return err
@@ -422,6 +428,9 @@ func (s *Store) publishObject(ctx context.Context, f *tempFile, o cfs.Object) (s
 	f = nil
 	if err != nil {
 		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
+	}
+	if s.afterPublish != nil {
+		s.afterPublish(o.Digest)
 	}
 	s.c.objectsFetched.Add(1)
 	s.c.objectBytesFetched.Add(o.Size)

@@ -513,3 +513,43 @@ func (g *flightGroup[T]) waiting() int {
 	}
 	return n
 }
+
+// TestNoProofForOwnConcurrentDownload: a call of principal A that finds an
+// object stored the moment another call of A downloaded it (its name just
+// given, that call not yet returned) counts it present: the principal
+// delivered it, so no proof request is made (30 pods of one source
+// starting at once made one before).
+func TestNoProofForOwnConcurrentDownload(t *testing.T) {
+	repo := t.TempDir()
+	files := []testFile{{name: "only", data: content(91, 50000)}}
+	d := writeRepoImage(t, repo, "one.cfs", files)
+	obj := objectURLPath(cfs.VerityDigestOf(files[0].data))
+	ts := newTestServer(t, repo)
+	s := openStore(t, t.TempDir(), testOptions())
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "one.cfs"}, ForPrincipal("A")); err != nil {
+		t.Fatal(err)
+	}
+	var (
+		second    Stats
+		secondErr error
+		ran       bool
+	)
+	s.afterPublish = func(cfs.Digest) {
+		if ran {
+			return
+		}
+		ran = true
+		second, secondErr = s.EnsureObjects(ctx, src, d, ForPrincipal("A"))
+	}
+	if _, err := s.EnsureObjects(ctx, src, d, ForPrincipal("A")); err != nil {
+		t.Fatal(err)
+	}
+	if !ran || secondErr != nil {
+		t.Fatalf("second call ran %v, err %v", ran, secondErr)
+	}
+	if second.Proven != 0 || second.Present != 1 || ts.count(obj) != 1 {
+		t.Fatalf("second call: %d proven, %d present; server: %d requests for the object; want 0, 1, 1", second.Proven, second.Present, ts.count(obj))
+	}
+}

@@ -230,6 +230,24 @@ func (s *Store) isShown(k shownKey) bool {
 	return hasID(ids, k.p)
 }
 
+// noteShown records k in memory only, until markShown persists it: for
+// an object about to get its name, so that no call finds it stored before
+// its provenance is known.
+func (s *Store) noteShown(k shownKey) {
+	pv := &s.prov
+	pv.mu.Lock()
+	defer pv.mu.Unlock()
+	pv.remember(k)
+}
+
+// remember keeps k in memory, bounded. The caller holds mu.
+func (pv *provenance) remember(k shownKey) {
+	if pv.mem == nil || len(pv.mem) >= maxShownInMemory {
+		pv.mem = make(map[shownKey]struct{})
+	}
+	pv.mem[k] = struct{}{}
+}
+
 // markShown records that k.p showed it holds k's content. Failing to
 // record only costs a proof later.
 func (s *Store) markShown(ctx context.Context, k shownKey) {
@@ -240,6 +258,7 @@ func (s *Store) markShown(ctx context.Context, k shownKey) {
 		path := s.shownPath(k)
 		err := addShown(path, k.p)
 		if err == nil {
+			delete(pv.mem, k) // on disk now (noteShown's copy is not needed)
 			return
 		}
 		if xattrUnsupported(err) {
@@ -249,10 +268,7 @@ func (s *Store) markShown(ctx context.Context, k shownKey) {
 			klog.FromContext(ctx).V(2).Info("Recording provenance failed; keeping it in memory", "path", path, "err", err)
 		}
 	}
-	if pv.mem == nil || len(pv.mem) >= maxShownInMemory {
-		pv.mem = make(map[shownKey]struct{})
-	}
-	pv.mem[k] = struct{}{}
+	pv.remember(k)
 }
 
 // addShown adds p to the attribute of path, pushing out the oldest ids

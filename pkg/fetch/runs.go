@@ -105,6 +105,9 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 		go func() {
 			defer fwg.Done()
 			defer func() { <-finishers }()
+			if pid != nil { // before the name: see fetchObject
+				s.noteShown(shownKey{d: o.Digest, p: *pid})
+			}
 			dir, err := s.publishObject(wctx, f, o)
 			if err != nil {
 				fail(err)

@@ -239,6 +239,9 @@ type Store struct {
 	// open replaces os.Open for Verify and image parsing (tests inject
 	// I/O errors); nil means os.Open.
 	open func(path string) (storeFile, error)
+	// afterPublish, when set (tests), runs as soon as a downloaded object
+	// has its name in objects/.
+	afterPublish func(cfs.Digest)
 
 	prov   provenance // who showed what (provenance.go)
 	keptMu sync.Mutex // serialises changes under signatures/ (signatures_kept.go)
