@@ -2,14 +2,12 @@ package driver
 
 import (
 	"crypto/sha256"
-	"crypto/tls"
 	"crypto/x509"
 	"encoding/base64"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
-	"net"
 	"net/http"
 	"net/url"
 	"path"
@@ -509,25 +507,11 @@ func newHTTPSource(base string, creds Credentials, allowRedirect func(*url.URL) 
 
 // transportWithCA is an HTTPS transport trusting the system roots plus ca.
 func transportWithCA(ca []byte) (http.RoundTripper, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil || roots == nil {
-		roots = x509.NewCertPool()
+	t, err := fetch.NewTransport(ca, 64, 30*time.Second)
+	if err != nil {
+		return nil, invalidArg("secrets", "key %q: %v", SecretCA, err)
 	}
-	if !roots.AppendCertsFromPEM(ca) {
-		return nil, invalidArg("secrets", "key %q: no PEM certificate found", SecretCA)
-	}
-	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
-		ForceAttemptHTTP2:     true,
-		HTTP2:                 fetch.HTTP2Config(), // bounded buffers per connection
-		MaxIdleConnsPerHost:   64,
-		MaxConnsPerHost:       64,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: 30 * time.Second,
-	}, nil
+	return t, nil
 }
 
 type dockerConfig struct {

@@ -269,22 +269,9 @@ func (s *Store) build(ctx context.Context, plan BuildPlan, ref ImageRef, pid *pr
 	if err := sink.publish(ctx, objs, pid); err != nil {
 		return cfs.Digest{}, err
 	}
-	if err := s.finishFile(f, d); err != nil {
-		return cfs.Digest{}, err
-	}
-	release := s.hold(d)
+	release, err := s.storeImageFile(ctx, &f, d, objs, pid)
 	defer release()
-	s.setIndex(d, objs)
-	final := s.ImagePath(d)
-	s.carryShown(final, f.Name())
-	if err := os.Rename(f.Name(), final); err != nil {
-		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
-	}
-	f = nil
-	if pid != nil {
-		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
-	}
-	if err := s.syncDir(filepath.Dir(final)); err != nil {
+	if err != nil {
 		return cfs.Digest{}, err
 	}
 	if err := s.saveRecord(buildRecord{Key: plan.Key(), Image: d.String(), Proof: proof}); err != nil {

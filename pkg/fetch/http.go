@@ -202,18 +202,35 @@ func (t *originAuth) CloseIdleConnections() {
 }
 
 func newTransport(opts HTTPOptions) (*http.Transport, error) {
+	var pem []byte
+	if opts.CAFile != "" {
+		var err error
+		if pem, err = os.ReadFile(opts.CAFile); err != nil {
+			return nil, fmt.Errorf("reading CA bundle: %w", err)
+		}
+	}
+	t, err := NewTransport(pem, opts.MaxConnsPerHost, opts.ResponseHeaderTimeout)
+	if err != nil {
+		return nil, fmt.Errorf("CA bundle %s: %w", opts.CAFile, err)
+	}
+	return t, nil
+}
+
+// ErrNoCertificate: a CA bundle without a PEM certificate.
+var ErrNoCertificate = errors.New("no PEM certificate found")
+
+// NewTransport is the HTTP transport of every source (HTTP repositories
+// and registries): the system's roots plus the PEM certificates of caPEM
+// (none: the system's alone), HTTP/2 with bounded buffers (HTTP2Config),
+// at most maxConnsPerHost connections to a host, and responseHeaderTimeout
+// for a response's headers.
+func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
 	roots, err := x509.SystemCertPool()
 	if err != nil || roots == nil {
 		roots = x509.NewCertPool()
 	}
-	if opts.CAFile != "" {
-		pem, err := os.ReadFile(opts.CAFile)
-		if err != nil {
-			return nil, fmt.Errorf("reading CA bundle: %w", err)
-		}
-		if !roots.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("CA bundle %s: no PEM certificate found", opts.CAFile)
-		}
+	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
+		return nil, ErrNoCertificate
 	}
 	return &http.Transport{
 		Proxy: http.ProxyFromEnvironment,
@@ -224,12 +241,12 @@ func newTransport(opts HTTPOptions) (*http.Transport, error) {
 		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
 		ForceAttemptHTTP2:     true,
 		HTTP2:                 HTTP2Config(),
-		MaxIdleConns:          opts.MaxConnsPerHost * 2,
-		MaxIdleConnsPerHost:   opts.MaxConnsPerHost,
-		MaxConnsPerHost:       opts.MaxConnsPerHost,
+		MaxIdleConns:          maxConnsPerHost * 2,
+		MaxIdleConnsPerHost:   maxConnsPerHost,
+		MaxConnsPerHost:       maxConnsPerHost,
 		IdleConnTimeout:       90 * time.Second,
 		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: opts.ResponseHeaderTimeout,
+		ResponseHeaderTimeout: responseHeaderTimeout,
 		ExpectContinueTimeout: time.Second,
 		// Objects are mostly compressible text and binaries that a server
 		// may gzip on the fly; the transport decompresses transparently.

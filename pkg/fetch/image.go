@@ -181,31 +181,40 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if err != nil {
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
-	if err := s.finishFile(f, d); err != nil {
-		return cfs.Digest{}, err
-	}
-	release := s.hold(d)
+	release, err := s.storeImageFile(ctx, &f, d, objs, pid)
 	defer release()
-	s.setIndex(d, objs)
-	final := s.ImagePath(d)
-	// Replacing a stored copy keeps who showed it.
-	s.carryShown(final, f.Name())
-	if pid != nil { // before the name: see fetchObject
-		s.noteShown(shownKey{d: d, image: true, p: *pid})
-	}
-	if err := os.Rename(f.Name(), final); err != nil {
-		return cfs.Digest{}, fmt.Errorf("storing image %s: %w", d, err)
-	}
-	f = nil
-	if pid != nil {
-		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
-	}
-	if err := s.syncDir(filepath.Dir(final)); err != nil {
+	if err != nil {
 		return cfs.Digest{}, err
 	}
 	s.c.imagesFetched.Add(1)
 	s.c.imageBytesFetched.Add(uint64(n))
 	return d, nil
+}
+
+// storeImageFile makes the verified temporary image file *f durable and
+// renames it into place as image d with the objects objs, recording that
+// pid showed it (when not nil); *f is nil once it was renamed. The image is
+// held against GC until the returned release is called (also on error).
+func (s *Store) storeImageFile(ctx context.Context, f **os.File, d cfs.Digest, objs []cfs.Object, pid *principalID) (release func(), err error) {
+	if err := s.finishFile(*f, d); err != nil {
+		return func() {}, err
+	}
+	release = s.hold(d)
+	s.setIndex(d, objs)
+	final := s.ImagePath(d)
+	// Replacing a stored copy keeps who showed it.
+	s.carryShown(final, (*f).Name())
+	if pid != nil { // before the name: see fetchObject
+		s.noteShown(shownKey{d: d, image: true, p: *pid})
+	}
+	if err := os.Rename((*f).Name(), final); err != nil {
+		return release, fmt.Errorf("storing image %s: %w", d, err)
+	}
+	*f = nil
+	if pid != nil {
+		s.markShown(ctx, shownKey{d: d, image: true, p: *pid})
+	}
+	return release, s.syncDir(filepath.Dir(final))
 }
 
 // Objects returns the objects the stored image references (parsed once and

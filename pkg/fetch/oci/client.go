@@ -179,26 +179,11 @@ func credentialFunc(ref Reference, opts Options) (auth.CredentialFunc, error) {
 }
 
 func newTransport(ca []byte) (*http.Transport, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil || roots == nil {
-		roots = x509.NewCertPool()
+	t, err := fetch.NewTransport(ca, 64, 30*time.Second)
+	if err != nil {
+		return nil, fmt.Errorf("CA bundle: %w", err)
 	}
-	if len(ca) > 0 && !roots.AppendCertsFromPEM(ca) {
-		return nil, errors.New("CA bundle: no PEM certificate found")
-	}
-	return &http.Transport{
-		Proxy:                 http.ProxyFromEnvironment,
-		DialContext:           (&net.Dialer{Timeout: 30 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
-		ForceAttemptHTTP2:     true,
-		HTTP2:                 fetch.HTTP2Config(), // bounded buffers per connection
-		MaxIdleConns:          128,
-		MaxIdleConnsPerHost:   64,
-		MaxConnsPerHost:       64,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: 30 * time.Second,
-	}, nil
+	return t, nil
 }
 
 // fetchManifest GETs the manifest or index reference names (a tag or a
