@@ -8,8 +8,10 @@ import (
 	"flag"
 	"fmt"
 	"os"
+	"runtime"
 	"runtime/pprof"
 	"strings"
+	"sync"
 	"time"
 
 	"k8s.io/klog/v2"
@@ -26,6 +28,40 @@ func peakRSS() string {
 		}
 	}
 	return "?"
+}
+
+// samplePeaks samples the runtime's memory every 10 ms; the func it
+// returns stops and describes the peaks.
+func samplePeaks() func() string {
+	var (
+		mu                         sync.Mutex
+		heap, stack, sys, goroutns uint64
+		stop                       = make(chan struct{})
+	)
+	go func() {
+		t := time.NewTicker(10 * time.Millisecond)
+		defer t.Stop()
+		var ms runtime.MemStats
+		for {
+			select {
+			case <-stop:
+				return
+			case <-t.C:
+			}
+			runtime.ReadMemStats(&ms)
+			mu.Lock()
+			heap, stack, sys = max(heap, ms.HeapInuse), max(stack, ms.StackInuse), max(sys, ms.Sys-ms.HeapReleased)
+			goroutns = max(goroutns, uint64(runtime.NumGoroutine()))
+			mu.Unlock()
+		}
+	}()
+	return func() string {
+		close(stop)
+		mu.Lock()
+		defer mu.Unlock()
+		return fmt.Sprintf("peaks: heap in use %.1f MiB, stacks %.1f MiB, runtime total %.1f MiB, goroutines %d",
+			float64(heap)/(1<<20), float64(stack)/(1<<20), float64(sys)/(1<<20), goroutns)
+	}
 }
 
 func main() {
@@ -51,6 +87,7 @@ func main() {
 		defer pprof.StopCPUProfile()
 	}
 	ctx := context.Background()
+	peaks := samplePeaks()
 	start := time.Now()
 	src, err := fetch.NewHTTPSource(*repo, fetch.HTTPOptions{CAFile: *ca})
 	if err == nil {
@@ -65,6 +102,7 @@ func main() {
 				var st fetch.Stats
 				st, err = s.EnsureObjects(ctx, src, dg)
 				fmt.Printf("%s: %d objects fetched, %d bytes, %.2f s, peak RSS %s\n", d, st.Fetched, st.FetchedBytes, time.Since(start).Seconds(), peakRSS())
+				fmt.Println(peaks())
 				if *memprof != "" {
 					if f, err := os.Create(*memprof); err == nil {
 						pprof.WriteHeapProfile(f)

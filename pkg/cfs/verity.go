@@ -112,7 +112,9 @@ var _ hash.Hash = (*VerityHash)(nil)
 
 // NewVerityHash returns a streaming fs-verity SHA-256 hasher.
 func NewVerityHash() *VerityHash {
-	return &VerityHash{levels: make([]verityLevel, 1, 4)}
+	// Two levels cover objects up to 512 KiB (most of them); more are
+	// added as needed.
+	return &VerityHash{levels: make([]verityLevel, 1, 2)}
 }
 
 // Size returns DigestSize.
@@ -132,24 +134,26 @@ func (v *VerityHash) Reset() {
 func (v *VerityHash) Write(p []byte) (int, error) {
 	total := len(p)
 	v.size += uint64(total)
-	l0 := &v.levels[0]
-	if l0.n > 0 {
+	// push may grow (move) levels: no pointer into it is kept across one.
+	if l0 := &v.levels[0]; l0.n > 0 {
 		c := copy(l0.buf[l0.n:], p)
 		l0.n += c
 		p = p[c:]
 		if l0.n < VerityBlockSize {
 			return total, nil
 		}
-		v.push(1, sha256.Sum256(l0.buf[:]))
+		h := sha256.Sum256(l0.buf[:])
 		l0.n = 0
 		l0.emitted++
+		v.push(1, h)
 	}
 	for len(p) >= VerityBlockSize {
-		v.push(1, sha256.Sum256(p[:VerityBlockSize]))
-		l0.emitted++
+		h := sha256.Sum256(p[:VerityBlockSize])
+		v.levels[0].emitted++
+		v.push(1, h)
 		p = p[VerityBlockSize:]
 	}
-	l0.n = copy(l0.buf[:], p)
+	v.levels[0].n = copy(v.levels[0].buf[:], p)
 	return total, nil
 }
 

@@ -306,15 +306,24 @@ func (s *HTTPSource) OpenImage(ctx context.Context, ref ImageRef) (io.ReadCloser
 	if err != nil {
 		return nil, 0, err
 	}
-	return httpBody{resp.Body, "reading image", resp.Request.URL.String()}, resp.ContentLength, nil
+	return httpBody{resp.Body, "reading image", resp.Request.URL}, resp.ContentLength, nil
 }
 
 // ObjectLocation returns the URL of the object d.
-func (s *HTTPSource) ObjectLocation(d cfs.Digest) string { return s.url("objects", d.ObjectPath()) }
+func (s *HTTPSource) ObjectLocation(d cfs.Digest) string { return s.objectURL(d).String() }
+
+// objectURL is the URL of the object d, built without formatting and
+// parsing a string (a pull makes one request per object).
+func (s *HTTPSource) objectURL(d cfs.Digest) *url.URL {
+	u := *s.base
+	u.Path = strings.TrimSuffix(u.Path, "/") + "/objects/" + d.ObjectPath()
+	u.RawPath = ""
+	return &u
+}
 
 // OpenObject GETs BASE/objects/xx/yyyy….
 func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
-	resp, err := s.get(ctx, "fetching object", s.ObjectLocation(d))
+	resp, err := s.getURL(ctx, "fetching object", s.objectURL(d))
 	if err != nil {
 		return nil, err
 	}
@@ -327,16 +336,27 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 		return nil, &SourceError{Op: "fetching object", URL: resp.Request.URL.String(),
 			Err: fmt.Errorf("server announces %d bytes, the image records %d: %w", resp.ContentLength, size, kind)}
 	}
-	return httpBody{resp.Body, "reading object", resp.Request.URL.String()}, nil
+	return httpBody{resp.Body, "reading object", resp.Request.URL}, nil
 }
 
 // get GETs rawURL; header holds extra header names and values (a Range
 // request also accepts 206).
 func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, rawURL, nil)
+	u, err := url.Parse(rawURL)
 	if err != nil {
 		return nil, &SourceError{Op: op, URL: rawURL, Err: errors.New(redactURLsIn(err.Error()))}
 	}
+	return s.getURL(ctx, op, u, header...)
+}
+
+// getURL is get of a parsed URL (u is the request's: not to be changed).
+func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header ...string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "", nil)
+	if err != nil {
+		return nil, &SourceError{Op: op, URL: u.String(), Err: errors.New(redactURLsIn(err.Error()))}
+	}
+	req.URL, req.Host = u, strings.TrimSuffix(u.Host, ":") // as NewRequest does
+	rawURL := func() string { return u.String() }
 	for i := 0; i+1 < len(header); i += 2 {
 		req.Header.Set(header[i], header[i+1])
 	}
@@ -344,7 +364,7 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 	resp, err := s.client.Do(req)
 	if err != nil {
 		if ctx.Err() != nil {
-			return nil, &SourceError{Op: op, URL: rawURL, Err: context.Cause(ctx)}
+			return nil, &SourceError{Op: op, URL: rawURL(), Err: context.Cause(ctx)}
 		}
 		// Strip the *url.Error wrapper: it repeats the URL.
 		var ue *url.Error
@@ -352,20 +372,20 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 			err = ue.Err
 		}
 		if errors.Is(err, ErrRedirectRefused) || errors.Is(err, ErrRedirectLoop) {
-			return nil, &SourceError{Op: op, URL: rawURL, Err: err} // final: the next try goes the same way
+			return nil, &SourceError{Op: op, URL: rawURL(), Err: err} // final: the next try goes the same way
 		}
 		var certErr *tls.CertificateVerificationError
 		var unknownCA x509.UnknownAuthorityError
 		var hostErr x509.HostnameError
 		if errors.As(err, &certErr) || errors.As(err, &unknownCA) || errors.As(err, &hostErr) {
-			return nil, &SourceError{Op: op, URL: rawURL, Err: err} // retrying will not help
+			return nil, &SourceError{Op: op, URL: rawURL(), Err: err} // retrying will not help
 		}
 		// The caller's context is alive, so a timeout here is ours (no
 		// response headers in time, a dial or TLS handshake that hung): a
 		// transient failure of the server, not the caller giving up, which
 		// is what net/http's errors.Is(err, context.DeadlineExceeded) would
 		// say. Messages of net/http may quote a URL (a bad Location).
-		return nil, &SourceError{Op: op, URL: rawURL, Err: Transient(errors.New(redactURLsIn(err.Error())))}
+		return nil, &SourceError{Op: op, URL: rawURL(), Err: Transient(errors.New(redactURLsIn(err.Error())))}
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {
 		return resp, nil
@@ -373,7 +393,7 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 	// Drain a little so that the connection can be reused.
 	_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 	resp.Body.Close()
-	se := &SourceError{Op: op, URL: rawURL, Status: resp.StatusCode}
+	se := &SourceError{Op: op, URL: rawURL(), Status: resp.StatusCode}
 	if resp.StatusCode == http.StatusTooManyRequests || resp.StatusCode == http.StatusServiceUnavailable {
 		se.RetryAfter = parseRetryAfter(resp.Header.Get("Retry-After"), time.Now())
 	}
@@ -391,16 +411,18 @@ func (s *HTTPSource) get(ctx context.Context, op, rawURL string, header ...strin
 	return nil, se
 }
 
-// httpBody names the URL in read errors (resets, truncation).
+// httpBody names the URL in read errors (resets, truncation); the URL is
+// formatted only then.
 type httpBody struct {
 	io.ReadCloser
-	op, url string
+	op  string
+	url *url.URL
 }
 
 func (b httpBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)
 	if err != nil && err != io.EOF {
-		err = &SourceError{Op: b.op, URL: b.url, Err: err}
+		err = &SourceError{Op: b.op, URL: b.url.String(), Err: err}
 	}
 	return n, err
 }

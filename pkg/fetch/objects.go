@@ -472,7 +472,8 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 	}
 	lim.observeRTT(time.Since(t0))
 	defer body.Close()
-	f, err := s.receiveRest(objectLocation(src, o.Digest), o, meterReader{body, meter}, p, pt, &lim.received)
+	where := func() string { return objectLocation(src, o.Digest) }
+	f, err := s.receiveRest(where, o, meterReader{body, meter}, p, pt, &lim.received)
 	if err != nil {
 		return nil, err
 	}
@@ -483,13 +484,13 @@ func (s *Store) downloadObject(ctx context.Context, src Source, o cfs.Object, p 
 // receiveObject streams o's bytes from body (at most one more than its
 // size is read) into a new file under tmp/ through the fs-verity hasher,
 // and checks its size and digest; where names the source of the bytes in
-// errors. The returned file is complete and verified but not yet durable;
+// errors (called only then). The returned file is complete and verified but not yet durable;
 // on error nothing is left behind (a run source's requests are not
 // resumed object by object).
 //
 // room is the object's reservation in the download budget: the file holds
 // it until it leaves tmp/ (published or discarded).
-func (s *Store) receiveObject(where string, o cfs.Object, body io.Reader, p *Progress, room *reservation) (*tempFile, error) {
+func (s *Store) receiveObject(where func() string, o cfs.Object, body io.Reader, p *Progress, room *reservation) (*tempFile, error) {
 	pt, err := s.createPartial(o, room)
 	if err != nil {
 		return nil, err

@@ -23,15 +23,15 @@ func (s *HTTPSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uin
 		return nil, false, fmt.Errorf("range %d+%d of an object of %d bytes", off, n, size)
 	}
 	const op = "fetching object range"
-	resp, err := s.get(ctx, op, s.ObjectLocation(d), "Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
+	resp, err := s.getURL(ctx, op, s.objectURL(d), "Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	if err != nil {
 		return nil, false, err
 	}
-	loc := resp.Request.URL.String()
+	loc := resp.Request.URL
 	fail := func(err error) (io.ReadCloser, bool, error) {
 		_, _ = io.CopyN(io.Discard, resp.Body, 4096)
 		resp.Body.Close()
-		return nil, false, &SourceError{Op: op, URL: loc, Status: resp.StatusCode, Err: err}
+		return nil, false, &SourceError{Op: op, URL: loc.String(), Status: resp.StatusCode, Err: err}
 	}
 	if resp.StatusCode == http.StatusOK {
 		if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {

@@ -198,7 +198,7 @@ func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run
 			if err != nil {
 				return err
 			}
-			f, err := s.receiveObject(fmt.Sprintf("%s (object %s)", run.Where, o.Digest), o.Object, io.LimitReader(r, int64(o.Size)), p, room)
+			f, err := s.receiveObject(func() string { return fmt.Sprintf("%s (object %s)", run.Where, o.Digest) }, o.Object, io.LimitReader(r, int64(o.Size)), p, room)
 			if err != nil {
 				room.release()
 				return s.stallError(ctx, actx, err)

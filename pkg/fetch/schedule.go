@@ -63,12 +63,20 @@ const (
 type adaptiveLimit struct {
 	max int
 
-	mu          sync.Mutex
-	limit       int
-	inflight    int
-	workers     int // goroutines of the call: downloading or waiting to be durable
-	peak        int // most in flight since the last adjustment
-	wake        chan struct{}
+	mu       sync.Mutex
+	limit    int
+	inflight int
+	workers  int // goroutines of the call: downloading or waiting to be durable
+	peak     int // most in flight since the last adjustment
+	// waiters wait for a download slot, first come first served: a slot
+	// that frees wakes one of them, not all (a broadcast woke every
+	// waiting goroutine, up to three per slot, for each download ending,
+	// and most went back to sleep: a few per cent of a pull's CPU).
+	waiters []chan struct{}
+	woken   int  // waiters woken that have not yet come for their slot
+	tick    bool // a timer will adjust and wake (armLocked)
+	// workerWake wakes the call's goroutine waiting in acquireWorker.
+	workerWake  chan struct{}
 	pausedUntil time.Time
 	growing     bool
 	failed      bool // a failure halved the limit: it never grows again
@@ -93,42 +101,98 @@ func newAdaptiveLimit(max int, now func() time.Time, log klog.Logger) *adaptiveL
 	}
 	return &adaptiveLimit{
 		max: max, limit: min(initialParallelism, max), growing: true,
-		wake: make(chan struct{}), now: now, lastAdjust: now(), log: log,
+		workerWake: make(chan struct{}, 1), now: now, lastAdjust: now(), log: log,
 	}
 }
 
 // acquire waits for a download slot (and for any Retry-After pause).
 func (l *adaptiveLimit) acquire(ctx context.Context) error {
+	woken := false
 	for {
 		l.mu.Lock()
+		if woken {
+			l.woken--
+			woken = false
+		}
 		l.adjustLocked()
-		wait := l.pausedUntil.Sub(l.now())
-		if wait <= 0 && l.inflight < l.limit {
+		if !l.pausedLocked() && l.inflight+l.woken < l.limit {
 			l.inflight++
 			l.peak = max(l.peak, l.inflight)
 			l.mu.Unlock()
 			return nil
 		}
-		wake := l.wake
+		ch := make(chan struct{}, 1)
+		l.waiters = append(l.waiters, ch)
+		l.armLocked()
 		l.mu.Unlock()
-		if wait <= 0 {
-			// Wake up for the next adjustment even when no slot frees.
-			wait = l.interval()
-		}
-		t := time.NewTimer(wait)
 		select {
-		case <-wake:
-		case <-t.C:
+		case <-ch:
+			woken = true
 		case <-ctx.Done():
-			t.Stop()
+			l.leave(ch)
 			return context.Cause(ctx)
 		}
-		t.Stop()
+	}
+}
+
+func (l *adaptiveLimit) pausedLocked() bool { return l.pausedUntil.After(l.now()) }
+
+// armLocked makes sure that a timer runs the adjustment (and ends a
+// Retry-After pause) while downloads wait, even when no slot frees.
+func (l *adaptiveLimit) armLocked() {
+	if l.tick {
+		return
+	}
+	wait := l.intervalLocked()
+	if p := l.pausedUntil.Sub(l.now()); p > 0 {
+		wait = p
+	}
+	l.tick = true
+	time.AfterFunc(wait, func() {
+		l.mu.Lock()
+		defer l.mu.Unlock()
+		l.tick = false
+		l.adjustLocked()
+		l.wakeLocked()
+		if len(l.waiters) > 0 {
+			l.armLocked()
+		}
+	})
+}
+
+// leave takes ch out of the waiters; when it was woken meanwhile, the
+// wake-up goes to the next waiter, so that no free slot is left unclaimed.
+func (l *adaptiveLimit) leave(ch chan struct{}) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if i := slices.Index(l.waiters, ch); i >= 0 {
+		l.waiters = slices.Delete(l.waiters, i, i+1)
+		return
+	}
+	select {
+	case <-ch:
+		l.woken--
+		l.wakeLocked()
+	default:
+	}
+}
+
+// wakeLocked wakes, first come first served, as many waiters as there are
+// free slots not yet promised to a woken one (none during a pause).
+func (l *adaptiveLimit) wakeLocked() {
+	if len(l.waiters) == 0 || l.pausedLocked() {
+		return
+	}
+	for l.woken < l.limit-l.inflight && len(l.waiters) > 0 {
+		l.waiters[0] <- struct{}{}
+		l.waiters[0] = nil
+		l.waiters = l.waiters[1:]
+		l.woken++
 	}
 }
 
 // acquireWorker waits until the call has fewer than waitersPerSlot
-// goroutines per download slot.
+// goroutines per download slot. One goroutine of a call calls it.
 func (l *adaptiveLimit) acquireWorker(ctx context.Context) error {
 	for {
 		l.mu.Lock()
@@ -137,10 +201,9 @@ func (l *adaptiveLimit) acquireWorker(ctx context.Context) error {
 			l.mu.Unlock()
 			return nil
 		}
-		wake := l.wake
 		l.mu.Unlock()
 		select {
-		case <-wake:
+		case <-l.workerWake:
 		case <-ctx.Done():
 			return context.Cause(ctx)
 		}
@@ -150,21 +213,29 @@ func (l *adaptiveLimit) acquireWorker(ctx context.Context) error {
 func (l *adaptiveLimit) releaseWorker() {
 	l.mu.Lock()
 	l.workers--
-	l.broadcastLocked()
 	l.mu.Unlock()
+	l.wakeWorker()
+}
+
+func (l *adaptiveLimit) wakeWorker() {
+	select {
+	case l.workerWake <- struct{}{}:
+	default:
+	}
 }
 
 func (l *adaptiveLimit) release() {
 	l.mu.Lock()
 	l.inflight--
 	l.adjustLocked()
-	l.broadcastLocked()
+	l.wakeLocked()
 	l.mu.Unlock()
 }
 
-func (l *adaptiveLimit) broadcastLocked() {
-	close(l.wake)
-	l.wake = make(chan struct{})
+// limitChangedLocked wakes whoever a higher limit lets in.
+func (l *adaptiveLimit) limitChangedLocked() {
+	l.wakeLocked()
+	l.wakeWorker()
 }
 
 // observeRTT records the time a request took to its response headers.
@@ -176,12 +247,6 @@ func (l *adaptiveLimit) observeRTT(d time.Duration) {
 	l.rttSum += d
 	l.rttCount++
 	l.mu.Unlock()
-}
-
-func (l *adaptiveLimit) interval() time.Duration {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	return l.intervalLocked()
 }
 
 func (l *adaptiveLimit) intervalLocked() time.Duration {
@@ -220,7 +285,7 @@ func (l *adaptiveLimit) adjustLocked() {
 		// double, and hold there.
 		if unqueued && l.limit < l.max {
 			l.limit = min(2*l.limit, l.max)
-			l.broadcastLocked()
+			l.limitChangedLocked()
 		}
 		return
 	}
@@ -229,7 +294,7 @@ func (l *adaptiveLimit) adjustLocked() {
 		if l.limit < l.max {
 			l.grewFrom, l.pending = l.limit, true
 			l.limit = min(2*l.limit, l.max)
-			l.broadcastLocked()
+			l.limitChangedLocked()
 		}
 		return
 	}

@@ -281,3 +281,72 @@ func TestRetryAfterHonoured(t *testing.T) {
 		t.Fatalf("retried after %v despite Retry-After: 1", gap)
 	}
 }
+
+// A freed slot goes to the download that has waited longest, and only one
+// waiter is woken for it (a broadcast woke them all, in no order).
+func TestAdaptiveLimitWakesInOrder(t *testing.T) {
+	l := newAdaptiveLimit(1, nil, klog.Background())
+	ctx := context.Background()
+	if err := l.acquire(ctx); err != nil {
+		t.Fatal(err)
+	}
+	const n = 20
+	got := make(chan int, n)
+	for i := range n {
+		go func() {
+			if err := l.acquire(ctx); err != nil {
+				t.Error(err)
+			}
+			got <- i
+		}()
+		// Queue them one after the other.
+		for deadline := time.Now().Add(5 * time.Second); ; {
+			l.mu.Lock()
+			queued := len(l.waiters)
+			l.mu.Unlock()
+			if queued == i+1 {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Fatalf("waiter %d never queued", i)
+			}
+			time.Sleep(time.Millisecond)
+		}
+	}
+	for want := range n {
+		l.release()
+		if i := <-got; i != want {
+			t.Fatalf("slot %d went to waiter %d", want, i)
+		}
+		l.mu.Lock()
+		queued, woken := len(l.waiters), l.woken
+		l.mu.Unlock()
+		if queued != n-want-1 || woken != 0 {
+			t.Fatalf("after slot %d: %d waiting, %d woken; want %d and 0", want, queued, woken, n-want-1)
+		}
+	}
+	l.release()
+}
+
+// A woken waiter that leaves (its call cancelled) passes the wake-up on:
+// no free slot is left while others wait.
+func TestAdaptiveLimitLeavePassesWakeOn(t *testing.T) {
+	l := newAdaptiveLimit(1, nil, klog.Background())
+	a, b := make(chan struct{}, 1), make(chan struct{}, 1)
+	l.mu.Lock()
+	l.waiters = []chan struct{}{a, b}
+	l.wakeLocked()
+	l.mu.Unlock()
+	if len(a) != 1 || len(b) != 0 {
+		t.Fatalf("woken: first %d, second %d; want only the first", len(a), len(b))
+	}
+	l.leave(a)
+	if len(b) != 1 {
+		t.Fatal("the second waiter was not woken when the first left")
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.woken != 1 || len(l.waiters) != 0 {
+		t.Fatalf("woken %d, waiting %d; want 1 and 0", l.woken, len(l.waiters))
+	}
+}
