@@ -306,7 +306,7 @@ func (s *HTTPSource) OpenImage(ctx context.Context, ref ImageRef) (io.ReadCloser
 	if err != nil {
 		return nil, 0, err
 	}
-	return httpBody{resp.Body, "reading image", resp.Request.URL}, resp.ContentLength, nil
+	return httpBody{ReadCloser: resp.Body, op: "reading image", url: resp.Request.URL}, resp.ContentLength, nil
 }
 
 // ObjectLocation returns the URL of the object d.
@@ -336,7 +336,7 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 		return nil, &SourceError{Op: "fetching object", URL: resp.Request.URL.String(),
 			Err: fmt.Errorf("server announces %d bytes, the image records %d: %w", resp.ContentLength, size, kind)}
 	}
-	return httpBody{resp.Body, "reading object", resp.Request.URL}, nil
+	return httpBody{ReadCloser: resp.Body, op: "reading object", url: resp.Request.URL, framed: resp.ProtoMajor == 2}, nil
 }
 
 // get GETs rawURL; header holds extra header names and values (a Range
@@ -415,9 +415,15 @@ func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header .
 // formatted only then.
 type httpBody struct {
 	io.ReadCloser
-	op  string
-	url *url.URL
+	op     string
+	url    *url.URL
+	framed bool // HTTP/2: see framedReads
 }
+
+// framedReads tells copyBody that a read returns at most what arrived in
+// frames (16 KiB each by default) and costs no syscall: a large buffer
+// saves nothing, and one per stream in flight (hundreds) adds up.
+func (b httpBody) framedReads() bool { return b.framed }
 
 func (b httpBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)

@@ -105,24 +105,32 @@ func newAdaptiveLimit(max int, now func() time.Time, log klog.Logger) *adaptiveL
 	}
 }
 
-// acquire waits for a download slot (and for any Retry-After pause).
+// acquire waits for a download slot (and for any Retry-After pause). A
+// free slot goes to whoever asks first, even while a woken waiter is on
+// its way to it (handing it to that waiter would leave it idle until the
+// waiter runs); a woken waiter that finds none keeps its place at the
+// head of the queue.
 func (l *adaptiveLimit) acquire(ctx context.Context) error {
 	woken := false
 	for {
 		l.mu.Lock()
 		if woken {
 			l.woken--
-			woken = false
 		}
 		l.adjustLocked()
-		if !l.pausedLocked() && l.inflight+l.woken < l.limit {
+		if !l.pausedLocked() && l.inflight < l.limit {
 			l.inflight++
 			l.peak = max(l.peak, l.inflight)
 			l.mu.Unlock()
 			return nil
 		}
 		ch := make(chan struct{}, 1)
-		l.waiters = append(l.waiters, ch)
+		if woken {
+			l.waiters = slices.Insert(l.waiters, 0, ch)
+		} else {
+			l.waiters = append(l.waiters, ch)
+		}
+		woken = false
 		l.armLocked()
 		l.mu.Unlock()
 		select {

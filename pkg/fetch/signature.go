@@ -48,7 +48,7 @@ func (s *HTTPSource) ImageSignatures(ctx context.Context, ref ImageRef) ([]Signa
 		if err != nil {
 			return nil, err
 		}
-		b, err := readSignature(httpBody{resp.Body, "reading signature", resp.Request.URL}, resp.ContentLength)
+		b, err := readSignature(httpBody{ReadCloser: resp.Body, op: "reading signature", url: resp.Request.URL}, resp.ContentLength)
 		resp.Body.Close()
 		if err != nil {
 			return nil, &SourceError{Op: "fetching signature", URL: u, Err: err}
