@@ -336,7 +336,7 @@ func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) 
 		return nil, &SourceError{Op: "fetching object", URL: resp.Request.URL.String(),
 			Err: fmt.Errorf("server announces %d bytes, the image records %d: %w", resp.ContentLength, size, kind)}
 	}
-	return httpBody{ReadCloser: resp.Body, op: "reading object", url: resp.Request.URL, framed: resp.ProtoMajor == 2}, nil
+	return httpBody{ReadCloser: resp.Body, op: "reading object", url: resp.Request.URL}, nil
 }
 
 // get GETs rawURL; header holds extra header names and values (a Range
@@ -415,15 +415,9 @@ func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header .
 // formatted only then.
 type httpBody struct {
 	io.ReadCloser
-	op     string
-	url    *url.URL
-	framed bool // HTTP/2: see framedReads
+	op  string
+	url *url.URL
 }
-
-// framedReads tells copyBody that a read returns at most what arrived in
-// frames (16 KiB each by default) and costs no syscall: a large buffer
-// saves nothing, and one per stream in flight (hundreds) adds up.
-func (b httpBody) framedReads() bool { return b.framed }
 
 func (b httpBody) Read(p []byte) (int, error) {
 	n, err := b.ReadCloser.Read(p)

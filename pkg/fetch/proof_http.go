@@ -37,7 +37,7 @@ func (s *HTTPSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uin
 		if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {
 			return fail(fmt.Errorf("server ignores Range and announces %d bytes, the image records %d", resp.ContentLength, size))
 		}
-		return httpBody{ReadCloser: resp.Body, op: "reading object", url: loc, framed: resp.ProtoMajor == 2}, true, nil
+		return httpBody{ReadCloser: resp.Body, op: "reading object", url: loc}, true, nil
 	}
 	cr := resp.Header.Get("Content-Range")
 	first, last, total, err := parseContentRange(cr)
@@ -50,7 +50,7 @@ func (s *HTTPSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size uin
 	if resp.ContentLength >= 0 && resp.ContentLength != n {
 		return fail(fmt.Errorf("Content-Range %q with Content-Length %d", cr, resp.ContentLength))
 	}
-	return httpBody{ReadCloser: resp.Body, op: "reading object", url: loc, framed: resp.ProtoMajor == 2}, false, nil
+	return httpBody{ReadCloser: resp.Body, op: "reading object", url: loc}, false, nil
 }
 
 // ParseContentRange parses a Content-Range header value of a single range

@@ -139,8 +139,6 @@ type meterReader struct {
 	m *rateMeter
 }
 
-func (r meterReader) framedReads() bool { return framedReads(r.r) }
-
 func (r meterReader) Read(p []byte) (int, error) {
 	n, err := r.r.Read(p)
 	if n > 0 {
