@@ -8,11 +8,16 @@
 // prints, side by side and from the same run, a cold pull against the
 // single-stream baselines (curl of the same bytes as one file + fsync, and
 // curl | tar xz of the tree), a warm pull of a second image sharing 90 %,
-// the bytes on the wire, requests, peak RSS and CPU time.
+// the bytes on the wire, requests, peak RSS and CPU time. With the OCI
+// source (-sources oci), distribution's registry (served by this binary,
+// TLS, behind the same proxy) holds the tree as composefs artifacts and as
+// a plain one-layer image: cold and warm pulls of the artifact and a cold
+// pull of the image (converted on the node) are measured against curl of
+// the same bytes + fsync and crane pull + untar of the image.
 //
 // Run by hand as root on Debian, from this directory:
 //
-//	go run . [-profiles lan,region,remote,far] [-trees mixed,small] [-runs 3]
+//	go run . [-profiles lan,region,remote,far] [-trees mixed,small] [-sources http,oci] [-runs 1]
 //
 // Everything is removed on exit, Ctrl-C included (-work DIR keeps the
 // generated trees and repository there for the next run).
