@@ -94,7 +94,7 @@ func main() {
 	flag.StringVar(&trees, "trees", "mixed,small", "trees: mixed (~10,000 files, 1 GiB), small (~6,000 of 256 B-256 KiB)")
 	flag.StringVar(&protos, "protos", "h1,h2", "of the HTTP repository: h1: HTTP/1.1; h2: HTTP/2 over TLS")
 	flag.StringVar(&sources, "sources", "http,oci", "http: the HTTP repository (nginx); oci: distribution's registry (TLS) with composefs artifacts and a plain image")
-	flag.IntVar(&o.runs, "runs", 3, "rounds per cell (medians are printed)")
+	flag.IntVar(&o.runs, "runs", 1, "rounds per cell (medians are printed); a full run of every profile, tree and source takes about 35 minutes a round here")
 	flag.StringVar(&o.work, "work", "", "work directory kept between runs (trees and repository are reused)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory")
 	flag.IntVar(&o.diskGiB, "disk-gib", 8, "size of the benchmark's own ext4 (loop device) that every download is written to; 0: write into the work directory's filesystem instead")
