@@ -224,12 +224,7 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 	defer os.RemoveAll(out)
 	curl := "curl -sf " + strings.Join(e.curlFlags, " ")
 	steps := []func() error{
-		func() error {
-			f := filepath.Join(out, "blob")
-			s, err := b.measure(ctx, e, fmt.Sprintf("%s -o %s %s && sync %s", curl, q(f), q(e.base+"/"+c.t.blob), q(f)))
-			c.s["curl"] = append(c.s["curl"], s)
-			return err
-		},
+		b.curlStep(ctx, c, e, out),
 		func() error {
 			d := filepath.Join(out, "tar")
 			if err := os.MkdirAll(d, 0o755); err != nil {
@@ -241,15 +236,7 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 		},
 	}
 	if b.o.floor {
-		// No network: the tree's files written and made durable on the same
-		// disk (one syncfs), what any store of one file per object pays
-		// at least.
-		steps = append(steps, func() error {
-			d := filepath.Join(out, "cp")
-			s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
-			c.s["cp"] = append(c.s["cp"], s)
-			return err
-		})
+		steps = append(steps, b.cpStep(ctx, c, e, out))
 	}
 	for i, cand := range b.o.cands {
 		steps = append(steps, func() error {
@@ -290,6 +277,29 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 		c.ratios[cand.name+" warm"] = append(c.ratios[cand.name+" warm"], float64(warm.wire)/float64(c.t.newBytes+c.t.image2Bytes))
 	}
 	return nil
+}
+
+// curlStep measures the single-stream baseline: curl of the tree's bytes
+// as one file, then fsync.
+func (b *bench) curlStep(ctx context.Context, c *cell, e endpoint, out string) func() error {
+	return func() error {
+		f := filepath.Join(out, "blob")
+		s, err := b.measure(ctx, e, fmt.Sprintf("curl -sf %s -o %s %s && sync %s", strings.Join(e.curlFlags, " "), q(f), q(e.base+"/"+c.t.blob), q(f)))
+		c.s["curl"] = append(c.s["curl"], s)
+		return err
+	}
+}
+
+// cpStep measures the floor with no network: the tree's files written and
+// made durable on the same disk (one syncfs), what any store of one file
+// per object pays at least.
+func (b *bench) cpStep(ctx context.Context, c *cell, e endpoint, out string) func() error {
+	return func() error {
+		d := filepath.Join(out, "cp")
+		s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
+		c.s["cp"] = append(c.s["cp"], s)
+		return err
+	}
 }
 
 func median[T int64 | float64 | time.Duration](v []T) T {

@@ -34,12 +34,7 @@ func (b *bench) ociRound(ctx context.Context, c *cell, r int) error {
 	}
 	defer os.RemoveAll(out)
 	steps := []func() error{
-		func() error {
-			f := filepath.Join(out, "blob")
-			s, err := b.measure(ctx, e, fmt.Sprintf("curl -sf %s -o %s %s && sync %s", strings.Join(e.curlFlags, " "), q(f), q(e.base+"/"+c.t.blob), q(f)))
-			c.s["curl"] = append(c.s["curl"], s)
-			return err
-		},
+		b.curlStep(ctx, c, e, out),
 		func() error {
 			// crane pull writes the image as an OCI layout (the layer blob
 			// as it came); tar then extracts the layer. Neither syncs.
@@ -52,12 +47,7 @@ func (b *bench) ociRound(ctx context.Context, c *cell, r int) error {
 		},
 	}
 	if b.o.floor {
-		steps = append(steps, func() error {
-			d := filepath.Join(out, "cp")
-			s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
-			c.s["cp"] = append(c.s["cp"], s)
-			return err
-		})
+		steps = append(steps, b.cpStep(ctx, c, e, out))
 	}
 	for i, cand := range b.o.cands {
 		pull := func(store string) string {
