@@ -8,11 +8,16 @@
 // prints, side by side and from the same run, a cold pull against the
 // single-stream baselines (curl of the same bytes as one file + fsync, and
 // curl | tar xz of the tree), a warm pull of a second image sharing 90 %,
-// the bytes on the wire, requests, peak RSS and CPU time.
+// the bytes on the wire, requests, peak RSS and CPU time. With the OCI
+// source (-sources oci), distribution's registry (served by this binary,
+// TLS, behind the same proxy) holds the tree as composefs artifacts and as
+// a plain one-layer image: cold and warm pulls of the artifact and a cold
+// pull of the image (converted on the node) are measured against curl of
+// the same bytes + fsync and crane pull + untar of the image.
 //
 // Run by hand as root on Debian, from this directory:
 //
-//	go run . [-profiles lan,region,remote,far] [-trees mixed,small] [-runs 3]
+//	go run . [-profiles lan,region,remote,far] [-trees mixed,small] [-sources http,oci] [-runs 1]
 //
 // Everything is removed on exit, Ctrl-C included (-work DIR keeps the
 // generated trees and repository there for the next run).
@@ -58,6 +63,7 @@ type candidate struct {
 
 type options struct {
 	profiles, trees, protos []string
+	sources                 []string
 	runs                    int
 	work                    string
 	keep, hold              bool
@@ -67,17 +73,28 @@ type options struct {
 }
 
 func main() {
+	if len(os.Args) > 1 {
+		if sub, ok := subcommands[os.Args[1]]; ok {
+			if err := sub(os.Args[2:]); err != nil {
+				fmt.Fprintln(os.Stderr, "bench/net "+os.Args[1]+":", err)
+				os.Exit(1)
+			}
+			return
+		}
+	}
 	var (
 		o                       options
 		profiles, trees, protos string
+		sources                 string
 		bin                     string
 		pullArgs                string
 		cands                   multiFlag
 	)
 	flag.StringVar(&profiles, "profiles", "loopback,lan,region,remote,far", "link profiles to run")
 	flag.StringVar(&trees, "trees", "mixed,small", "trees: mixed (~10,000 files, 1 GiB), small (~6,000 of 256 B-256 KiB)")
-	flag.StringVar(&protos, "protos", "h1,h2", "h1: HTTP/1.1; h2: HTTP/2 over TLS")
-	flag.IntVar(&o.runs, "runs", 3, "rounds per cell (medians are printed)")
+	flag.StringVar(&protos, "protos", "h1,h2", "of the HTTP repository: h1: HTTP/1.1; h2: HTTP/2 over TLS")
+	flag.StringVar(&sources, "sources", "http,oci", "http: the HTTP repository (nginx); oci: distribution's registry (TLS) with composefs artifacts and a plain image")
+	flag.IntVar(&o.runs, "runs", 1, "rounds per cell (medians are printed); a full run of every profile, tree and source takes about 35 minutes a round here")
 	flag.StringVar(&o.work, "work", "", "work directory kept between runs (trees and repository are reused)")
 	flag.BoolVar(&o.keep, "keep", false, "keep the temporary directory")
 	flag.IntVar(&o.diskGiB, "disk-gib", 8, "size of the benchmark's own ext4 (loop device) that every download is written to; 0: write into the work directory's filesystem instead")
@@ -87,7 +104,10 @@ func main() {
 	flag.StringVar(&pullArgs, "pull-args", "", "extra flags of the pull (space-separated)")
 	flag.Var(&cands, "cand", "another pull candidate NAME=BINARY[ FLAGS…] (repeatable), measured interleaved with the first")
 	flag.Parse()
-	o.profiles, o.trees, o.protos = split(profiles), split(trees), split(protos)
+	o.profiles, o.trees, o.protos, o.sources = split(profiles), split(trees), split(protos), split(sources)
+	if !slices.Contains(o.sources, "http") {
+		o.protos = nil
+	}
 
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
@@ -126,19 +146,21 @@ func split(s string) []string {
 }
 
 type bench struct {
-	o       options
-	root    string // work directory
-	temp    bool   // root is ours to remove
-	www     string
-	cliBin  string // the first candidate's binary (builds the repository)
-	net     *network
-	ng      *nginx
-	tp      toxiproxy
-	toxi    *exec.Cmd
-	ca      string
-	disk    *disk            // where downloads are written (nil: under root)
-	trees   map[string]*tree // by name (and scale)
-	cleaned bool
+	o        options
+	root     string // work directory
+	temp     bool   // root is ours to remove
+	www      string
+	cliBin   string // the first candidate's binary (builds the repository)
+	craneBin string
+	net      *network
+	ng       *nginx
+	tp       toxiproxy
+	toxi     *exec.Cmd
+	ca, key  string
+	reg      *registry        // nil: no OCI source
+	disk     *disk            // where downloads are written (nil: under root)
+	trees    map[string]*tree // by name (and scale)
+	cleaned  bool
 }
 
 func logf(format string, args ...any) {
@@ -192,6 +214,13 @@ func setup(ctx context.Context, o options, bin, pullArgs string, cands []string)
 		}
 	}
 	b.cliBin = bin
+	if slices.Contains(o.sources, "oci") {
+		b.craneBin = filepath.Join(binDir, "crane")
+		logf("building crane…")
+		if err := sh("cd %s && go build -o %s github.com/google/go-containerregistry/cmd/crane", q(here), q(b.craneBin)); err != nil {
+			return b, err
+		}
+	}
 	b.o.cands = append(b.o.cands, candidate{name: "pull", bin: bin, args: strings.Fields(pullArgs)})
 	for _, c := range cands {
 		name, rest, ok := strings.Cut(c, "=")
@@ -238,7 +267,7 @@ func setup(ctx context.Context, o options, bin, pullArgs string, cands []string)
 	if err != nil {
 		return b, err
 	}
-	b.ca = cert
+	b.ca, b.key = cert, key
 	b.ng = &nginx{dir: filepath.Join(b.root, "nginx"), www: b.www, cert: cert, key: key}
 	if err := os.MkdirAll(b.ng.dir, 0o755); err != nil {
 		return b, err
@@ -265,8 +294,27 @@ func setup(ctx context.Context, o options, bin, pullArgs string, cands []string)
 			return b, err
 		}
 	}
+	if b.oci() {
+		logf("starting the registry…")
+		if err := b.startRegistry(); err != nil {
+			return b, err
+		}
+		if err := b.tp.addProxy("registry", fmt.Sprintf("%s:%d", b.net.srvAddr, proxyOCI), fmt.Sprintf("127.0.0.1:%d", registryPort)); err != nil {
+			return b, err
+		}
+		for _, t := range b.trees {
+			if ctx.Err() != nil {
+				return b, ctx.Err()
+			}
+			if err := b.publishOCI(t); err != nil {
+				return b, err
+			}
+		}
+	}
 	return b, nil
 }
+
+func (b *bench) oci() bool { return slices.Contains(b.o.sources, "oci") }
 
 func (b *bench) profiles() []profile {
 	var ps []profile
@@ -316,6 +364,7 @@ func (b *bench) cleanup() {
 	if b.ng != nil {
 		b.ng.stop()
 	}
+	b.reg.stop()
 	if b.toxi != nil && b.toxi.Process != nil {
 		_ = b.toxi.Process.Kill()
 		_ = b.toxi.Wait()

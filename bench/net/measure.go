@@ -59,7 +59,7 @@ func (b *bench) measure(ctx context.Context, e endpoint, script string) (sample,
 	if err != nil {
 		return sample{}, err
 	}
-	req0 := b.ng.requests()
+	req0 := b.requests()
 	cmd := exec.CommandContext(ctx, "ip", "netns", "exec", e.ns, "/usr/bin/time", "-f", "%U %S %M", "-o", tf, "sh", "-c", script)
 	t0 := time.Now()
 	out, err := cmd.CombinedOutput()
@@ -68,7 +68,7 @@ func (b *bench) measure(ctx context.Context, e endpoint, script string) (sample,
 		return sample{}, fmt.Errorf("%s: %v: %s", script, err, lastLines(string(out), 5))
 	}
 	time.Sleep(50 * time.Millisecond) // the access log's last lines
-	s := sample{wall: wall, requests: b.ng.requests() - req0}
+	s := sample{wall: wall, requests: b.requests() - req0}
 	if wire1, err := txBytes(b.net.srv, e.dev); err == nil {
 		s.wire = wire1 - wire0
 	}
@@ -84,6 +84,15 @@ func (b *bench) measure(ctx context.Context, e endpoint, script string) (sample,
 		s.rssKiB, _ = strconv.ParseInt(f[2], 10, 64)
 	}
 	return s, nil
+}
+
+// requests are what the servers (nginx, the registry) have served so far.
+func (b *bench) requests() int64 {
+	n := b.ng.requests()
+	if b.reg != nil {
+		n += b.reg.log.count()
+	}
+	return n
 }
 
 func lastLines(s string, n int) string {
@@ -108,7 +117,11 @@ func (b *bench) runAll(ctx context.Context) error {
 		if err := b.net.shape(p.rate); err != nil {
 			return err
 		}
-		for _, px := range []string{"http", "https"} {
+		proxies := []string{"http", "https"}
+		if b.oci() {
+			proxies = append(proxies, "registry")
+		}
+		for _, px := range proxies {
 			if err := b.tp.setLatency(px, p.rtt); err != nil {
 				return err
 			}
@@ -117,6 +130,9 @@ func (b *bench) runAll(ctx context.Context) error {
 			for _, proto := range b.o.protos {
 				e := b.endpoint(p, proto)
 				fmt.Printf("%s %s: ip netns exec %s CMD; repository %s; CA %s; measured RTT %v\n", p.name, proto, e.ns, e.base, b.ca, b.rtt(e))
+			}
+			if b.oci() {
+				fmt.Printf("%s oci: ip netns exec %s CMD; registry %s (oci://…/cfs/TREE:1, docker://…/plain/TREE:1); CA %s\n", p.name, b.endpoint(p, "h2").ns, b.registryHost(p), b.ca)
 			}
 			fmt.Printf("downloads go to %s\n", filepath.Join(b.root, "out"))
 			fmt.Println("holding; Ctrl-C ends")
@@ -132,10 +148,21 @@ func (b *bench) runAll(ctx context.Context) error {
 			_ = sh("cat %s %s >/dev/null; find %s -type f -print0 | xargs -0 cat >/dev/null",
 				q(b.www+"/"+t.blob), q(b.www+"/"+t.tarball), q(b.www+"/images"))
 			_ = sh("find %s -type f -print0 | xargs -0 cat >/dev/null", q(b.www+"/objects"))
+			if b.reg != nil {
+				_ = sh("find %s -type f -print0 | xargs -0 cat >/dev/null", q(b.reg.dir+"/storage"))
+			}
 			var cs []*cell
-			for _, proto := range b.o.protos {
+			protos := slices.Clone(b.o.protos)
+			if b.oci() {
+				protos = append(protos, "oci")
+			}
+			for _, proto := range protos {
 				c := &cell{p: p, t: t, proto: proto, s: map[string][]sample{}, ratios: map[string][]float64{}}
-				c.rtt = b.rtt(b.endpoint(p, proto))
+				if proto == "oci" {
+					c.rtt = b.rtt(b.endpoint(p, "h2")) // the same proxy, the same link
+				} else {
+					c.rtt = b.rtt(b.endpoint(p, proto))
+				}
 				cs = append(cs, c)
 			}
 			for r := range b.o.runs {
@@ -186,6 +213,9 @@ func (b *bench) rtt(e endpoint) time.Duration {
 // round measures once every baseline and candidate of c, in an order that
 // turns with the round.
 func (b *bench) round(ctx context.Context, c *cell, r int) error {
+	if c.proto == "oci" {
+		return b.ociRound(ctx, c, r)
+	}
 	e := b.endpoint(c.p, c.proto)
 	out := filepath.Join(b.root, "out", fmt.Sprintf("%s-%s-%s-%d", c.p.name, c.t.name, c.proto, r))
 	if err := os.MkdirAll(out, 0o755); err != nil {
@@ -194,12 +224,7 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 	defer os.RemoveAll(out)
 	curl := "curl -sf " + strings.Join(e.curlFlags, " ")
 	steps := []func() error{
-		func() error {
-			f := filepath.Join(out, "blob")
-			s, err := b.measure(ctx, e, fmt.Sprintf("%s -o %s %s && sync %s", curl, q(f), q(e.base+"/"+c.t.blob), q(f)))
-			c.s["curl"] = append(c.s["curl"], s)
-			return err
-		},
+		b.curlStep(ctx, c, e, out),
 		func() error {
 			d := filepath.Join(out, "tar")
 			if err := os.MkdirAll(d, 0o755); err != nil {
@@ -211,15 +236,7 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 		},
 	}
 	if b.o.floor {
-		// No network: the tree's files written and made durable on the same
-		// disk (one syncfs), what any store of one file per object pays
-		// at least.
-		steps = append(steps, func() error {
-			d := filepath.Join(out, "cp")
-			s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
-			c.s["cp"] = append(c.s["cp"], s)
-			return err
-		})
+		steps = append(steps, b.cpStep(ctx, c, e, out))
 	}
 	for i, cand := range b.o.cands {
 		steps = append(steps, func() error {
@@ -262,6 +279,29 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 	return nil
 }
 
+// curlStep measures the single-stream baseline: curl of the tree's bytes
+// as one file, then fsync.
+func (b *bench) curlStep(ctx context.Context, c *cell, e endpoint, out string) func() error {
+	return func() error {
+		f := filepath.Join(out, "blob")
+		s, err := b.measure(ctx, e, fmt.Sprintf("curl -sf %s -o %s %s && sync %s", strings.Join(e.curlFlags, " "), q(f), q(e.base+"/"+c.t.blob), q(f)))
+		c.s["curl"] = append(c.s["curl"], s)
+		return err
+	}
+}
+
+// cpStep measures the floor with no network: the tree's files written and
+// made durable on the same disk (one syncfs), what any store of one file
+// per object pays at least.
+func (b *bench) cpStep(ctx context.Context, c *cell, e endpoint, out string) func() error {
+	return func() error {
+		d := filepath.Join(out, "cp")
+		s, err := b.measure(ctx, e, fmt.Sprintf("cp -r %s %s && sync -f %s", q(c.t.dir), q(d), q(d)))
+		c.s["cp"] = append(c.s["cp"], s)
+		return err
+	}
+}
+
 func median[T int64 | float64 | time.Duration](v []T) T {
 	if len(v) == 0 {
 		return 0
@@ -299,37 +339,26 @@ func rate(bits int64) string {
 func (c *cell) print(b *bench) {
 	fmt.Printf("\n== %s | tree %s: %d files, %.0f MiB | %s | measured RTT %.2f ms | %d rounds, medians\n",
 		c.p.describe(), c.t.name, c.t.files, float64(c.t.bytes)/(1<<20), c.proto, float64(c.rtt)/1e6, b.o.runs)
-	fmt.Printf("%-14s %8s %8s %8s %8s %9s %12s\n", "", "time s", "MiB/s", "CPU s", "RSS MiB", "requests", "wire÷needed")
-	keys := []string{"curl", "tar"}
-	if b.o.floor {
-		keys = append(keys, "cp")
-	}
-	for _, cand := range b.o.cands {
-		keys = append(keys, cand.name+" cold", cand.name+" warm")
-	}
-	names := map[string]string{"curl": "curl+fsync", "tar": "curl|tar xz", "cp": "cp -r+syncfs"}
+	fmt.Printf("%-22s %8s %8s %8s %8s %9s %12s\n", "", "time s", "MiB/s", "CPU s", "RSS MiB", "requests", "wire÷needed")
+	keys, names := c.keys(b)
 	for _, k := range keys {
 		ss := c.s[k]
-		needed := c.t.bytes
-		if strings.HasSuffix(k, " warm") {
-			needed = c.t.newBytes + c.t.image2Bytes
-		}
-		if k == "tar" {
-			if fi, err := os.Stat(filepath.Join(b.www, c.t.tarball)); err == nil {
-				needed = fi.Size()
-			}
-		}
+		needed := c.needed(b, k)
 		wall := median(field(ss, func(s sample) time.Duration { return s.wall }))
 		name := names[k]
 		if name == "" {
 			name = k
 		}
-		fmt.Printf("%-14s %8.2f %8.0f %8.2f %8.0f %9d %12.3f\n", name, wall.Seconds(),
+		fmt.Printf("%-22s %8.2f %8.0f %8.2f %8.0f %9d %12.3f\n", name, wall.Seconds(),
 			float64(needed)/(1<<20)/wall.Seconds(),
 			median(field(ss, func(s sample) time.Duration { return s.cpu })).Seconds(),
 			float64(median(field(ss, func(s sample) int64 { return s.rssKiB })))/1024,
 			median(field(ss, func(s sample) int64 { return s.requests })),
 			float64(median(field(ss, func(s sample) int64 { return s.wire })))/float64(needed))
+	}
+	if c.proto == "oci" {
+		c.printOCI(b)
+		return
 	}
 	for _, cand := range b.o.cands {
 		if b.o.floor {
@@ -340,6 +369,38 @@ func (c *cell) print(b *bench) {
 	}
 }
 
+// keys are what c measured, in print order, and their printed names.
+func (c *cell) keys(b *bench) ([]string, map[string]string) {
+	if c.proto == "oci" {
+		return c.ociKeys(b)
+	}
+	keys := []string{"curl", "tar"}
+	if b.o.floor {
+		keys = append(keys, "cp")
+	}
+	for _, cand := range b.o.cands {
+		keys = append(keys, cand.name+" cold", cand.name+" warm")
+	}
+	return keys, map[string]string{"curl": "curl+fsync", "tar": "curl|tar xz", "cp": "cp -r+syncfs"}
+}
+
+// needed are the bytes the command measured as k has to receive.
+func (c *cell) needed(b *bench, k string) int64 {
+	switch {
+	case strings.HasSuffix(k, " warm"):
+		n := c.t.newBytes + c.t.image2Bytes
+		if c.proto == "oci" {
+			n += c.t.oci.index2Bytes
+		}
+		return n
+	case k == "tar" || k == "crane" || strings.HasSuffix(k, " docker cold"):
+		if fi, err := os.Stat(filepath.Join(b.www, c.t.tarball)); err == nil {
+			return fi.Size()
+		}
+	}
+	return c.t.bytes
+}
+
 func (p profile) curlGoal() string {
 	if p.rate == 0 || p.name == "lan" {
 		return "1.5"
@@ -347,14 +408,33 @@ func (p profile) curlGoal() string {
 	return "1.25"
 }
 
+// subjects are the pulls of c whose ratios are kept under NAME ÷curl,
+// NAME ÷tar (÷ crane pull+untar for OCI), NAME ÷cp, NAME warm.
+func (c *cell) subjects(b *bench) []string {
+	var out []string
+	for _, cand := range b.o.cands {
+		if c.proto == "oci" {
+			out = append(out, cand.name+" oci", cand.name+" docker")
+		} else {
+			out = append(out, cand.name)
+		}
+	}
+	return out
+}
+
 func (b *bench) summary(cells []*cell) {
 	fmt.Printf("\n== summary (medians of per-round ratios; each round runs baselines and pulls back to back)\n")
-	fmt.Printf("%-9s %-14s %-5s %-8s %10s %9s %10s %9s %8s %8s\n", "profile", "tree", "proto", "cand", "÷curl+fs", "÷tar", "warm wire", "cold s", "RSS MiB", "CPU s")
+	fmt.Printf("oci: composefs artifact (oci://); docker: the plain image converted on the node (docker://); their ÷tar is ÷ crane pull+untar\n")
+	fmt.Printf("%-9s %-14s %-5s %-13s %10s %9s %9s %10s %9s %8s %8s\n", "profile", "tree", "proto", "cand", "÷curl+fs", "÷tar", "÷cp", "warm wire", "cold s", "RSS MiB", "CPU s")
 	for _, c := range cells {
-		for _, cand := range b.o.cands {
-			ss := c.s[cand.name+" cold"]
-			fmt.Printf("%-9s %-14s %-5s %-8s %5.2f/%-4s %9.2f %10.3f %9.2f %8.0f %8.2f\n", c.p.name, c.t.name, c.proto, cand.name,
-				median(c.ratios[cand.name+" ÷curl"]), c.p.curlGoal(), median(c.ratios[cand.name+" ÷tar"]), median(c.ratios[cand.name+" warm"]),
+		for _, name := range c.subjects(b) {
+			ss := c.s[name+" cold"]
+			warm := "-"
+			if w := c.ratios[name+" warm"]; len(w) > 0 {
+				warm = fmt.Sprintf("%.3f", median(w))
+			}
+			fmt.Printf("%-9s %-14s %-5s %-13s %5.2f/%-4s %9.2f %9.2f %10s %9.2f %8.0f %8.2f\n", c.p.name, c.t.name, c.proto, name,
+				median(c.ratios[name+" ÷curl"]), c.p.curlGoal(), median(c.ratios[name+" ÷tar"]), median(c.ratios[name+" ÷cp"]), warm,
 				median(field(ss, func(s sample) time.Duration { return s.wall })).Seconds(),
 				float64(median(field(ss, func(s sample) int64 { return s.rssKiB })))/1024,
 				median(field(ss, func(s sample) time.Duration { return s.cpu })).Seconds())

@@ -13,7 +13,6 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strings"
 	"syscall"
 	"time"
 )
@@ -67,7 +66,7 @@ func writeCert(dir string, ips ...string) (certFile, keyFile string, err error) 
 type nginx struct {
 	dir, www, cert, key string
 	cmd                 *exec.Cmd
-	logOff, logLines    int64
+	log                 logCounter
 }
 
 func (n *nginx) accessLog() string { return filepath.Join(n.dir, "access.log") }
@@ -131,23 +130,8 @@ http {
 
 // requests counts the access log's lines (requests served so far).
 func (n *nginx) requests() int64 {
-	f, err := os.Open(n.accessLog())
-	if err != nil {
-		return 0
-	}
-	defer f.Close()
-	if _, err := f.Seek(n.logOff, 0); err != nil {
-		return n.logLines
-	}
-	buf := make([]byte, 1<<20)
-	for {
-		m, err := f.Read(buf)
-		n.logLines += int64(strings.Count(string(buf[:m]), "\n"))
-		n.logOff += int64(m)
-		if err != nil {
-			return n.logLines
-		}
-	}
+	n.log.path = n.accessLog()
+	return n.log.count()
 }
 
 // stop asks the master to stop its workers and waits.

@@ -28,6 +28,7 @@ type tree struct {
 	image1, image2      string // image names in the repository
 	image2Bytes         int64
 	blob, tarball, v2Tb string // names under the web root
+	oci                 *ociTree
 }
 
 // trees of the benchmark: mixed sizes as pull-bench.sh (log-uniform 100 B

@@ -247,7 +247,7 @@ func checkVerity(ctx context.Context, img *os.File, dirs []string, mode VerityMo
 		if want == nil {
 			return nil
 		}
-		got, _, err := VerityDigestReader(ctxReader{ctx, io.NewSectionReader(img, 0, 1<<62)})
+		got, _, err := VerityDigestReader(ContextReader(ctx, io.NewSectionReader(img, 0, 1<<62)))
 		if err != nil {
 			return fmt.Errorf("checking the image digest: %w", err)
 		}
@@ -256,19 +256,6 @@ func checkVerity(ctx context.Context, img *os.File, dirs []string, mode VerityMo
 		}
 	}
 	return nil
-}
-
-// ctxReader stops a long read when the context ends.
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
 }
 
 // mounter carries one Mount through its steps.

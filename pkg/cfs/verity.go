@@ -1,6 +1,7 @@
 package cfs
 
 import (
+	"context"
 	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
@@ -245,4 +246,20 @@ func VerityDigestReader(r io.Reader) (Digest, int64, error) {
 		return Digest{}, n, fmt.Errorf("reading data to hash: %w", err)
 	}
 	return h.Digest(), n, nil
+}
+
+// ContextReader reads r until ctx ends: a long hash of a large file stops
+// between reads when its caller gives up.
+func ContextReader(ctx context.Context, r io.Reader) io.Reader { return ctxReader{ctx, r} }
+
+type ctxReader struct {
+	ctx context.Context
+	r   io.Reader
+}
+
+func (c ctxReader) Read(p []byte) (int, error) {
+	if err := c.ctx.Err(); err != nil {
+		return 0, err
+	}
+	return c.r.Read(p)
 }

@@ -183,19 +183,7 @@ func (s *Store) hashFile(ctx context.Context, path string) (cfs.Digest, int64, e
 		return cfs.Digest{}, 0, err
 	}
 	defer f.Close()
-	return cfs.VerityDigestReader(ctxReader{ctx, f})
-}
-
-type ctxReader struct {
-	ctx context.Context
-	r   io.Reader
-}
-
-func (c ctxReader) Read(p []byte) (int, error) {
-	if err := c.ctx.Err(); err != nil {
-		return 0, err
-	}
-	return c.r.Read(p)
+	return cfs.VerityDigestReader(cfs.ContextReader(ctx, f))
 }
 
 // storeFile is a stored file opened for reading.

@@ -66,6 +66,7 @@ allowedSources:
   - http://10.0.0.5:8080/
 enableInlineVolumes: false
 fetchConcurrency: 4
+maxDownloads: 64
 minVerity: userspace
 registryMirrors:
   docker.io: ["https://mirror.example.com", "http://127.0.0.1:30020/"]
@@ -149,6 +150,7 @@ func TestChartLint(t *testing.T) {
 func TestChartSchema(t *testing.T) {
 	for name, y := range map[string]string{
 		"wrong type":                "fetchConcurrency: many",
+		"no downloads at all":       "maxDownloads: 0",
 		"unknown top-level key":     "replicaCount: 2",
 		"unknown nested key":        "store: {hostPath: /var/lib/csi-composefs, maxSize: \"0\", gcInterval: 10m, verifyInterval: 24h, size: 1G}",
 		"unquoted off is a boolean": "minVerity: off",

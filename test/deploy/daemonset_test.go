@@ -127,6 +127,7 @@ func TestDaemonSet(t *testing.T) {
 		gc, verify      time.Duration
 		allowed, verity string
 		concurrency     int
+		maxDownloads    int
 		grace           time.Duration
 		trust, hostNet  bool
 		nonCanonical    bool
@@ -135,11 +136,11 @@ func TestDaemonSet(t *testing.T) {
 		mirrors         map[string][]string
 	}{
 		{name: "default", kubeletDir: "/var/lib/kubelet", store: "/var/lib/csi-composefs",
-			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 256,
+			gc: 10 * time.Minute, verify: 24 * time.Hour, verity: "off", concurrency: 256, maxDownloads: 256,
 			grace: 10 * time.Minute, hostNet: true, limits: [5]int64{128 << 20, 1 << 30, 256 << 20, 16 << 30, 1 << 30}},
 		{name: "non-default", vals: nonDefault, kubeletDir: "/var/snap/microk8s/common/var/lib/kubelet", store: "/mnt/verity/csi-composefs",
 			extra: []string{"/sysroot/ostree/repo/objects", "/var/lib/composefs/objects"}, sidecar: true, maxSize: 20 << 30,
-			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4,
+			gc: 5 * time.Minute, verify: 0, allowed: "https://repo.example.com/apps/ http://10.0.0.5:8080/", verity: "userspace", concurrency: 4, maxDownloads: 64,
 			grace: -1, trust: true, nonCanonical: true, limits: [5]int64{64 << 20, -1, 512 << 20, 1 << 40, 10 << 30}, goMemLimit: "900MiB",
 			mirrors: map[string][]string{"docker.io": {"https://mirror.example.com", "http://127.0.0.1:30020"}, "registry.example.com:5000": {"https://cache.example.com/v2-proxy"}}},
 	} {
@@ -248,7 +249,7 @@ func TestDaemonSet(t *testing.T) {
 			// Values reach the flags.
 			if cfg.Store.MaxSize != c.maxSize || cfg.Driver.GCInterval != c.gc || cfg.Driver.VerifyInterval != c.verify ||
 				strings.Join(cfg.Driver.AllowedSources, " ") != c.allowed || string(cfg.Driver.MinVerity) != c.verity ||
-				cfg.Store.Parallelism != c.concurrency {
+				cfg.Store.Parallelism != c.concurrency || cfg.Store.MaxConcurrentDownloads != c.maxDownloads {
 				t.Errorf("serve config %+v / %+v from the values", cfg.Store, cfg.Driver)
 			}
 
