@@ -3,6 +3,7 @@ package cfs
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -10,6 +11,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -60,8 +62,18 @@ func loopExt4(t testing.TB, size int64) string {
 		t.Fatalf("loop-mounting %s: %v\n%s", img, err, out)
 	}
 	t.Cleanup(func() {
-		if err := unix.Unmount(mnt, 0); err != nil {
+		// The erofs mounts of images on this filesystem are gone by now,
+		// but the kernel may still be releasing their files (deferred
+		// work, slow on a loaded machine): EBUSY for a while is that; for
+		// 10 s it would be a reference the mounts leaked.
+		err := unix.Unmount(mnt, 0)
+		for deadline := time.Now().Add(10 * time.Second); errors.Is(err, unix.EBUSY) && time.Now().Before(deadline); {
+			time.Sleep(50 * time.Millisecond)
+			err = unix.Unmount(mnt, 0)
+		}
+		if err != nil {
 			t.Errorf("unmounting %s: %v", mnt, err)
+			unix.Unmount(mnt, unix.MNT_DETACH)
 		}
 	})
 	return mnt
