@@ -14,8 +14,6 @@ import (
 	"testing"
 	"time"
 
-	"google.golang.org/grpc/codes"
-
 	"github.com/csi-composefs/csi-composefs/internal/testrepo"
 )
 
@@ -143,17 +141,7 @@ func TestFarLinkVolumes(t *testing.T) {
 			rss := peakRSS(t, p.cmd.Process.Pid)
 			fmt.Printf("%d cold volumes (%.1f MiB of objects) over 200 Mbit/s, 80 ms RTT, %s: %.1f s (the link alone %.1f s), peak RSS %.1f MiB\n",
 				volumes, mib(total), name, took.Seconds(), float64(total)/link.rate, mib(rss))
-			for i, c := range got {
-				if c != codes.OK {
-					t.Errorf("volume %d: %v, want published", i, c)
-				}
-			}
-			if capped && rss >= farVolumesRSS {
-				t.Errorf("peak RSS %.1f MiB, want under %d MiB", mib(rss), farVolumesRSS>>20)
-			}
-			if !capped && rss < farVolumesRSS {
-				t.Errorf("control: without the node-wide cap the peak RSS was only %.1f MiB: this test no longer measures anything", mib(rss))
-			}
+			checkPeak(t, "volume", got, rss, farVolumesRSS, capped, "without the node-wide cap")
 		})
 	}
 }
