@@ -210,6 +210,21 @@ func (b *bench) rtt(e endpoint) time.Duration {
 	return best
 }
 
+// runTurned runs steps starting at step r (mod their number), so that
+// each round begins with another, then syncs what they wrote.
+func runTurned(steps []func() error, r int) error {
+	for i := range steps {
+		if err := steps[(i+r)%len(steps)](); err != nil {
+			return err
+		}
+	}
+	_ = sh("sync")
+	return nil
+}
+
+// last is the latest sample of k.
+func (c *cell) last(k string) sample { l := c.s[k]; return l[len(l)-1] }
+
 // round measures once every baseline and candidate of c, in an order that
 // turns with the round.
 func (b *bench) round(ctx context.Context, c *cell, r int) error {
@@ -259,13 +274,10 @@ func (b *bench) round(ctx context.Context, c *cell, r int) error {
 			return err
 		})
 	}
-	for i := range steps {
-		if err := steps[(i+r)%len(steps)](); err != nil {
-			return err
-		}
+	if err := runTurned(steps, r); err != nil {
+		return err
 	}
-	_ = sh("sync")
-	last := func(k string) sample { l := c.s[k]; return l[len(l)-1] }
+	last := c.last
 	for _, cand := range b.o.cands {
 		cold := last(cand.name + " cold")
 		c.ratios[cand.name+" ÷curl"] = append(c.ratios[cand.name+" ÷curl"], cold.wall.Seconds()/last("curl").wall.Seconds())

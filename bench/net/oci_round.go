@@ -75,13 +75,10 @@ func (b *bench) ociRound(ctx context.Context, c *cell, r int) error {
 			return err
 		})
 	}
-	for i := range steps {
-		if err := steps[(i+r)%len(steps)](); err != nil {
-			return err
-		}
+	if err := runTurned(steps, r); err != nil {
+		return err
 	}
-	_ = sh("sync")
-	last := func(k string) sample { l := c.s[k]; return l[len(l)-1] }
+	last := c.last
 	for _, name := range c.subjects(b) {
 		cold := last(name + " cold")
 		c.ratios[name+" ÷curl"] = append(c.ratios[name+" ÷curl"], cold.wall.Seconds()/last("curl").wall.Seconds())

@@ -48,12 +48,7 @@ const goMemLimit = "460MiB"
 //
 // It prints the plugin's peak RSS (VmHWM) for each.
 func TestBoundedResources(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the plugin mounts composefs images: needs root")
-	}
-	if testing.Short() {
-		t.Skip("builds and runs the plugin binary")
-	}
+	requirePluginRun(t)
 	bin := buildBinary(t)
 	t.Run("endless images", func(t *testing.T) { endlessImages(t, bin) })
 	t.Run("many inodes", func(t *testing.T) { manyInodes(t, bin) })

@@ -101,12 +101,7 @@ const farVolumesRSS = 256 << 20
 // connections per volume), and the peak RSS must exceed the bound, or the
 // test no longer measures anything.
 func TestFarLinkVolumes(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the plugin mounts composefs images: needs root")
-	}
-	if testing.Short() {
-		t.Skip("builds and runs the plugin binary")
-	}
+	requirePluginRun(t)
 	bin := buildBinary(t)
 	const volumes, filesPer = 50, 160
 	dir := t.TempDir()

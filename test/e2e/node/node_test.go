@@ -278,13 +278,20 @@ func countObjects(t *testing.T, store string) int {
 	return n
 }
 
-func TestNode(t *testing.T) {
+// requirePluginRun skips a test that builds the plugin binary and runs it
+// with real mounts: it needs root, and is not for -short.
+func requirePluginRun(t *testing.T) {
+	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("the node e2e mounts composefs images: needs root")
 	}
 	if testing.Short() {
 		t.Skip("builds and runs the plugin binary")
 	}
+}
+
+func TestNode(t *testing.T) {
+	requirePluginRun(t)
 	r := newRepo(t)
 	const nImages, nTargets = 5, 40
 	digests := make([]cfs.Digest, nImages)

@@ -58,12 +58,7 @@ func (c *configMapDir) write(name, content string) {
 // offline (pullPolicy Never), while its key stays in the policy; a plugin
 // given a policy that does not parse does not start.
 func TestSignatures(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("the node e2e mounts composefs images: needs root")
-	}
-	if testing.Short() {
-		t.Skip("builds and runs the plugin binary")
-	}
+	requirePluginRun(t)
 	r := newRepo(t)
 	key := testsign.NewKey(t)
 	signed := r.publish(t, "signed", imageFiles(1))
