@@ -275,3 +275,53 @@ func TestLookupsBeforeDownload(t *testing.T) {
 	}
 	checkInvariant(t, s.Root())
 }
+
+// Group syncs begin at most one per gap however many calls ask, and every
+// call returns only after a round that began after it asked.
+func TestGroupSyncSpacing(t *testing.T) {
+	g, err := newGroupSync(t.TempDir(), true)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer g.close()
+	const span = 200 * time.Millisecond
+	var (
+		wg    sync.WaitGroup
+		calls atomic.Int64
+		early atomic.Int64
+	)
+	start := time.Now()
+	for range 16 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for time.Since(start) < span {
+				g.mu.Lock()
+				asked := g.started
+				g.mu.Unlock()
+				if err := g.wait(context.Background()); err != nil {
+					t.Error(err)
+					return
+				}
+				g.mu.Lock()
+				if g.finished <= asked {
+					early.Add(1)
+				}
+				g.mu.Unlock()
+				calls.Add(1)
+			}
+		}()
+	}
+	wg.Wait()
+	elapsed := time.Since(start)
+	g.mu.Lock()
+	rounds := g.started
+	g.mu.Unlock()
+	t.Logf("%d calls, %d rounds in %v", calls.Load(), rounds, elapsed)
+	if most := uint64(elapsed/syncRoundGap) + 2; rounds > most {
+		t.Errorf("%d rounds in %v, want at most %d (one per %v)", rounds, elapsed, most, syncRoundGap)
+	}
+	if early.Load() > 0 {
+		t.Errorf("%d calls returned before a round that began after them", early.Load())
+	}
+}
