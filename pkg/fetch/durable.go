@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"os"
 	"sync"
-	"time"
 
 	"golang.org/x/sys/unix"
 )
@@ -13,38 +12,26 @@ import (
 // groupSync makes written files durable in groups: one syncfs(2) of the
 // store's filesystem covers every file written before it began, so
 // concurrent downloads share one writeback-and-flush instead of paying one
-// fsync (and one disk cache flush) each. Rounds begin at most one per
-// gap: a round asked for sooner after the last one began waits for the
-// rest of the gap, and covers every file whose writes completed before it
-// began, those of the calls that came during the wait included. A cold
-// pull of many small objects otherwise ran a syncfs (a journal commit and
-// a disk cache flush) per few objects, back to back.
+// fsync (and one disk cache flush) each.
 type groupSync struct {
-	dir    *os.File      // a descriptor on the store's filesystem
-	noSync bool          // Options.UnsafeNoSync: rounds do nothing
-	gap    time.Duration // least time between the starts of two rounds
+	dir    *os.File // a descriptor on the store's filesystem
+	noSync bool     // Options.UnsafeNoSync: rounds do nothing
 
-	mu        sync.Mutex
-	running   bool          // a round is waiting for its start or running
-	started   uint64        // rounds begun
-	finished  uint64        // rounds ended
-	lastStart time.Time     // when the last round began
-	done      chan struct{} // closed when the running round ends
-	err       error         // error of the last round that failed
-	errRound  uint64        // which round that was
+	mu       sync.Mutex
+	running  bool
+	started  uint64        // rounds begun
+	finished uint64        // rounds ended
+	done     chan struct{} // closed when the running round ends
+	err      error         // error of the last round that failed
+	errRound uint64        // which round that was
 }
-
-// syncRoundGap is the least time between two group syncs. It bounds them
-// to 200 a second, and adds at most that much to an object's time to
-// durability (disks take longer than that for a flush anyway).
-const syncRoundGap = 5 * time.Millisecond
 
 func newGroupSync(dir string, noSync bool) (*groupSync, error) {
 	f, err := os.Open(dir)
 	if err != nil {
 		return nil, err
 	}
-	return &groupSync{dir: f, noSync: noSync, gap: syncRoundGap}, nil
+	return &groupSync{dir: f, noSync: noSync}, nil
 }
 
 func (g *groupSync) close() error { return g.dir.Close() }
@@ -54,9 +41,7 @@ func (g *groupSync) close() error { return g.dir.Close() }
 // It returns the error of that syncfs (or ctx's).
 func (g *groupSync) wait(ctx context.Context) error {
 	g.mu.Lock()
-	// A running round may have begun before our writes; one waiting for
-	// its start has not (started counts it once it begins).
-	target := g.started + 1
+	target := g.started + 1 // a running round may have begun before our writes
 	for {
 		if g.finished >= target {
 			var err error
@@ -68,17 +53,9 @@ func (g *groupSync) wait(ctx context.Context) error {
 		}
 		if !g.running {
 			g.running = true
-			g.done = make(chan struct{})
-			if wait := time.Until(g.lastStart.Add(g.gap)); wait > 0 {
-				// Not cut short by ctx: the calls that come meanwhile
-				// wait for this round.
-				g.mu.Unlock()
-				time.Sleep(wait)
-				g.mu.Lock()
-			}
 			g.started++
 			round := g.started
-			g.lastStart = time.Now()
+			g.done = make(chan struct{})
 			g.mu.Unlock()
 			err := g.syncfs()
 			g.mu.Lock()
