@@ -10,18 +10,21 @@ import (
 const freeSpaceMaxAge = 100 * time.Millisecond
 
 // freeSpaceCache spares the per-object check of the free space a statfs
-// per object: it keeps the last measurement and the bytes of the objects
-// admitted since, and answers the measurement less those bytes while it is
-// younger than freeSpaceMaxAge. That errs on the safe side for the store's
-// own writes (an admitted object counts as written in full, and again as
-// reserved while it is in tmp/); space others take or free on the
-// filesystem shows at the next measurement. A check that would refuse an
-// object measures again first, so that a refusal is always judged on a
+// per object: it keeps the last measurement, the download bytes reserved
+// then and the bytes of the objects admitted since, and answers the
+// measurement less both while it is younger than freeSpaceMaxAge. The
+// downloads in flight at the measurement count in full because what they
+// write after it is not in it (once they finish they no longer count as
+// reserved); that and the callers' own count of the reserved bytes err on
+// the safe side for the store's own writes. Space others take or free on
+// the filesystem shows at the next measurement. A check that would refuse
+// an object measures again first, so that a refusal is always judged on a
 // fresh statfs.
 type freeSpaceCache struct {
 	mu       sync.Mutex
 	at       time.Time // of the last measurement; zero: none
 	free     int64     // measured then
+	inFlight int64     // download bytes reserved then
 	admitted int64     // bytes of the objects admitted since
 }
 
@@ -33,8 +36,9 @@ func (s *Store) objectFreeSpace(fresh bool) (int64, error) {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	if !fresh && !c.at.IsZero() && time.Since(c.at) < freeSpaceMaxAge {
-		return c.free - c.admitted, nil
+		return c.free - c.inFlight - c.admitted, nil
 	}
+	inFlight := s.tmpBudget.inUse.Load() // before the measurement: all it may miss
 	measure := s.freeSpace
 	if s.measureFree != nil {
 		measure = s.measureFree
@@ -43,7 +47,7 @@ func (s *Store) objectFreeSpace(fresh bool) (int64, error) {
 	if err != nil {
 		return 0, err
 	}
-	c.at, c.free, c.admitted = time.Now(), free, 0
+	c.at, c.free, c.inFlight, c.admitted = time.Now(), free, inFlight, 0
 	return free, nil
 }
 
