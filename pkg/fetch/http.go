@@ -14,7 +14,10 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
@@ -52,9 +55,10 @@ type HTTPOptions struct {
 // the digests); https uses the system roots plus the optional CA bundle,
 // and HTTP/2. HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured.
 type HTTPSource struct {
-	base   *url.URL
-	client *http.Client
-	opts   HTTPOptions
+	base    *url.URL
+	client  *http.Client
+	opts    HTTPOptions
+	streams interface{ MaxConcurrentStreams() int } // the transport's, when it tells
 }
 
 var _ Source = (*HTTPSource)(nil)
@@ -99,13 +103,26 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 		}
 		rt = t
 	}
+	streams, _ := rt.(interface{ MaxConcurrentStreams() int })
 	if auth := authorization(opts); auth != "" {
 		rt = &originAuth{rt: rt, origin: origin(u), auth: auth}
 	}
 	client := &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
 		return checkRedirect(req, via, opts.AllowRedirect)
 	}}
-	return &HTTPSource{base: u, client: client, opts: opts}, nil
+	return &HTTPSource{base: u, client: client, opts: opts, streams: streams}, nil
+}
+
+// MaxConcurrentStreams is how many requests the repository's HTTP/2
+// server takes at once on one connection, 0 when unknown (HTTP/1.1, no
+// request yet, a transport of the caller's): the store keeps a pull's
+// downloads in flight within it, so that one connection, and one
+// connection's buffers, serve the pull.
+func (s *HTTPSource) MaxConcurrentStreams() int {
+	if s.streams == nil {
+		return 0
+	}
+	return s.streams.MaxConcurrentStreams()
 }
 
 // maxRedirects bounds a redirect chain.
@@ -201,7 +218,7 @@ func (t *originAuth) CloseIdleConnections() {
 	}
 }
 
-func newTransport(opts HTTPOptions) (*http.Transport, error) {
+func newTransport(opts HTTPOptions) (*Transport, error) {
 	var pem []byte
 	if opts.CAFile != "" {
 		var err error
@@ -223,8 +240,9 @@ var ErrNoCertificate = errors.New("no PEM certificate found")
 // and registries): the system's roots plus the PEM certificates of caPEM
 // (none: the system's alone), HTTP/2 with bounded buffers (HTTP2Config),
 // at most maxConnsPerHost connections to a host, and responseHeaderTimeout
-// for a response's headers.
-func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
+// for a response's headers. It tells how many requests the HTTP/2 server
+// takes at once on one connection (MaxConcurrentStreams).
+func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*Transport, error) {
 	roots, err := x509.SystemCertPool()
 	if err != nil || roots == nil {
 		roots = x509.NewCertPool()
@@ -232,7 +250,7 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
 		return nil, ErrNoCertificate
 	}
-	return &http.Transport{
+	t1 := &http.Transport{
 		Proxy: http.ProxyFromEnvironment,
 		DialContext: (&net.Dialer{
 			Timeout:   30 * time.Second,
@@ -250,7 +268,47 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 		ExpectContinueTimeout: time.Second,
 		// Objects are mostly compressible text and binaries that a server
 		// may gzip on the fly; the transport decompresses transparently.
-	}, nil
+	}
+	t := &Transport{Transport: t1}
+	// x/net's HTTP/2 (the code net/http bundles) in place of the bundled
+	// copy, for its connection pool: the pool tells what each server's
+	// SETTINGS_MAX_CONCURRENT_STREAMS is, which net/http keeps to itself.
+	t2, err := http2.ConfigureTransports(t1)
+	if err != nil {
+		return nil, fmt.Errorf("configuring HTTP/2: %w", err)
+	}
+	t2.ConnPool = &streamsPool{ClientConnPool: t2.ConnPool, t: t}
+	return t, nil
+}
+
+// Transport is the transport NewTransport makes.
+type Transport struct {
+	*http.Transport
+	streams atomic.Int64 // the last HTTP/2 connection's advertised stream limit; 0: none seen
+}
+
+// MaxConcurrentStreams is how many requests the HTTP/2 server the
+// transport spoke to last takes at once on one connection (its
+// SETTINGS_MAX_CONCURRENT_STREAMS), 0 before any HTTP/2 connection. Past
+// it, the transport opens another connection, which buffers as much
+// again (HTTP2Config).
+func (t *Transport) MaxConcurrentStreams() int { return int(t.streams.Load()) }
+
+// streamsPool notes the stream limit of every HTTP/2 connection a request
+// goes to.
+type streamsPool struct {
+	http2.ClientConnPool
+	t *Transport
+}
+
+func (p *streamsPool) GetClientConn(req *http.Request, addr string) (*http2.ClientConn, error) {
+	cc, err := p.ClientConnPool.GetClientConn(req, addr)
+	if err == nil {
+		if n := cc.State().MaxConcurrentStreams; n > 0 {
+			p.t.streams.Store(int64(n))
+		}
+	}
+	return cc, err
 }
 
 // HTTP2Config bounds what an HTTP/2 connection of a source buffers:
