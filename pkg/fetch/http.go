@@ -59,6 +59,7 @@ type HTTPSource struct {
 	client  *http.Client
 	opts    HTTPOptions
 	streams interface{ MaxConcurrentStreams() int } // the transport's, when it tells
+	http1   atomic.Bool                             // the last response came over HTTP/1.x
 }
 
 var _ Source = (*HTTPSource)(nil)
@@ -113,12 +114,17 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 	return &HTTPSource{base: u, client: client, opts: opts, streams: streams}, nil
 }
 
-// MaxConcurrentStreams is how many requests the repository's HTTP/2
-// server takes at once on one connection, 0 when unknown (HTTP/1.1, no
-// request yet, a transport of the caller's): the store keeps a pull's
-// downloads in flight within it, so that one connection, and one
-// connection's buffers, serve the pull.
-func (s *HTTPSource) MaxConcurrentStreams() int {
+// MaxInFlight is how many requests the repository serves at once, 0 when
+// unknown (no response yet, an HTTP/2 transport of the caller's): over
+// HTTP/2 its server's stream limit on one connection, over HTTP/1.1 the
+// connections the source opens (MaxConnsPerHost; more requests would only
+// wait for one). The store keeps a pull's downloads in flight within it,
+// so that over HTTP/2 one connection, and one connection's buffers, serve
+// the pull.
+func (s *HTTPSource) MaxInFlight() int {
+	if s.http1.Load() {
+		return s.opts.MaxConnsPerHost
+	}
 	if s.streams == nil {
 		return 0
 	}
@@ -444,6 +450,9 @@ func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header .
 		// is what net/http's errors.Is(err, context.DeadlineExceeded) would
 		// say. Messages of net/http may quote a URL (a bad Location).
 		return nil, &SourceError{Op: op, URL: rawURL(), Err: Transient(errors.New(redactURLsIn(err.Error())))}
+	}
+	if resp.ProtoMajor == 1 != s.http1.Load() {
+		s.http1.Store(resp.ProtoMajor == 1)
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {
 		return resp, nil

@@ -135,10 +135,27 @@ func TestHTTP2OneConnection(t *testing.T) {
 	s := openStore(t, t.TempDir(), opts)
 	src := newSource(t, srv.URL, HTTPOptions{CAFile: ca})
 	mustPull(t, s, src, "img.cfs")
-	if got := src.MaxConcurrentStreams(); got != streams {
-		t.Errorf("MaxConcurrentStreams = %d, the server advertises %d", got, streams)
+	if got := src.MaxInFlight(); got != streams {
+		t.Errorf("MaxInFlight = %d, the server advertises %d streams", got, streams)
 	}
 	if conns.Load() != 1 || peak.Load() > streams {
 		t.Errorf("%d connections, at most %d requests at once; want 1 connection within the server's %d streams", conns.Load(), peak.Load(), streams)
+	}
+}
+
+// Over HTTP/1.1 a source serves as many requests at once as it opens
+// connections.
+func TestHTTP1MaxInFlight(t *testing.T) {
+	repo := t.TempDir()
+	writeRepoImage(t, repo, "img.cfs", makeFiles("f", 83, 3, 100))
+	ts := newTestServer(t, repo)
+	src := newSource(t, ts.URL, HTTPOptions{MaxConnsPerHost: 12})
+	if got := src.MaxInFlight(); got != 0 {
+		t.Errorf("MaxInFlight = %d before any response, want 0 (unknown)", got)
+	}
+	s := openStore(t, t.TempDir(), testOptions())
+	mustPull(t, s, src, "img.cfs")
+	if got := src.MaxInFlight(); got != 12 {
+		t.Errorf("MaxInFlight = %d over HTTP/1.1, want the 12 connections", got)
 	}
 }

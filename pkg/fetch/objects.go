@@ -237,8 +237,8 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		recheck []cfs.Object
 	)
 	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
-	if sl, ok := src.(interface{ MaxConcurrentStreams() int }); ok {
-		lim.streams = sl.MaxConcurrentStreams
+	if sl, ok := src.(interface{ MaxInFlight() int }); ok {
+		lim.inFlight = sl.MaxInFlight
 	}
 	for _, o := range interleave(missing) {
 		if err := lim.acquireWorker(wctx); err != nil {

@@ -62,11 +62,13 @@ const (
 // adaptiveLimit bounds the downloads of one EnsureObjects call in flight.
 type adaptiveLimit struct {
 	max int
-	// streams, when set, is how many requests the source's server takes
-	// at once on one HTTP/2 connection (0: unknown); the limit stays
-	// within it, so that the transport need not open a second connection
-	// (with as large buffers again) for the requests past it.
-	streams func() int
+	// inFlight, when set, is how many requests the source serves at
+	// once (0: unknown; HTTPSource.MaxInFlight): the limit stays within
+	// it, so that over HTTP/2 the transport need not open a second
+	// connection (with buffers as large again) for the requests past the
+	// server's stream limit, and over HTTP/1.1 no goroutines wait for a
+	// connection beyond the ones the transport opens.
+	inFlight func() int
 
 	mu       sync.Mutex
 	limit    int
@@ -262,11 +264,11 @@ func (l *adaptiveLimit) observeRTT(d time.Duration) {
 	l.mu.Unlock()
 }
 
-// capLocked is the most the limit may be: max, or the server's stream
-// limit when lower.
+// capLocked is the most the limit may be: max, or what the source serves
+// at once when lower.
 func (l *adaptiveLimit) capLocked() int {
-	if l.streams != nil {
-		if n := l.streams(); n > 0 && n < l.max {
+	if l.inFlight != nil {
+		if n := l.inFlight(); n > 0 && n < l.max {
 			return n
 		}
 	}
