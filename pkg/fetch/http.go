@@ -14,6 +14,7 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -283,14 +284,24 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 	if err != nil {
 		return nil, fmt.Errorf("configuring HTTP/2: %w", err)
 	}
-	t2.ConnPool = &streamsPool{ClientConnPool: t2.ConnPool, t: t}
+	t.pool = &streamsPool{ClientConnPool: t2.ConnPool, t: t}
+	t2.ConnPool = t.pool
 	return t, nil
 }
 
 // Transport is the transport NewTransport makes.
 type Transport struct {
 	*http.Transport
+	pool    *streamsPool
 	streams atomic.Int64 // the last HTTP/2 connection's advertised stream limit; 0: none seen
+}
+
+// CloseIdleConnections closes the idle connections of both protocols.
+// (net/http's own method reaches only its bundled HTTP/2, and x/net's
+// needs its own pool, which streamsPool stands in front of.)
+func (t *Transport) CloseIdleConnections() {
+	t.Transport.CloseIdleConnections()
+	t.pool.closeIdle()
 }
 
 // MaxConcurrentStreams is how many requests the HTTP/2 server the
@@ -301,10 +312,13 @@ type Transport struct {
 func (t *Transport) MaxConcurrentStreams() int { return int(t.streams.Load()) }
 
 // streamsPool notes the stream limit of every HTTP/2 connection a request
-// goes to.
+// goes to, and keeps the connections for closeIdle.
 type streamsPool struct {
 	http2.ClientConnPool
 	t *Transport
+
+	mu    sync.Mutex
+	conns map[*http2.ClientConn]struct{}
 }
 
 func (p *streamsPool) GetClientConn(req *http.Request, addr string) (*http2.ClientConn, error) {
@@ -313,8 +327,40 @@ func (p *streamsPool) GetClientConn(req *http.Request, addr string) (*http2.Clie
 		if n := cc.State().MaxConcurrentStreams; n > 0 {
 			p.t.streams.Store(int64(n))
 		}
+		p.mu.Lock()
+		if _, ok := p.conns[cc]; !ok {
+			if p.conns == nil {
+				p.conns = make(map[*http2.ClientConn]struct{})
+			}
+			for c := range p.conns { // forget the closed ones
+				if c.State().Closed {
+					delete(p.conns, c)
+				}
+			}
+			p.conns[cc] = struct{}{}
+		}
+		p.mu.Unlock()
 	}
 	return cc, err
+}
+
+// closeIdle shuts down the connections without a request: gracefully
+// (GOAWAY), so that one a request took meanwhile finishes it, and the
+// pool hands it to no further one.
+func (p *streamsPool) closeIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		st := c.State()
+		if st.Closed {
+			delete(p.conns, c)
+			continue
+		}
+		if st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
+			delete(p.conns, c)
+			go c.Shutdown(context.Background())
+		}
+	}
 }
 
 // HTTP2Config bounds what an HTTP/2 connection of a source buffers:

@@ -159,3 +159,31 @@ func TestHTTP1MaxInFlight(t *testing.T) {
 		t.Errorf("MaxInFlight = %d over HTTP/1.1, want the 12 connections", got)
 	}
 }
+
+// CloseIdleConnections closes the HTTP/2 connections too.
+func TestHTTP2CloseIdleConnections(t *testing.T) {
+	repo := t.TempDir()
+	writeRepoImage(t, repo, "img.cfs", makeFiles("f", 84, 3, 100))
+	closed := make(chan struct{}, 1)
+	srv := httptest.NewUnstartedServer(http.FileServer(http.Dir(repo)))
+	srv.EnableHTTP2 = true
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := newSource(t, srv.URL, HTTPOptions{CAFile: ca})
+	mustPull(t, openStore(t, t.TempDir(), testOptions()), src, "img.cfs")
+	src.CloseIdleConnections()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the idle HTTP/2 connection is still open")
+	}
+}
