@@ -192,7 +192,7 @@ func verifyRegistry(ctx context.Context, out io.Writer, rule *trust.Rule, arg st
 		return usageError{err}
 	}
 	name := ref.Name()
-	manifest, err := src.ResolveManifest(ctx, name)
+	manifest, _, err := src.ResolveManifest(ctx, name)
 	if err != nil {
 		return err
 	}

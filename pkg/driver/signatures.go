@@ -13,7 +13,9 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/oci"
 	"github.com/csi-composefs/csi-composefs/pkg/trust"
+	"github.com/opencontainers/go-digest"
 )
 
 // TrustPolicy gives the trust policy in force (a *trust.Watcher, which
@@ -100,11 +102,13 @@ func (d *Driver) keep(ctx context.Context, dg cfs.Digest, sig fetch.KeptSignatur
 //
 // A kept signature over the image file (an HTTP repository's) proves
 // itself: it is checked over the stored bytes. A kept signature of a
-// registry manifest covers the manifest only; that this image is what the
-// node made of that manifest is the store's word. Those count only when
-// manifests is set (pullPolicy Never, which could not ask the registry);
-// otherwise the registry is asked again.
-func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.Rule, manifests bool) (_ *trust.Key, refused verdictErrors, _ error) {
+// registry manifest covers the manifest only, and counts only when
+// manifests is set (pullPolicy Never, which could not ask the registry;
+// otherwise the registry is asked again). For a composefs artifact (kind
+// oci) the kept copy of the manifest must also be the one signed and name
+// this image; for a container image (docker) that this image is what the
+// node made of the manifest is the store's word.
+func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.Rule, manifests bool, kind SourceKind) (_ *trust.Key, refused verdictErrors, _ error) {
 	content := "image " + dg.String()
 	if k := d.verifiedBy(content, rule); k != nil {
 		return k, nil, nil
@@ -134,12 +138,18 @@ func (d *Driver) verifiedOnNode(ctx context.Context, dg cfs.Digest, rule *trust.
 			}
 		case ks.Manifest != "" && !manifests:
 			continue
-		case ks.Manifest != "" && len(ks.Bundle) > 0:
-			what += " (of manifest " + ks.Manifest + ")"
-			k, err = rule.VerifyManifestBundle(ks.Bundle, ks.Manifest)
 		case ks.Manifest != "":
 			what += " (of manifest " + ks.Manifest + ")"
-			k, err = rule.VerifySimpleSigning(ks.Payload, ks.Signature, ks.Manifest)
+			if kind == SourceOCIArtifact {
+				err = keptManifestNames(ks, dg)
+			}
+			switch {
+			case err != nil:
+			case len(ks.Bundle) > 0:
+				k, err = rule.VerifyManifestBundle(ks.Bundle, ks.Manifest)
+			default:
+				k, err = rule.VerifySimpleSigning(ks.Payload, ks.Signature, ks.Manifest)
+			}
 		default:
 			continue
 		}
@@ -183,7 +193,7 @@ func (d *Driver) checkImageSignature(ctx context.Context, spec VolumeSpec, src f
 		d.keep(ctx, dg, signer.kept)
 		return nil
 	}
-	k, refused, err := d.verifiedOnNode(ctx, dg, rule, spec.PullPolicy == PullNever)
+	k, refused, err := d.verifiedOnNode(ctx, dg, rule, spec.PullPolicy == PullNever, spec.Source.Kind)
 	if err != nil {
 		return err
 	}
@@ -265,6 +275,27 @@ func (d *Driver) imageBlob(dg cfs.Digest) (trust.Blob, error) {
 	return b, nil
 }
 
+// keptManifestNames checks the kept copy of a composefs artifact's
+// manifest: it is the manifest the signature covers (by digest) and its
+// annotation names the image dg. A mismatch is a verdict (ErrBadSignature):
+// the signature is genuine but not of this image.
+func keptManifestNames(ks fetch.KeptSignature, dg cfs.Digest) error {
+	if len(ks.ManifestBytes) == 0 {
+		return fmt.Errorf("%w: no copy of the manifest is kept with it, so that the manifest names this image cannot be checked", trust.ErrBadSignature)
+	}
+	if got := digest.FromBytes(ks.ManifestBytes); got.String() != ks.Manifest {
+		return fmt.Errorf("%w: the manifest kept with it has digest %s, not the signed %s", trust.ErrBadSignature, got, ks.Manifest)
+	}
+	named, err := oci.ArtifactImage(ks.ManifestBytes)
+	if err != nil {
+		return fmt.Errorf("%w: the signed manifest: %w", trust.ErrBadSignature, err)
+	}
+	if named != dg {
+		return fmt.Errorf("%w: the signed manifest names image %s, not this one", trust.ErrBadSignature, named)
+	}
+	return nil
+}
+
 // verdictErrors are the refusals of each signature file; errors.Is sees
 // each of them.
 type verdictErrors []error
@@ -287,9 +318,14 @@ func (e verdictErrors) Unwrap() []error { return e }
 // the rule does not require a signature and none is stored.
 func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, src fetch.ManifestSigner, rule *trust.Rule) (string, *manifestVerdict, error) {
 	log := klog.FromContext(ctx)
-	manifest, sigs, err := d.store.ManifestSignatures(ctx, src, spec.Ref.Name)
+	m, err := d.store.ManifestSignatures(ctx, src, spec.Ref.Name)
 	if err != nil {
 		return "", nil, err
+	}
+	manifest, sigs := m.Digest, m.Signatures
+	var manifestBytes []byte // kept for an artifact: it names the image
+	if spec.Source.Kind == SourceOCIArtifact {
+		manifestBytes = m.Bytes
 	}
 	where := fmt.Sprintf("%s@%s (trust policy prefix %s)", spec.Source.URL, manifest, rule.Prefix)
 	if len(sigs) == 0 {
@@ -314,7 +350,8 @@ func (d *Driver) checkManifestSignature(ctx context.Context, spec VolumeSpec, sr
 		if err == nil {
 			d.metrics.signatureCheck("verified")
 			log.V(2).Info("Manifest signature verified", "manifest", manifest, "signature", s.Location, "key", k.String(), "policyPrefix", rule.Prefix)
-			return manifest, &manifestVerdict{key: k, kept: fetch.KeptSignature{Manifest: manifest, Payload: s.Payload, Signature: s.Signature, Bundle: s.Bundle}}, nil
+			return manifest, &manifestVerdict{key: k, kept: fetch.KeptSignature{
+				Manifest: manifest, ManifestBytes: manifestBytes, Payload: s.Payload, Signature: s.Signature, Bundle: s.Bundle}}, nil
 		}
 		if !isVerdict(err) {
 			return "", nil, fmt.Errorf("checking the signature %s: %w", s.Location, err)

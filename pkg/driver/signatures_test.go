@@ -142,12 +142,12 @@ type signerStore struct {
 	after func()
 }
 
-func (s *signerStore) ManifestSignatures(ctx context.Context, src fetch.ManifestSigner, name string) (string, []fetch.ManifestSignature, error) {
-	m, sigs, err := s.Store.ManifestSignatures(ctx, src, name)
+func (s *signerStore) ManifestSignatures(ctx context.Context, src fetch.ManifestSigner, name string) (fetch.SignedManifest, error) {
+	m, err := s.Store.ManifestSignatures(ctx, src, name)
 	if s.after != nil {
 		s.after()
 	}
-	return m, sigs, err
+	return m, err
 }
 
 // Registries: cosign sign --key signatures (the sha256-<hex>.sig tag) and
@@ -327,6 +327,52 @@ func TestSignedOCIImages(t *testing.T) {
 	if n := reg.Counts().Requests; n == 0 {
 		t.Error("IfNotPresent after a restart: the registry was not asked")
 	}
+	// Someone who can write the store plants v1's genuine kept signature
+	// (and manifest) as the only one of another stored image: for an
+	// artifact the signed manifest must name the image, so it is refused.
+	kept1, err := st.KeptSignatures(ctx, res1.Digest)
+	if err != nil || len(kept1) == 0 || len(kept1[0].ManifestBytes) == 0 {
+		t.Fatalf("v1's kept signatures: %+v, %v; want one with the manifest kept", kept1, err)
+	}
+	kept3, err := st.KeptSignatures(ctx, res3.Digest)
+	if err != nil || len(kept3) == 0 {
+		t.Fatalf("bundled's kept signatures: %+v, %v", kept3, err)
+	}
+	plant := func(ks fetch.KeptSignature) {
+		t.Helper()
+		b, err := json.Marshal(map[string]any{"version": 1, "signatures": []fetch.KeptSignature{ks}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.WriteFile(filepath.Join(storeDir, "signatures", res3.Digest.String()+".json"), b, 0o644); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		name string
+		ks   func(fetch.KeptSignature) fetch.KeptSignature
+		want string
+	}{
+		{"v1's signature and manifest", func(k fetch.KeptSignature) fetch.KeptSignature { return k }, "names image " + res1.Digest.String()},
+		{"v1's signature without its manifest", func(k fetch.KeptSignature) fetch.KeptSignature { k.ManifestBytes = nil; return k }, "no copy of the manifest"},
+		{"v1's signature with bundled's manifest", func(k fetch.KeptSignature) fetch.KeptSignature {
+			k.ManifestBytes = kept3[len(kept3)-1].ManifestBytes
+			return k
+		}, "not the signed " + m1},
+	} {
+		plant(c.ks(kept1[len(kept1)-1]))
+		restart(testsign.Policy("oci://"+reg.Host+"/team", true, key))
+		_, err := publish("bundled", "Never", "digest", res3.Digest.String())
+		if status.Code(err) != codes.PermissionDenied || !strings.Contains(err.Error(), c.want) {
+			t.Errorf("%s planted as bundled's, pullPolicy Never: %v, want PermissionDenied naming %q", c.name, err, c.want)
+		}
+	}
+	plant(kept3[len(kept3)-1]) // its own again
+	restart(testsign.Policy("oci://"+reg.Host+"/team", true, key))
+	if _, err := publish("bundled", "Never", "digest", res3.Digest.String()); err != nil {
+		t.Errorf("bundled's own kept signature restored, pullPolicy Never: %v", err)
+	}
+
 	// The key leaves the policy: its kept signatures no longer count.
 	restart(testsign.Policy("oci://"+reg.Host+"/team", true, stranger))
 	for tag, dg := range map[string]cfs.Digest{"v1": res1.Digest, "bundled": res3.Digest} {

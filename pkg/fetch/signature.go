@@ -116,33 +116,43 @@ type ManifestSignature struct {
 // ManifestSigner is implemented by registry sources, whose images cosign
 // signs by manifest digest.
 type ManifestSigner interface {
-	// ResolveManifest returns the digest ("sha256:…") of the manifest or
-	// index name (a tag or a digest) names now.
-	ResolveManifest(ctx context.Context, name string) (string, error)
+	// ResolveManifest returns the digest ("sha256:…") and the bytes of the
+	// manifest or index name (a tag or a digest) names now (the bytes
+	// checked against the digest).
+	ResolveManifest(ctx context.Context, name string) (string, []byte, error)
 	// ManifestSignatures returns the signature material the registry
 	// holds for the manifest of that digest (none, without error, when it
 	// holds none).
 	ManifestSignatures(ctx context.Context, manifestDigest string) ([]ManifestSignature, error)
 }
 
+// SignedManifest is what a registry name resolved to, with the signature
+// material the registry holds for it.
+type SignedManifest struct {
+	// Digest ("sha256:…") and Bytes of the manifest or index.
+	Digest string
+	Bytes  []byte
+	// Signatures of Digest.
+	Signatures []ManifestSignature
+}
+
 // ManifestSignatures resolves name (a tag or a digest) with src and
 // fetches the signatures of the manifest it names, retrying transient
 // failures as image downloads do.
-func (s *Store) ManifestSignatures(ctx context.Context, src ManifestSigner, name string) (string, []ManifestSignature, error) {
-	var manifest string
-	var out []ManifestSignature
+func (s *Store) ManifestSignatures(ctx context.Context, src ManifestSigner, name string) (SignedManifest, error) {
+	var m SignedManifest
 	err := s.retry(ctx, "signatures of "+name, func(ctx context.Context) error {
 		var err error
-		if manifest == "" {
-			if manifest, err = src.ResolveManifest(ctx, name); err != nil {
+		if m.Digest == "" {
+			if m.Digest, m.Bytes, err = src.ResolveManifest(ctx, name); err != nil {
 				return err
 			}
 		}
-		out, err = src.ManifestSignatures(ctx, manifest)
+		m.Signatures, err = src.ManifestSignatures(ctx, m.Digest)
 		return err
 	})
 	if err != nil {
-		return "", nil, fmt.Errorf("fetching the signatures of %s from %s: %w", name, src, err)
+		return SignedManifest{}, fmt.Errorf("fetching the signatures of %s from %s: %w", name, src, err)
 	}
-	return manifest, out, nil
+	return m, nil
 }

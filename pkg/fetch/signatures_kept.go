@@ -45,22 +45,26 @@ const (
 // Blob (a cosign sign-blob signature or bundle over the image file), or
 // Manifest with Payload and Signature (cosign's simple signing layer) or
 // Bundle (a sigstore bundle referrer) — the signature of the registry
-// manifest the image was fetched by.
+// manifest the image was fetched by. ManifestBytes, for a composefs
+// artifact, is that manifest (or index) itself: its digest is Manifest
+// and its annotation names the image, so the link from the signed
+// manifest to the stored image can be checked offline.
 type KeptSignature struct {
-	Blob      []byte `json:"blob,omitempty"`
-	Manifest  string `json:"manifest,omitempty"`
-	Payload   []byte `json:"payload,omitempty"`
-	Signature string `json:"signature,omitempty"`
-	Bundle    []byte `json:"bundle,omitempty"`
+	Blob          []byte `json:"blob,omitempty"`
+	Manifest      string `json:"manifest,omitempty"`
+	ManifestBytes []byte `json:"manifestBytes,omitempty"`
+	Payload       []byte `json:"payload,omitempty"`
+	Signature     string `json:"signature,omitempty"`
+	Bundle        []byte `json:"bundle,omitempty"`
 }
 
 func (k KeptSignature) size() int {
-	return len(k.Blob) + len(k.Manifest) + len(k.Payload) + len(k.Signature) + len(k.Bundle)
+	return len(k.Blob) + len(k.Manifest) + len(k.ManifestBytes) + len(k.Payload) + len(k.Signature) + len(k.Bundle)
 }
 
 func (k KeptSignature) equal(o KeptSignature) bool {
-	return bytes.Equal(k.Blob, o.Blob) && k.Manifest == o.Manifest && bytes.Equal(k.Payload, o.Payload) &&
-		k.Signature == o.Signature && bytes.Equal(k.Bundle, o.Bundle)
+	return bytes.Equal(k.Blob, o.Blob) && k.Manifest == o.Manifest && bytes.Equal(k.ManifestBytes, o.ManifestBytes) &&
+		bytes.Equal(k.Payload, o.Payload) && k.Signature == o.Signature && bytes.Equal(k.Bundle, o.Bundle)
 }
 
 type keptFile struct {

@@ -7,6 +7,7 @@ import (
 
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
+	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
@@ -41,71 +42,92 @@ func mediaTypeOf(b []byte) string {
 	return probe.MediaType
 }
 
+// ArtifactImage returns the composefs image digest that b, the top-level
+// manifest or image index of a composefs artifact (untrusted bytes), names
+// in its annotation. Anything else (a container image's manifest, bytes
+// that do not parse) is an error.
+func ArtifactImage(b []byte) (cfs.Digest, error) {
+	d, _, _, err := decodeArtifactTop(b)
+	return d, err
+}
+
+// decodeArtifactTop decodes an artifact's top-level manifest or image
+// index (untrusted bytes): the composefs image digest it names, and the
+// index (of shards) or the manifest it is.
+func decodeArtifactTop(b []byte) (cfs.Digest, *ocispec.Index, *ocispec.Manifest, error) {
+	var ann map[string]string
+	var ix *ocispec.Index
+	var m *ocispec.Manifest
+	var err error
+	if mt := mediaTypeOf(b); mt == ocispec.MediaTypeImageIndex || mt == mediaTypeDockerManifestList {
+		if ix, err = parseIndex(b); err != nil {
+			return cfs.Digest{}, nil, nil, err
+		}
+		if ix.ArtifactType != ArtifactType {
+			return cfs.Digest{}, nil, nil, notArtifact(ix.ArtifactType, "an image index")
+		}
+		ann = ix.Annotations
+	} else {
+		if m, err = parseManifest(b); err != nil {
+			return cfs.Digest{}, nil, nil, err
+		}
+		if m.ArtifactType != ArtifactType {
+			return cfs.Digest{}, nil, nil, notArtifact(m.ArtifactType, "a manifest")
+		}
+		ann = m.Annotations
+	}
+	d, ok, err := parseDigestAnnotation(ann)
+	if err != nil {
+		return cfs.Digest{}, nil, nil, err
+	}
+	if !ok {
+		what := "manifest"
+		if ix != nil {
+			what = "image index"
+		}
+		return cfs.Digest{}, nil, nil, fmt.Errorf("the %s has no %s annotation", what, AnnotationDigest)
+	}
+	return d, ix, m, nil
+}
+
 // decodeArtifact decodes an artifact's top-level manifest or image index
 // (untrusted bytes, of digest top.Digest); shard fetches a shard manifest
 // (checked against its descriptor by the caller).
 func decodeArtifact(top ocispec.Descriptor, b []byte, shard func(ocispec.Descriptor) ([]byte, error)) (*Artifact, error) {
-	a := &Artifact{Manifest: top}
-	mt := mediaTypeOf(b)
-	if mt == ocispec.MediaTypeImageIndex || mt == mediaTypeDockerManifestList {
-		ix, err := parseIndex(b)
-		if err != nil {
+	d, ix, m, err := decodeArtifactTop(b)
+	if err != nil {
+		return nil, err
+	}
+	a := &Artifact{Manifest: top, Digest: d}
+	if ix == nil {
+		a.Manifest.MediaType = ocispec.MediaTypeImageManifest
+		if err := a.addLayers(m.Layers, true); err != nil {
 			return nil, err
-		}
-		if ix.ArtifactType != ArtifactType {
-			return nil, notArtifact(ix.ArtifactType, "an image index")
-		}
-		d, ok, err := parseDigestAnnotation(ix.Annotations)
-		if err != nil {
-			return nil, err
-		}
-		if !ok {
-			return nil, fmt.Errorf("the image index has no %s annotation", AnnotationDigest)
-		}
-		a.Digest = d
-		if len(ix.Manifests) == 0 || len(ix.Manifests) > MaxShards {
-			return nil, fmt.Errorf("the image index lists %d shards, want 1 to %d", len(ix.Manifests), MaxShards)
-		}
-		a.Manifest.MediaType = ocispec.MediaTypeImageIndex
-		for i, sd := range ix.Manifests {
-			if sd.MediaType != ocispec.MediaTypeImageManifest {
-				return nil, fmt.Errorf("shard %d has media type %q, want %s", i, sd.MediaType, ocispec.MediaTypeImageManifest)
-			}
-			sb, err := shard(sd)
-			if err != nil {
-				return nil, fmt.Errorf("shard %d: %w", i, err)
-			}
-			m, err := parseManifest(sb)
-			if err != nil {
-				return nil, fmt.Errorf("shard %d: %w", i, err)
-			}
-			if m.ArtifactType != ShardArtifactType {
-				return nil, fmt.Errorf("shard %d has artifactType %q, want %s", i, m.ArtifactType, ShardArtifactType)
-			}
-			if err := a.addLayers(m.Layers, i == 0); err != nil {
-				return nil, fmt.Errorf("shard %d: %w", i, err)
-			}
 		}
 		return a, a.check()
 	}
-	m, err := parseManifest(b)
-	if err != nil {
-		return nil, err
+	if len(ix.Manifests) == 0 || len(ix.Manifests) > MaxShards {
+		return nil, fmt.Errorf("the image index lists %d shards, want 1 to %d", len(ix.Manifests), MaxShards)
 	}
-	if m.ArtifactType != ArtifactType {
-		return nil, notArtifact(m.ArtifactType, "a manifest")
-	}
-	d, ok, err := parseDigestAnnotation(m.Annotations)
-	if err != nil {
-		return nil, err
-	}
-	if !ok {
-		return nil, fmt.Errorf("the manifest has no %s annotation", AnnotationDigest)
-	}
-	a.Digest = d
-	a.Manifest.MediaType = ocispec.MediaTypeImageManifest
-	if err := a.addLayers(m.Layers, true); err != nil {
-		return nil, err
+	a.Manifest.MediaType = ocispec.MediaTypeImageIndex
+	for i, sd := range ix.Manifests {
+		if sd.MediaType != ocispec.MediaTypeImageManifest {
+			return nil, fmt.Errorf("shard %d has media type %q, want %s", i, sd.MediaType, ocispec.MediaTypeImageManifest)
+		}
+		sb, err := shard(sd)
+		if err != nil {
+			return nil, fmt.Errorf("shard %d: %w", i, err)
+		}
+		sm, err := parseManifest(sb)
+		if err != nil {
+			return nil, fmt.Errorf("shard %d: %w", i, err)
+		}
+		if sm.ArtifactType != ShardArtifactType {
+			return nil, fmt.Errorf("shard %d has artifactType %q, want %s", i, sm.ArtifactType, ShardArtifactType)
+		}
+		if err := a.addLayers(sm.Layers, i == 0); err != nil {
+			return nil, fmt.Errorf("shard %d: %w", i, err)
+		}
 	}
 	return a, a.check()
 }

@@ -21,21 +21,18 @@ const (
 
 var _ fetch.ManifestSigner = (*RepoSource)(nil)
 
-// ResolveManifest returns the digest of the manifest (or index) name
-// names in the repository now: what cosign signs. A digest is its own
-// answer.
-func (r *RepoSource) ResolveManifest(ctx context.Context, name string) (string, error) {
-	if d, err := digest.Parse(name); err == nil {
-		if d.Algorithm() != digest.SHA256 {
-			return "", fmt.Errorf("manifest digest %s: only sha256 is supported", name)
-		}
-		return d.String(), nil
+// ResolveManifest returns the digest and the bytes of the manifest (or
+// index) name names in the repository now: what cosign signs. A digest
+// is fetched by that digest (and checked against it).
+func (r *RepoSource) ResolveManifest(ctx context.Context, name string) (string, []byte, error) {
+	if d, err := digest.Parse(name); err == nil && d.Algorithm() != digest.SHA256 {
+		return "", nil, fmt.Errorf("manifest digest %s: only sha256 is supported", name)
 	}
-	desc, _, err := r.c.fetchManifest(ctx, name)
+	desc, b, err := r.c.fetchManifest(ctx, name)
 	if err != nil {
-		return "", err
+		return "", nil, err
 	}
-	return desc.Digest.String(), nil
+	return desc.Digest.String(), b, nil
 }
 
 // ManifestSignatures reads what cosign stores for the manifest
