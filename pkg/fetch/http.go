@@ -366,15 +366,19 @@ func (p *streamsPool) closeIdle() {
 // HTTP2Config bounds what an HTTP/2 connection of a source buffers:
 // many downloads share one connection as streams, and each may buffer up
 // to its window (4 MiB) when the store reads slower than the link
-// delivers; the connection's window, 16 MiB, bounds all of them and is far
-// above a long fat link's bandwidth-delay product. Every transport of the
-// project's sources uses it, so that none depends on Go's defaults. A 4 MiB connection window was
-// measured (bench/net, HTTP/2, two rounds): cold pulls 14-23 % slower on
-// region with the mixed tree and 4-8 % on far, and no lower peak RSS.
+// delivers; the connection's window, 8 MiB, bounds all of them. A pull
+// keeps within the server's stream limit (HTTPSource.MaxInFlight), so one
+// connection, and 8 MiB of buffers, serve it. 8 MiB is 3 times the
+// bandwidth-delay product of 1 Gbit/s at 20 ms and 4 times that of 200
+// Mbit/s at 80 ms: the window never holds a link-bound pull back there;
+// only a CPU-bound one fills it. Every transport of the project's sources
+// uses it, so that none depends on Go's defaults. (A 16 MiB window let a
+// CPU-bound pull hold 16 MiB of bodies per connection, and the garbage
+// collector's headroom as much again: bench/README.md, RSS.)
 func HTTP2Config() *http.HTTP2Config {
 	return &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     4 << 20,
-		MaxReceiveBufferPerConnection: 16 << 20,
+		MaxReceiveBufferPerConnection: 8 << 20,
 	}
 }
 
