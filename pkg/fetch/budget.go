@@ -131,7 +131,9 @@ func (s *Store) checkObjectSize(o cfs.Object) error {
 // admitObjectDownload reserves room in tmp/ for downloading o (waiting
 // while the download budget is spent), then checks that o fits in the free
 // space beyond MinFreeSpace and what other downloads have reserved (which
-// counts their bytes already written twice: on the safe side).
+// counts their bytes already written twice: on the safe side). The free
+// space is measured at most every freeSpaceMaxAge (freeSpaceCache), and
+// always before a refusal.
 func (s *Store) admitObjectDownload(ctx context.Context, o cfs.Object) (*reservation, error) {
 	if err := s.checkObjectSize(o); err != nil {
 		return nil, err
@@ -143,18 +145,24 @@ func (s *Store) admitObjectDownload(ctx context.Context, o cfs.Object) (*reserva
 	if s.opts.MinFreeSpace < 0 {
 		return r, nil
 	}
-	free, err := s.freeSpace()
-	if err != nil {
-		r.release()
-		return nil, err
-	}
-	others := s.tmpBudget.inUse.Load() - r.n
-	if avail := free - s.opts.MinFreeSpace - others; o.Size > uint64(max(avail, 0)) {
+	for fresh := false; ; fresh = true {
+		free, err := s.objectFreeSpace(fresh)
+		if err != nil {
+			r.release()
+			return nil, err
+		}
+		others := s.tmpBudget.inUse.Load() - r.n
+		if avail := free - s.opts.MinFreeSpace - others; o.Size <= uint64(max(avail, 0)) {
+			s.admitted(int64(o.Size))
+			return r, nil
+		}
+		if !fresh {
+			continue // refuse only on a fresh measurement
+		}
 		r.release()
 		return nil, fmt.Errorf("object %s (%d bytes) does not fit: the store's filesystem has %d bytes free, %d of them kept free and %d reserved by other downloads: %w: %w",
 			o.Digest, o.Size, free, s.opts.MinFreeSpace, others, ErrResourceLimit, syscall.ENOSPC)
 	}
-	return r, nil
 }
 
 // freeSpace is what the store's filesystem has free for unprivileged

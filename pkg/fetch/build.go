@@ -475,6 +475,7 @@ func (b *buildSink) publish(ctx context.Context, objs []cfs.Object, pid *princip
 		delete(b.staged, o.Digest)
 		b.mu.Unlock()
 		dirs[filepath.Dir(final)] = true
+		s.named.Add(1)
 		s.c.objectsFetched.Add(1)
 		s.c.objectBytesFetched.Add(o.Size)
 	}

@@ -19,7 +19,7 @@ func (s *Store) finishFile(f *os.File, want cfs.Digest) error { return s.prepare
 // the caller makes it durable), closed, fs-verity enabled where the
 // filesystem supports it. f is closed.
 func (s *Store) prepareFile(f *os.File, want cfs.Digest, sync bool) error {
-	if err := f.Chmod(0o644); err != nil {
+	if err := f.Chmod(objectMode); err != nil {
 		return fmt.Errorf("finishing %s: %w", f.Name(), err)
 	}
 	if sync {
@@ -45,13 +45,17 @@ func (s *Store) prepareFile(f *os.File, want cfs.Digest, sync bool) error {
 // content has digest want ready to be published once the group sync has
 // made it durable: mode 0644, fs-verity enabled (and measured equal to
 // want) where the filesystem supports it. It stays open (an anonymous file
-// lives only as long as a descriptor on it).
+// lives only as long as a descriptor on it). An anonymous file was created
+// with mode 0644, and needs no fchmod where the store found at Open that
+// its files keep that mode (anonModeSet).
 func (s *Store) prepareTemp(t *tempFile, want cfs.Digest) error {
 	if !t.anon {
 		return s.prepareFile(t.File, want, false)
 	}
-	if err := t.Chmod(0o644); err != nil {
-		return fmt.Errorf("finishing %s: %w", t.Name(), err)
+	if !s.anonModeSet {
+		if err := t.Chmod(objectMode); err != nil {
+			return fmt.Errorf("finishing %s: %w", t.Name(), err)
+		}
 	}
 	if !s.verity.Load() {
 		return nil

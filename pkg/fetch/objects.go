@@ -7,6 +7,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -119,6 +120,10 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	p.Objects.Store(int64(st.Objects))
 	p.Bytes.Store(int64(st.Bytes))
 
+	// Objects named in the store from now on by anyone but this call: if
+	// none, a missing object found by the scan is still missing when its
+	// download starts (see fetchEach).
+	scan := s.named.Load()
 	var missing, unproven []cfs.Object
 	for _, o := range objs {
 		if err := ctx.Err(); err != nil {
@@ -185,7 +190,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	if rs, ok := src.(RunSource); ok {
 		recheck, dirs, err = s.fetchRuns(ctx, src, rs, image, missing, p, pid, &st)
 	} else {
-		recheck, dirs, err = s.fetchEach(ctx, src, missing, p, pid, &st)
+		recheck, dirs, err = s.fetchEach(ctx, src, missing, scan, p, pid, &st)
 	}
 	if err != nil {
 		if ctx.Err() != nil && !errors.Is(err, context.Canceled) && !errors.Is(err, context.DeadlineExceeded) {
@@ -224,7 +229,11 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 // the call, and MaxFetchWorkers node-wide. It returns the objects a
 // concurrent call brought in (to prove, with a principal) and the object
 // directories written.
-func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
+//
+// scan is s.named when the scan found the objects missing: an object is
+// looked up again before its download (a concurrent call may have stored
+// it meanwhile) only when some other call has named an object since.
+func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, scan uint64, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
 	wctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var (
@@ -235,6 +244,7 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		// recheck: objects this call did not download itself (a
 		// concurrent call did, perhaps from another source).
 		recheck []cfs.Object
+		own     atomic.Uint64 // objects this call named
 	)
 	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
 	if sl, ok := src.(interface{ MaxInFlight() int }); ok {
@@ -263,9 +273,17 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 			defer func() { <-s.workers; lim.releaseWorker() }()
 			// Keyed by digest and size: a request recording a wrong
 			// size fails alone rather than failing its sharers.
-			key := fmt.Sprintf("%s/%d", o.Digest, o.Size)
+			key := o.Digest.String() + "/" + strconv.FormatUint(o.Size, 10)
 			res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
-				return s.fetchObject(fctx, src, o, p, lim, pid)
+				// own before named: publishObject counts named first,
+				// so equal counts mean no other call named anything.
+				mine := own.Load()
+				recheck := s.named.Load() != scan+mine
+				res, err := s.fetchObject(fctx, src, o, p, lim, pid, recheck)
+				if err == nil && res.fetched > 0 {
+					own.Add(1)
+				}
+				return res, err
 			})
 			mu.Lock()
 			defer mu.Unlock()
@@ -325,6 +343,7 @@ const (
 // is wrong, and the call fails with ErrSizeMismatch and ErrInvalidImage.
 // Only Verify, which re-hashes, quarantines corrupt objects.
 func (s *Store) locate(ctx context.Context, o cfs.Object) (location, error) {
+	s.lookups.Add(1)
 	path := s.objectPath(o.Digest)
 	if fi, err := lstatVerity(path); err == nil {
 		if !fi.regular {
@@ -373,11 +392,17 @@ const waitersPerSlot = 4
 // fetchObject downloads o into the store, holding a download slot of lim
 // while it downloads. A download cut short (a reset, a stall, a short
 // body) is resumed by the next attempt where the source serves ranges.
-func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, lim *adaptiveLimit, pid *principalID) (objectResult, error) {
-	if where, err := s.locate(ctx, o); err != nil {
-		return objectResult{}, err
-	} else if where != missingObject { // arrived while we queued
-		return objectResult{found: where}, nil
+//
+// With recheck, o is looked up first (it may have arrived while the call
+// queued it); without, the caller knows that nothing was named since it
+// found o missing.
+func (s *Store) fetchObject(ctx context.Context, src Source, o cfs.Object, p *Progress, lim *adaptiveLimit, pid *principalID, recheck bool) (objectResult, error) {
+	if recheck {
+		if where, err := s.locate(ctx, o); err != nil {
+			return objectResult{}, err
+		} else if where != missingObject { // arrived while we queued
+			return objectResult{found: where}, nil
+		}
 	}
 	var (
 		res  objectResult
@@ -432,6 +457,7 @@ func (s *Store) publishObject(ctx context.Context, f *tempFile, o cfs.Object) (s
 	if err != nil {
 		return "", fmt.Errorf("storing object %s: %w", o.Digest, err)
 	}
+	s.named.Add(1)
 	if s.afterPublish != nil {
 		s.afterPublish(o.Digest)
 	}
@@ -517,7 +543,12 @@ const (
 )
 
 // copyBody copies at most limit bytes. Read errors are transient (resets,
-// truncation); write errors (disk full) are not.
+// truncation); write errors (disk full) are not. Reads fill the copy buffer
+// before it is written (and hashed): an object that fits in it is written
+// with one write, however many reads its body took (HTTP/1.1 bodies arrive
+// in socket-sized pieces, HTTP/2 ones in frames of 16 KiB at most); what
+// was read before a read error is written before the error is returned,
+// so that a resumed download keeps it.
 func (s *Store) copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
 	pool := &s.bufs
 	// limit is one more than the bytes wanted (to see a longer body).
@@ -533,7 +564,7 @@ func (s *Store) copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
 		if limit-n < want {
 			want = limit - n
 		}
-		m, rerr := r.Read(buf[:want])
+		m, rerr := fill(r, buf[:want])
 		if m > 0 {
 			if _, werr := w.Write(buf[:m]); werr != nil {
 				return n, fmt.Errorf("writing to the store: %w", werr)
@@ -548,6 +579,26 @@ func (s *Store) copyBody(w io.Writer, r io.Reader, limit int64) (int64, error) {
 				return n, rerr
 			}
 			return n, Transient(rerr)
+		}
+	}
+	return n, nil
+}
+
+// fill reads into buf until it is full, r ends (io.EOF) or a read fails;
+// it returns the bytes read. A reader that keeps returning nothing and no
+// error fails with io.ErrNoProgress (as bufio does).
+func fill(r io.Reader, buf []byte) (int, error) {
+	var n, empty int
+	for n < len(buf) {
+		m, err := r.Read(buf[n:])
+		n += m
+		if err != nil {
+			return n, err
+		}
+		if m > 0 {
+			empty = 0
+		} else if empty++; empty >= 100 {
+			return n, io.ErrNoProgress
 		}
 	}
 	return n, nil

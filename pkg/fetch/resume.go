@@ -159,7 +159,13 @@ func (s *Store) receiveRest(where func() string, o cfs.Object, body io.Reader, p
 		return nil, fmt.Errorf("%s: content has digest %s: %w", where(), got, ErrDigestMismatch)
 	}
 	pt.doneHashing()
-	pt.wf.startWriteback()
+	if pt.wf.started > 0 {
+		// A large object: start the writeback of its tail too. A small
+		// one (under writebackChunk) is left to the group sync, whose
+		// writeback of many files at once costs less CPU than a
+		// sync_file_range per file.
+		pt.wf.startWriteback()
+	}
 	return pt.f, nil
 }
 

@@ -210,6 +210,9 @@ type Store struct {
 	lock *os.File
 
 	verity atomic.Bool // enable fs-verity on stored files
+	// anonModeSet: anonymous temporary files get objectMode as created
+	// (the umask and tmp/'s default ACL keep it; probed at Open).
+	anonModeSet bool
 
 	mu      sync.Mutex
 	pins    map[cfs.Digest]int          // Pin/Unpin counts
@@ -230,8 +233,20 @@ type Store struct {
 	downloads chan struct{} // node-wide object download slots
 	workers   chan struct{} // node-wide object download goroutines
 
+	freeCache freeSpaceCache // the free space per-object checks judge on
+	// measureFree replaces freeSpace for the per-object checks (tests
+	// count measurements); nil means freeSpace.
+	measureFree func() (int64, error)
+
 	tmpBudget   *budget // bytes of downloads in tmp/ (DownloadBudget)
 	parseBudget *budget // memory of image parses (ParseMemory)
+
+	// named counts the objects given their names in objects/ since Open
+	// (downloaded or converted), so that a call can tell whether any
+	// appeared since it looked.
+	named atomic.Uint64
+	// lookups counts locate's lookups of objects (tests).
+	lookups atomic.Uint64
 
 	images  flightGroup[cfs.Digest]
 	objects flightGroup[objectResult]
@@ -319,6 +334,7 @@ func Open(ctx context.Context, root string, opts Options) (*Store, error) {
 			return nil, fmt.Errorf("opening store %s: %w", root, err)
 		}
 	}
+	s.anonModeSet = tmpfileKeepsMode(filepath.Join(root, tmpDir, "0"))
 	if !opts.DisableVerity {
 		ok, err := cfs.VeritySupport(filepath.Join(root, tmpDir))
 		if err != nil {

@@ -33,7 +33,7 @@ func (s *Store) createTemp(dir, pattern string) (*tempFile, error) {
 
 func createTemp(dir, pattern string, named bool) (*tempFile, error) {
 	if !named && !noTmpfile.Load() {
-		fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, 0o644)
+		fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, objectMode)
 		if err == nil {
 			return &tempFile{File: os.NewFile(uintptr(fd), filepath.Join(dir, "(anonymous "+pattern+")")), anon: true}, nil
 		}
@@ -47,6 +47,27 @@ func createTemp(dir, pattern string, named bool) (*tempFile, error) {
 		return nil, err
 	}
 	return &tempFile{File: f}, nil
+}
+
+// objectMode is the mode of stored files.
+const objectMode = 0o644
+
+// tmpfileKeepsMode reports whether an anonymous file created in dir with
+// mode objectMode gets exactly that mode: what the process's umask and the
+// directory's default ACL leave of it. Where they do, objects need no
+// fchmod before they are published (Open asks once per store). False
+// where dir has no O_TMPFILE or the probe fails.
+func tmpfileKeepsMode(dir string) bool {
+	fd, err := unix.Open(dir, unix.O_TMPFILE|unix.O_WRONLY|unix.O_CLOEXEC, objectMode)
+	if err != nil {
+		return false
+	}
+	defer unix.Close(fd)
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return false
+	}
+	return st.Mode&0o7777 == objectMode
 }
 
 // discard closes and removes an unpublished temporary file.
