@@ -268,6 +268,7 @@ func pull(ctx context.Context, stdout, stderr io.Writer, src fetch.Source, dir s
 	if err != nil {
 		return err
 	}
+	limitObjectsMemory()
 	var p fetch.Progress
 	var st fetch.Stats
 	err = withProgress(stderr, &p, mode, start, func() error {

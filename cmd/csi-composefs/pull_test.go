@@ -1,11 +1,14 @@
 package main
 
 import (
+	"bytes"
 	"fmt"
+	"math"
 	"net/http"
 	"net/http/httptest"
 	"os"
 	"path/filepath"
+	"runtime/debug"
 	"strings"
 	"testing"
 
@@ -120,5 +123,48 @@ func TestPullContainerImageProgress(t *testing.T) {
 	}
 	if !strings.Contains(stderr, "3 objects written") {
 		t.Errorf("no conversion summary in:\n%s", stderr)
+	}
+}
+
+// A pull fetches the objects under a soft memory limit of the live heap
+// plus objectsHeadroom (at least objectsMemoryFloor), unless GOMEMLIMIT
+// sets one.
+func TestPullLimitsObjectsMemory(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "f"), bytes.Repeat([]byte("x"), 5000), 0o644)
+	repo := t.TempDir()
+	if code, _, stderr := runCmd(t, "image", "build", "--repo", repo, "--name", "app.cfs", src); code != exitOK {
+		t.Fatalf("image build --repo: %d %s", code, stderr)
+	}
+	srv := httptest.NewServer(http.FileServer(http.Dir(repo)))
+	t.Cleanup(srv.Close)
+	old := debug.SetMemoryLimit(-1)
+	t.Cleanup(func() { debug.SetMemoryLimit(old) })
+	env, had := os.LookupEnv("GOMEMLIMIT")
+	os.Unsetenv("GOMEMLIMIT")
+	t.Cleanup(func() {
+		if had {
+			os.Setenv("GOMEMLIMIT", env)
+		}
+	})
+	for _, c := range []struct {
+		name, env string
+		want      func(int64) bool
+	}{
+		{"set", "", func(l int64) bool { return l >= objectsMemoryFloor && l < objectsMemoryFloor+objectsHeadroom+64<<20 }},
+		{"GOMEMLIMIT rules", "1GiB", func(l int64) bool { return l == math.MaxInt64 }},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			if c.env != "" {
+				t.Setenv("GOMEMLIMIT", c.env)
+			}
+			debug.SetMemoryLimit(math.MaxInt64)
+			if code, _, stderr := runCmd(t, "pull", "--store-dir", t.TempDir(), "--repository", srv.URL, "--progress", "none", "app.cfs"); code != exitOK {
+				t.Fatalf("pull: %d %s", code, stderr)
+			}
+			if l := debug.SetMemoryLimit(-1); !c.want(l) {
+				t.Errorf("memory limit %d after the pull", l)
+			}
+		})
 	}
 }

@@ -14,7 +14,11 @@ import (
 	"os"
 	"strconv"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"time"
+
+	"golang.org/x/net/http2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
@@ -52,9 +56,11 @@ type HTTPOptions struct {
 // the digests); https uses the system roots plus the optional CA bundle,
 // and HTTP/2. HTTPS_PROXY, HTTP_PROXY and NO_PROXY are honoured.
 type HTTPSource struct {
-	base   *url.URL
-	client *http.Client
-	opts   HTTPOptions
+	base    *url.URL
+	client  *http.Client
+	opts    HTTPOptions
+	streams interface{ MaxConcurrentStreams() int } // the transport's, when it tells
+	http1   atomic.Bool                             // the last response came over HTTP/1.x
 }
 
 var _ Source = (*HTTPSource)(nil)
@@ -99,13 +105,31 @@ func NewHTTPSource(baseURL string, opts HTTPOptions) (*HTTPSource, error) {
 		}
 		rt = t
 	}
+	streams, _ := rt.(interface{ MaxConcurrentStreams() int })
 	if auth := authorization(opts); auth != "" {
 		rt = &originAuth{rt: rt, origin: origin(u), auth: auth}
 	}
 	client := &http.Client{Transport: rt, CheckRedirect: func(req *http.Request, via []*http.Request) error {
 		return checkRedirect(req, via, opts.AllowRedirect)
 	}}
-	return &HTTPSource{base: u, client: client, opts: opts}, nil
+	return &HTTPSource{base: u, client: client, opts: opts, streams: streams}, nil
+}
+
+// MaxInFlight is how many requests the repository serves at once, 0 when
+// unknown (no response yet, an HTTP/2 transport of the caller's): over
+// HTTP/2 its server's stream limit on one connection, over HTTP/1.1 the
+// connections the source opens (MaxConnsPerHost; more requests would only
+// wait for one). The store keeps a pull's downloads in flight within it,
+// so that over HTTP/2 one connection, and one connection's buffers, serve
+// the pull.
+func (s *HTTPSource) MaxInFlight() int {
+	if s.http1.Load() {
+		return s.opts.MaxConnsPerHost
+	}
+	if s.streams == nil {
+		return 0
+	}
+	return s.streams.MaxConcurrentStreams()
 }
 
 // maxRedirects bounds a redirect chain.
@@ -201,7 +225,7 @@ func (t *originAuth) CloseIdleConnections() {
 	}
 }
 
-func newTransport(opts HTTPOptions) (*http.Transport, error) {
+func newTransport(opts HTTPOptions) (*Transport, error) {
 	var pem []byte
 	if opts.CAFile != "" {
 		var err error
@@ -223,8 +247,9 @@ var ErrNoCertificate = errors.New("no PEM certificate found")
 // and registries): the system's roots plus the PEM certificates of caPEM
 // (none: the system's alone), HTTP/2 with bounded buffers (HTTP2Config),
 // at most maxConnsPerHost connections to a host, and responseHeaderTimeout
-// for a response's headers.
-func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
+// for a response's headers. It tells how many requests the HTTP/2 server
+// takes at once on one connection (MaxConcurrentStreams).
+func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*Transport, error) {
 	roots, err := x509.SystemCertPool()
 	if err != nil || roots == nil {
 		roots = x509.NewCertPool()
@@ -232,7 +257,7 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
 		return nil, ErrNoCertificate
 	}
-	return &http.Transport{
+	t1 := &http.Transport{
 		Proxy: http.ProxyFromEnvironment,
 		DialContext: (&net.Dialer{
 			Timeout:   30 * time.Second,
@@ -250,21 +275,110 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 		ExpectContinueTimeout: time.Second,
 		// Objects are mostly compressible text and binaries that a server
 		// may gzip on the fly; the transport decompresses transparently.
-	}, nil
+	}
+	t := &Transport{Transport: t1}
+	// x/net's HTTP/2 (the code net/http bundles) in place of the bundled
+	// copy, for its connection pool: the pool tells what each server's
+	// SETTINGS_MAX_CONCURRENT_STREAMS is, which net/http keeps to itself.
+	t2, err := http2.ConfigureTransports(t1)
+	if err != nil {
+		return nil, fmt.Errorf("configuring HTTP/2: %w", err)
+	}
+	t.pool = &streamsPool{ClientConnPool: t2.ConnPool, t: t}
+	t2.ConnPool = t.pool
+	return t, nil
+}
+
+// Transport is the transport NewTransport makes.
+type Transport struct {
+	*http.Transport
+	pool    *streamsPool
+	streams atomic.Int64 // the last HTTP/2 connection's advertised stream limit; 0: none seen
+}
+
+// CloseIdleConnections closes the idle connections of both protocols.
+// (net/http's own method reaches only its bundled HTTP/2, and x/net's
+// needs its own pool, which streamsPool stands in front of.)
+func (t *Transport) CloseIdleConnections() {
+	t.Transport.CloseIdleConnections()
+	t.pool.closeIdle()
+}
+
+// MaxConcurrentStreams is how many requests the HTTP/2 server the
+// transport spoke to last takes at once on one connection (its
+// SETTINGS_MAX_CONCURRENT_STREAMS), 0 before any HTTP/2 connection. Past
+// it, the transport opens another connection, which buffers as much
+// again (HTTP2Config).
+func (t *Transport) MaxConcurrentStreams() int { return int(t.streams.Load()) }
+
+// streamsPool notes the stream limit of every HTTP/2 connection a request
+// goes to, and keeps the connections for closeIdle.
+type streamsPool struct {
+	http2.ClientConnPool
+	t *Transport
+
+	mu    sync.Mutex
+	conns map[*http2.ClientConn]struct{}
+}
+
+func (p *streamsPool) GetClientConn(req *http.Request, addr string) (*http2.ClientConn, error) {
+	cc, err := p.ClientConnPool.GetClientConn(req, addr)
+	if err == nil {
+		if n := cc.State().MaxConcurrentStreams; n > 0 {
+			p.t.streams.Store(int64(n))
+		}
+		p.mu.Lock()
+		if _, ok := p.conns[cc]; !ok {
+			if p.conns == nil {
+				p.conns = make(map[*http2.ClientConn]struct{})
+			}
+			for c := range p.conns { // forget the closed ones
+				if c.State().Closed {
+					delete(p.conns, c)
+				}
+			}
+			p.conns[cc] = struct{}{}
+		}
+		p.mu.Unlock()
+	}
+	return cc, err
+}
+
+// closeIdle shuts down the connections without a request: gracefully
+// (GOAWAY), so that one a request took meanwhile finishes it, and the
+// pool hands it to no further one.
+func (p *streamsPool) closeIdle() {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	for c := range p.conns {
+		st := c.State()
+		if st.Closed {
+			delete(p.conns, c)
+			continue
+		}
+		if st.StreamsActive == 0 && st.StreamsReserved == 0 && st.StreamsPending == 0 {
+			delete(p.conns, c)
+			go c.Shutdown(context.Background())
+		}
+	}
 }
 
 // HTTP2Config bounds what an HTTP/2 connection of a source buffers:
 // many downloads share one connection as streams, and each may buffer up
 // to its window (4 MiB) when the store reads slower than the link
-// delivers; the connection's window, 16 MiB, bounds all of them and is far
-// above a long fat link's bandwidth-delay product. Every transport of the
-// project's sources uses it, so that none depends on Go's defaults. A 4 MiB connection window was
-// measured (bench/net, HTTP/2, two rounds): cold pulls 14-23 % slower on
-// region with the mixed tree and 4-8 % on far, and no lower peak RSS.
+// delivers; the connection's window, 8 MiB, bounds all of them. A pull
+// keeps within the server's stream limit (HTTPSource.MaxInFlight), so one
+// connection, and 8 MiB of buffers, serve it. 8 MiB is 3 times the
+// bandwidth-delay product of 1 Gbit/s at 20 ms and 4 times that of 200
+// Mbit/s at 80 ms: the window never holds a link-bound pull back there;
+// only a CPU-bound one fills it. Every transport of the project's sources
+// uses it, so that none depends on Go's defaults. (A 16 MiB window let a
+// CPU-bound pull hold 16 MiB of bodies per connection, and the garbage
+// collector's headroom as much again: bench/README.md, RSS.)
 func HTTP2Config() *http.HTTP2Config {
 	return &http.HTTP2Config{
 		MaxReceiveBufferPerStream:     4 << 20,
-		MaxReceiveBufferPerConnection: 16 << 20,
+		MaxReceiveBufferPerConnection: 8 << 20,
 	}
 }
 
@@ -386,6 +500,9 @@ func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header .
 		// is what net/http's errors.Is(err, context.DeadlineExceeded) would
 		// say. Messages of net/http may quote a URL (a bad Location).
 		return nil, &SourceError{Op: op, URL: rawURL(), Err: Transient(errors.New(redactURLsIn(err.Error())))}
+	}
+	if resp.ProtoMajor == 1 != s.http1.Load() {
+		s.http1.Store(resp.ProtoMajor == 1)
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {
 		return resp, nil

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/pem"
 	"errors"
+	"net"
 	"net/http"
 	"net/http/httptest"
 	"os"
@@ -11,6 +12,7 @@ import (
 	"strings"
 	"sync/atomic"
 	"testing"
+	"time"
 )
 
 // TestHTTPSWithCABundleAndHTTP2: a server with a private CA is trusted only
@@ -92,5 +94,96 @@ func TestHTTPSourceURLs(t *testing.T) {
 	}
 	if _, err := NewHTTPSource("ftp://x/", HTTPOptions{}); err == nil {
 		t.Error("ftp accepted")
+	}
+}
+
+// TestHTTP2OneConnection: a pull keeps its downloads in flight within the
+// HTTP/2 server's stream limit, so that one connection (and one
+// connection's buffers) serves it; past the limit the transport would
+// open another connection with buffers as large again.
+func TestHTTP2OneConnection(t *testing.T) {
+	const streams = 24
+	repo := t.TempDir()
+	files := makeFiles("f", 82, 480, 2000)
+	writeRepoImage(t, repo, "img.cfs", files)
+	var conns, inFlight, peak atomic.Int32
+	srv := httptest.NewUnstartedServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.Contains(r.URL.Path, "/objects/") {
+			n := inFlight.Add(1)
+			defer inFlight.Add(-1)
+			for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+			}
+			time.Sleep(15 * time.Millisecond) // a round trip: the limit grows while the link shows no queue
+		}
+		http.ServeFile(w, r, filepath.Join(repo, filepath.FromSlash(r.URL.Path)))
+	}))
+	srv.EnableHTTP2 = true
+	srv.Config.HTTP2 = &http.HTTP2Config{MaxConcurrentStreams: streams}
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateNew {
+			conns.Add(1)
+		}
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	opts := testOptions()
+	opts.Parallelism = 256
+	s := openStore(t, t.TempDir(), opts)
+	src := newSource(t, srv.URL, HTTPOptions{CAFile: ca})
+	mustPull(t, s, src, "img.cfs")
+	if got := src.MaxInFlight(); got != streams {
+		t.Errorf("MaxInFlight = %d, the server advertises %d streams", got, streams)
+	}
+	if conns.Load() != 1 || peak.Load() > streams {
+		t.Errorf("%d connections, at most %d requests at once; want 1 connection within the server's %d streams", conns.Load(), peak.Load(), streams)
+	}
+}
+
+// Over HTTP/1.1 a source serves as many requests at once as it opens
+// connections.
+func TestHTTP1MaxInFlight(t *testing.T) {
+	repo := t.TempDir()
+	writeRepoImage(t, repo, "img.cfs", makeFiles("f", 83, 3, 100))
+	ts := newTestServer(t, repo)
+	src := newSource(t, ts.URL, HTTPOptions{MaxConnsPerHost: 12})
+	if got := src.MaxInFlight(); got != 0 {
+		t.Errorf("MaxInFlight = %d before any response, want 0 (unknown)", got)
+	}
+	s := openStore(t, t.TempDir(), testOptions())
+	mustPull(t, s, src, "img.cfs")
+	if got := src.MaxInFlight(); got != 12 {
+		t.Errorf("MaxInFlight = %d over HTTP/1.1, want the 12 connections", got)
+	}
+}
+
+// CloseIdleConnections closes the HTTP/2 connections too.
+func TestHTTP2CloseIdleConnections(t *testing.T) {
+	repo := t.TempDir()
+	writeRepoImage(t, repo, "img.cfs", makeFiles("f", 84, 3, 100))
+	closed := make(chan struct{}, 1)
+	srv := httptest.NewUnstartedServer(http.FileServer(http.Dir(repo)))
+	srv.EnableHTTP2 = true
+	srv.Config.ConnState = func(_ net.Conn, st http.ConnState) {
+		if st == http.StateClosed {
+			closed <- struct{}{}
+		}
+	}
+	srv.StartTLS()
+	t.Cleanup(srv.Close)
+	ca := filepath.Join(t.TempDir(), "ca.pem")
+	if err := os.WriteFile(ca, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: srv.Certificate().Raw}), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	src := newSource(t, srv.URL, HTTPOptions{CAFile: ca})
+	mustPull(t, openStore(t, t.TempDir(), testOptions()), src, "img.cfs")
+	src.CloseIdleConnections()
+	select {
+	case <-closed:
+	case <-time.After(5 * time.Second):
+		t.Fatal("the idle HTTP/2 connection is still open")
 	}
 }

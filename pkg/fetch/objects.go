@@ -247,6 +247,9 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		own     atomic.Uint64 // objects this call named
 	)
 	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
+	if sl, ok := src.(interface{ MaxInFlight() int }); ok {
+		lim.inFlight = sl.MaxInFlight
+	}
 	for _, o := range interleave(missing) {
 		if err := lim.acquireWorker(wctx); err != nil {
 			break

@@ -43,7 +43,8 @@ type RunObject struct {
 }
 
 // fetchRuns downloads the missing objects with the run source's requests,
-// at most Parallelism runs at a time (each holding a node-wide download
+// at most Parallelism runs at a time (and at most the source's
+// MaxConcurrentRuns, when it has one; each holding a node-wide download
 // slot), and publishes each object as soon as it is verified. An object
 // that arrives meanwhile (another call) is read past, and proved with a
 // principal. Stats count object bytes as fetched and the bytes read past
@@ -125,7 +126,11 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 			p.DoneBytes.Add(int64(o.Size))
 		}()
 	}
-	for range min(s.opts.Parallelism, len(runs)) {
+	readers := min(s.opts.Parallelism, len(runs))
+	if c, ok := rs.(interface{ MaxConcurrentRuns() int }); ok && c.MaxConcurrentRuns() > 0 {
+		readers = min(readers, c.MaxConcurrentRuns())
+	}
+	for range readers {
 		wg.Add(1)
 		go func() {
 			defer wg.Done()

@@ -62,6 +62,13 @@ const (
 // adaptiveLimit bounds the downloads of one EnsureObjects call in flight.
 type adaptiveLimit struct {
 	max int
+	// inFlight, when set, is how many requests the source serves at
+	// once (0: unknown; HTTPSource.MaxInFlight): the limit stays within
+	// it, so that over HTTP/2 the transport need not open a second
+	// connection (with buffers as large again) for the requests past the
+	// server's stream limit, and over HTTP/1.1 no goroutines wait for a
+	// connection beyond the ones the transport opens.
+	inFlight func() int
 
 	mu       sync.Mutex
 	limit    int
@@ -257,6 +264,17 @@ func (l *adaptiveLimit) observeRTT(d time.Duration) {
 	l.mu.Unlock()
 }
 
+// capLocked is the most the limit may be: max, or what the source serves
+// at once when lower.
+func (l *adaptiveLimit) capLocked() int {
+	if l.inFlight != nil {
+		if n := l.inFlight(); n > 0 && n < l.max {
+			return n
+		}
+	}
+	return l.max
+}
+
 func (l *adaptiveLimit) intervalLocked() time.Duration {
 	return min(max(4*l.minRTT, minAdaptInterval), maxAdaptInterval)
 }
@@ -265,6 +283,9 @@ func (l *adaptiveLimit) intervalLocked() time.Duration {
 // grow while the limit was reached and the throughput grew or the link
 // showed no queue; after two intervals without either, hold (undoing a doubling that brought none).
 func (l *adaptiveLimit) adjustLocked() {
+	if c := l.capLocked(); l.limit > c {
+		l.limit = c
+	}
 	now := l.now()
 	elapsed := now.Sub(l.lastAdjust)
 	if elapsed < l.intervalLocked() {
@@ -291,17 +312,17 @@ func (l *adaptiveLimit) adjustLocked() {
 		// objects filled the link; once the requests find no queue, the
 		// round trips set the pace again (the objects left are smaller):
 		// double, and hold there.
-		if unqueued && l.limit < l.max {
-			l.limit = min(2*l.limit, l.max)
+		if unqueued && l.limit < l.capLocked() {
+			l.limit = min(2*l.limit, l.capLocked())
 			l.limitChangedLocked()
 		}
 		return
 	}
 	if l.lastRate == 0 || rate >= growthFactor*l.lastRate || unqueued {
 		l.flat, l.lastRate, l.pending = 0, rate, false
-		if l.limit < l.max {
+		if l.limit < l.capLocked() {
 			l.grewFrom, l.pending = l.limit, true
-			l.limit = min(2*l.limit, l.max)
+			l.limit = min(2*l.limit, l.capLocked())
 			l.limitChangedLocked()
 		}
 		return

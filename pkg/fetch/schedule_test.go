@@ -169,6 +169,31 @@ func TestAdaptiveLimitGrowsAgainWhenUnqueued(t *testing.T) {
 	}
 }
 
+// The limit stays within what the source serves at once (its HTTP/2
+// server's stream limit, its HTTP/1.1 connections), also when that is
+// learned, or falls, after the growth began.
+func TestAdaptiveLimitWithinSource(t *testing.T) {
+	clk := &fakeClock{t: time.Unix(1e9, 0)}
+	l := newAdaptiveLimit(256, clk.now, klog.Background())
+	serves := 0 // unknown until the first response
+	l.inFlight = func() int { return serves }
+	linear := func(l int) float64 { return float64(l) * 1e6 }
+	if got := step(l, clk, linear); got != 2*initialParallelism {
+		t.Fatalf("limit %d with the source's limit unknown, want %d", got, 2*initialParallelism)
+	}
+	serves = 100
+	for range 6 {
+		step(l, clk, linear)
+	}
+	if got := l.current(); got != 100 {
+		t.Fatalf("limit %d, the source serves 100 at once", got)
+	}
+	serves = 64 // another server behind the same name
+	if got := step(l, clk, linear); got != 64 {
+		t.Fatalf("limit %d, the source now serves 64 at once", got)
+	}
+}
+
 func TestAdaptiveLimitGrowsOnlyWhenBound(t *testing.T) {
 	clk := &fakeClock{t: time.Unix(1e9, 0)}
 	l := newAdaptiveLimit(256, clk.now, klog.Background())

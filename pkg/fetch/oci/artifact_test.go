@@ -10,7 +10,9 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
+	"sync/atomic"
 	"testing"
+	"time"
 
 	"github.com/opencontainers/go-digest"
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
@@ -222,5 +224,37 @@ func TestArtifactManifestLimits(t *testing.T) {
 	resp.Body.Close()
 	if _, err := c.ResolveArtifact(context.Background(), "v1"); err == nil || fetch.IsTransient(err) {
 		t.Fatalf("a %d-byte manifest: %v, want a final refusal", len(big), err)
+	}
+}
+
+// A pull reads at most maxConcurrentRuns runs at once, however many runs
+// its packs make.
+func TestArtifactConcurrentRuns(t *testing.T) {
+	reg := newTestRegistry(t)
+	dir := t.TempDir()
+	writeTree(t, dir, seeds(120, 1), testSize)
+	ref := reg.ref(t, "team/app:v1")
+	c := reg.client(t, ref)
+	res := pushDir(t, c, dir, PushOptions{PackSize: 64 << 10})
+	if res.Packs < 3*maxConcurrentRuns {
+		t.Fatalf("%d packs, want more than %d", res.Packs, 3*maxConcurrentRuns)
+	}
+	var inFlight, peak atomic.Int32
+	f := func(_ http.ResponseWriter, r *http.Request) bool {
+		if r.Header.Get("Range") != "" {
+			n := inFlight.Add(1)
+			for p := peak.Load(); n > p && !peak.CompareAndSwap(p, n); p = peak.Load() {
+			}
+			time.Sleep(10 * time.Millisecond)
+			inFlight.Add(-1)
+		}
+		return false
+	}
+	reg.Intercept.Store(&f)
+	if _, err := pull(t, openStore(t), NewArtifactSource(c, ref), "v1"); err != nil {
+		t.Fatal(err)
+	}
+	if p := peak.Load(); p > maxConcurrentRuns || p < 2 {
+		t.Fatalf("%d range requests at once, want 2 to %d", p, maxConcurrentRuns)
 	}
 }

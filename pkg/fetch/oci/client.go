@@ -178,7 +178,7 @@ func credentialFunc(ref Reference, opts Options) (auth.CredentialFunc, error) {
 	return nil, nil
 }
 
-func newTransport(ca []byte) (*http.Transport, error) {
+func newTransport(ca []byte) (*fetch.Transport, error) {
 	t, err := fetch.NewTransport(ca, 64, 30*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("CA bundle: %w", err)

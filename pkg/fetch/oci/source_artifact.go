@@ -24,7 +24,15 @@ const (
 	// wholePackShare: when more than this share of a pack's bytes are
 	// missing, all of the pack is read (its gaps included).
 	wholePackShare = 0.5
+	// maxConcurrentRuns bounds the runs read at once (MaxConcurrentRuns).
+	maxConcurrentRuns = 16
 )
+
+// MaxConcurrentRuns is how many runs the store reads at once. A run is a
+// stream of up to maxRunBytes: a few of them fill a link, and more only
+// add what each buffers (a reader, a hasher, its HTTP/2 stream's window)
+// while the store, not the link, sets the pace.
+func (s *ArtifactSource) MaxConcurrentRuns() int { return maxConcurrentRuns }
 
 // ArtifactSource reads one composefs artifact reference (oci://…): the
 // image from its EROFS layer, objects by range from its packs. It
