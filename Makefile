@@ -18,7 +18,7 @@ FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange:100000x \
 	./pkg/driver:FuzzParseVolumeContext:30000x ./pkg/driver:FuzzParseSecrets:30000x \
 	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x ./pkg/cfs:FuzzCheckCanonical:30000x \
-	./pkg/fetch/oci:FuzzDecodeIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x \
+	./pkg/fetch/pack:FuzzDecodeIndex:30000x ./pkg/fetch/pack:FuzzDecodeRepoIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x \
 	./pkg/fetch:FuzzParseKept:30000x ./pkg/trust:FuzzParsePolicy:20000x ./pkg/trust:FuzzVerifyBlob:20000x ./pkg/trust:FuzzVerifyManifestSignature:10000x
 
 # The plugin image (make image): built without a container engine by
