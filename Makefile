@@ -10,8 +10,8 @@ BIN := bin/csi-composefs
 # FUZZTIME, when set, replaces every target's budget: run longer by hand with
 # `make fuzz FUZZTIME=10m`. Minimisation is capped: the seeds are whole images, and minimising
 # one costs up to a minute. The driver's attribute and secret parsers run 30000x each (the
-# driver package's instrumented test binary is slow per execution); the OCI
-# parsers (object index, artifact manifests, layer tars) and the canonical-image check 30000x
+# driver package's instrumented test binary is slow per execution); the pack and OCI
+# parsers (object and pack indexes, artifact manifests, layer tars) and the canonical-image check 30000x
 # each (about 10 s each).
 FUZZCOUNT ?= 300000x
 FUZZTIME ?=
