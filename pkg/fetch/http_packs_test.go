@@ -60,20 +60,9 @@ type byteCounter struct {
 	sent atomic.Int64
 }
 
-type countingResponse struct {
-	http.ResponseWriter
-	n *atomic.Int64
-}
-
-func (c countingResponse) Write(b []byte) (int, error) {
-	n, err := c.ResponseWriter.Write(b)
-	c.n.Add(int64(n))
-	return n, err
-}
-
 func (bc *byteCounter) fault(w http.ResponseWriter, r *http.Request, _ int) bool {
 	if strings.HasSuffix(r.URL.Path, ".tar") || strings.HasPrefix(r.URL.Path, "/objects/") {
-		http.ServeFile(countingResponse{w, &bc.sent}, r, filepath.Join(bc.ts.dir, filepath.FromSlash(r.URL.Path)))
+		http.ServeFile(countingWriter{w, &bc.sent}, r, filepath.Join(bc.ts.dir, filepath.FromSlash(r.URL.Path)))
 		return true
 	}
 	return false
