@@ -385,3 +385,22 @@ func TestPackedPullConcurrentPaths(t *testing.T) {
 		t.Error("the pack's and the large object's requests did not overlap")
 	}
 }
+
+// TestPackedPullCredentials: packs are requested with the repository's
+// credentials, as objects are.
+func TestPackedPullCredentials(t *testing.T) {
+	files := makeFiles("s", 8, 100, 8<<10)
+	repo := t.TempDir()
+	publishPacked(t, repo, "app.cfs", files)
+	ts := newTestServer(t, repo)
+	ts.auth = "user:secret"
+	root := t.TempDir()
+	s := openStore(t, root, testOptions())
+	mustPull(t, s, newSource(t, ts.URL, HTTPOptions{Username: "user", Password: "secret"}), "app.cfs")
+	if !hasObjects(t, root, files) {
+		t.Fatal("objects missing")
+	}
+	if n := ts.hitsUnder("/objects/"); n != 0 {
+		t.Errorf("%d requests of objects/, want none (the packs answered)", n)
+	}
+}
