@@ -2,6 +2,7 @@ package fetch
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -402,5 +403,51 @@ func TestPackedPullCredentials(t *testing.T) {
 	}
 	if n := ts.hitsUnder("/objects/"); n != 0 {
 		t.Errorf("%d requests of objects/, want none (the packs answered)", n)
+	}
+}
+
+// TestPackedPullCutShort: a pack read cut short is retried from the
+// first object not yet received, from the pack (no object from objects/).
+func TestPackedPullCutShort(t *testing.T) {
+	files := makeFiles("s", 9, 200, 16<<10)
+	repo := t.TempDir()
+	publishPacked(t, repo, "app.cfs", files)
+	ts := newTestServer(t, repo)
+	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if !strings.HasSuffix(r.URL.Path, ".tar") || n > 1 {
+			return false
+		}
+		b, err := os.ReadFile(filepath.Join(ts.dir, filepath.FromSlash(r.URL.Path)))
+		if err != nil {
+			panic(err)
+		}
+		first, last := int64(0), int64(len(b)-1)
+		if rg := r.Header.Get("Range"); rg != "" {
+			if _, err := fmt.Sscanf(rg, "bytes=%d-%d", &first, &last); err != nil {
+				panic(err)
+			}
+		}
+		conn, buf, err := w.(http.Hijacker).Hijack()
+		if err != nil {
+			panic(err)
+		}
+		fmt.Fprintf(buf, "HTTP/1.1 206 Partial Content\r\nContent-Range: bytes %d-%d/%d\r\nContent-Length: %d\r\n\r\n", first, last, len(b), last-first+1)
+		buf.Write(b[first : first+(last-first+1)/2])
+		buf.Flush()
+		conn.Close()
+		return true
+	})
+	root := t.TempDir()
+	s := openStore(t, root, testOptions())
+	mustPull(t, s, newSource(t, ts.URL, HTTPOptions{}), "app.cfs")
+	if !hasObjects(t, root, files) {
+		t.Fatal("objects missing")
+	}
+	checkInvariant(t, root)
+	if n := ts.hitsUnder("/objects/"); n != 0 {
+		t.Errorf("%d requests of objects/, want none (the pack is read again)", n)
+	}
+	if n := ts.hitsUnder("/packs/") - 1; n < 2 {
+		t.Errorf("%d requests of the pack, want the cut one and a retry", n)
 	}
 }
