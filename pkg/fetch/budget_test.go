@@ -651,3 +651,49 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		}
 	}
 }
+
+// TestParseWithinBudget: a downloaded image whose tree needs more memory
+// than the whole parse budget (hard links: many entries in few bytes) is
+// refused with ErrResourceLimit as soon as its parse reaches the budget,
+// rather than parsed alone past it; nothing of it is kept and the budget
+// is whole again. With a budget the tree fits in, it is stored.
+func TestParseWithinBudget(t *testing.T) {
+	repo := t.TempDir()
+	img := parseShape(t, "hardlink", 20000)
+	if err := os.MkdirAll(filepath.Join(repo, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(repo, "images", "links.cfs"), img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := cfs.Open(bytes.NewReader(img), int64(len(img)), cfs.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	need := parsed.Stats().Memory
+	ts := newTestServer(t, repo)
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+
+	opts := testOptions()
+	opts.ParseMemory = need / 2
+	s := openStore(t, t.TempDir(), opts)
+	_, err = s.EnsureImage(ctx, src, ImageRef{Name: "links.cfs"})
+	if !errors.Is(err, ErrResourceLimit) || !errors.Is(err, cfs.ErrTooLarge) || errors.Is(err, ErrInvalidImage) {
+		t.Fatalf("an image of %d bytes whose tree needs %d bytes, with a parse budget of %d: %v, want ErrResourceLimit (not ErrInvalidImage)", len(img), need, opts.ParseMemory, err)
+	}
+	if n := s.Budgets().ParseBytesReserved; n != 0 {
+		t.Errorf("%d bytes of the parse budget still reserved", n)
+	}
+	d := cfs.VerityDigestOf(img)
+	if s.HasImage(d) {
+		t.Error("the refused image is in the store")
+	}
+	checkInvariant(t, s.Root())
+
+	opts.ParseMemory = need
+	s = openStore(t, t.TempDir(), opts)
+	if got, err := s.EnsureImage(ctx, src, ImageRef{Name: "links.cfs"}); err != nil || got != d {
+		t.Fatalf("with a parse budget of the tree's estimate: %v, %v", got, err)
+	}
+}
