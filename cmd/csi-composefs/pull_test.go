@@ -48,7 +48,7 @@ func TestPullAndStoreCommands(t *testing.T) {
 		t.Fatalf("second pull: %d %s", code, stderr)
 	}
 	code, stdout, _ = runCmd(t, "store", "du", "--store-dir", store)
-	if code != exitOK || !strings.Contains(stdout, "objects") {
+	if code != exitOK || !strings.Contains(stdout, "objects") || !strings.Contains(stdout, "signatures") {
 		t.Errorf("store du: %d %s", code, stdout)
 	}
 	code, stdout, _ = runCmd(t, "store", "verify", "--store-dir", store)

@@ -216,6 +216,16 @@ func (s *Store) writeKept(d cfs.Digest, b []byte) error {
 	return s.syncDir(dir)
 }
 
+// keptAllocated returns the bytes the signatures kept for d occupy on
+// disk (0 when none are kept).
+func (s *Store) keptAllocated(d cfs.Digest) int64 {
+	fi, err := os.Lstat(s.keptPath(d))
+	if err != nil || !fi.Mode().IsRegular() {
+		return 0
+	}
+	return allocated(fi)
+}
+
 // removeKept removes the signatures kept for d if its image is gone.
 func (s *Store) removeKept(d cfs.Digest) error {
 	s.keptMu.Lock()

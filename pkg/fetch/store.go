@@ -60,8 +60,9 @@ type Options struct {
 	// MaxInodes); 0 means the reader's default (4,000,000).
 	MaxImageInodes int
 	// MaxSize is the store's size budget for GC (bytes allocated under
-	// objects/ and images/); 0 means no budget (GC then only removes
-	// objects no image references).
+	// objects/, images/ and signatures/: an image's kept signatures count
+	// with it); 0 means no budget (GC then only removes objects no image
+	// references).
 	MaxSize int64
 	// Retries is how many times a transient failure is retried; 0 means 5,
 	// negative means none.
