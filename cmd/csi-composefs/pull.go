@@ -84,7 +84,7 @@ func (f *storeFlags) addDir(cmd *cobra.Command) {
 func (f *storeFlags) addFetch(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 256, "most concurrent object downloads (from 16, doubling while the throughput grows)")
-	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 3 to 28 times its size in memory")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 3 to 32 times its size in memory")
 	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
 	cmd.Flags().BoolVar(&f.nonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (other writers than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs)")
 	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")

@@ -17,7 +17,8 @@ import (
 // directories of 1,000: "empty" files with their own mtimes, "compact"
 // ones (short names, compact inodes: the fewest image bytes per inode),
 // "hardlink"s to one file (an entry without an inode), "external" files
-// backed by objects, "symlink"s, files with 4 "xattrs" of their own.
+// backed by objects, "symlink"s, files with 4 "xattrs" of their own, or
+// with the same 8 xattrs ("shared": one copy in the image).
 func memoryShape(tb testing.TB, kind string, n int) []byte {
 	tb.Helper()
 	root := &Node{Mode: ModeDir | 0o755, Nlink: 2}
@@ -45,6 +46,10 @@ func memoryShape(tb testing.TB, kind string, n int) []byte {
 			case "xattrs":
 				for k := range 4 {
 					f.Xattrs = append(f.Xattrs, Xattr{Key: fmt.Sprintf("user.k%d", k), Value: fmt.Appendf(nil, "%d-%d", j, k)})
+				}
+			case "shared":
+				for k := range 8 {
+					f.Xattrs = append(f.Xattrs, Xattr{Key: fmt.Sprintf("user.%d", k), Value: bytes.Repeat([]byte{'v'}, 200)})
 				}
 			}
 			if err := dir.AddChild(f); err != nil {
@@ -86,7 +91,7 @@ func peakHeap(fn func()) int64 {
 	return <-done - base
 }
 
-var memoryShapes = []string{"empty", "compact", "hardlink", "external", "symlink", "xattrs"}
+var memoryShapes = []string{"empty", "compact", "hardlink", "external", "symlink", "xattrs", "shared"}
 
 // BenchmarkCanonicalMemory measures, for images of 200,000 entries of each
 // shape, the peak live heap of parsing (Open) and of parsing and checking

@@ -181,14 +181,23 @@ func (t *rdTree) visit(w *rdWalk, e *rdEntry) error {
 // TestMemoryEstimate measure the real peak against it.
 const (
 	memPerInode = 680
-	memPerAlias = 360
+	memPerAlias = 400
 	memPerByte  = 3
-	memPerXattr = 96 // an Xattr in the reader's and the writer's slices
+	memPerXattr = 128 // an Xattr in the reader's and the writer's slices
 	// A file backed by an object: its digest, its entry in the object
 	// list, and the writer's metacopy and redirect xattrs (kept in its
 	// table of xattrs to share).
 	memPerExternal = 640
 )
+
+// MaxMemoryPerByte bounds the memory estimate of an image
+// (ImageStats.Memory) per byte of it: a hard link's entry is estimated at
+// 400 bytes plus 3 per byte of its name for 12 bytes of dirent and its
+// name; an xattr, shared (a reference of 4 bytes) or inline (at least 4
+// bytes), at 128 bytes plus 3 per byte of its name. So a caller may
+// reserve MaxMemoryPerByte × size before Open and give that as MaxMemory
+// without refusing any image that fits. The fuzz target of Open checks it.
+const MaxMemoryPerByte = 32
 
 // charge adds e's estimated memory (memoryCost) to the tree's and refuses
 // it past OpenOptions.MaxMemory, before anything of e is built.
@@ -197,7 +206,10 @@ func (t *rdTree) charge(w *rdWalk, e *rdEntry) error {
 	if !e.alias {
 		c = int64(memPerInode) + memPerByte*int64(len(e.name)+max(len(e.payload), len(e.payloadStr))+len(e.content))
 		for _, u := range e.xattrs {
-			c += memPerXattr + memPerByte*int64(len(u.x.name)+len(u.x.value))
+			c += memPerXattr + memPerByte*int64(len(u.x.name))
+			if _, seen := t.shared[u.x.id]; !u.x.shared || !seen {
+				c += memPerByte * int64(len(u.x.value)) // a shared value is kept once
+			}
 		}
 		if e.mode&ModeTypeMask == ModeRegular && e.size > 0 && len(e.content) == 0 {
 			c += memPerExternal

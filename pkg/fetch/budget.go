@@ -177,14 +177,14 @@ func (s *Store) freeSpace() (int64, error) {
 
 // parseBytesPerImageByte is the most memory per byte of image that the
 // estimate of a tree and its canonical check (cfs.ImageStats.Memory) can
-// reach: a hard link's entry is estimated at 360 bytes plus 3 per byte of
-// its name for 12 bytes of dirent and its name, and no inode, so neither
-// the image's size alone nor the inode count its superblock claims bound
-// it more tightly. A download reserves that much (at most the whole
-// budget) and its parse may not exceed the reservation (cfs.ErrTooLarge
-// past it), then shrinks it to the tree's estimate. Images of ordinary
-// files take 3 to 14 bytes per byte; TestParseEstimate measures them.
-const parseBytesPerImageByte = 28
+// reach (cfs.MaxMemoryPerByte: hard links and xattrs, many entries in few
+// bytes), so neither the image's size alone nor the inode count its
+// superblock claims bound it more tightly. A download reserves that much
+// (at most the whole budget), its parse may not exceed the reservation
+// (cfs.ErrTooLarge past it), and the reservation then shrinks to the
+// tree's estimate. Images of ordinary files are estimated at 3 to 14
+// bytes per byte; TestParseEstimate measures them.
+const parseBytesPerImageByte = cfs.MaxMemoryPerByte
 
 // parseEstimate estimates the memory cfs.Open takes for an image of size
 // bytes.

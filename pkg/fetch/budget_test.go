@@ -598,11 +598,13 @@ func TestParseEstimate(t *testing.T) {
 		est := parseEstimate(int64(len(img)))
 		// What the reservation covers: the parse and the canonical check
 		// (the writer's image of the parsed tree, compared as written).
+		var tree int64
 		peak := peakLiveHeap(t, func() {
 			im, _, err := parseImage(bytes.NewReader(img), int64(len(img)), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
+			tree = im.Stats().Memory
 			if err := cfs.CheckCanonical(im, bytes.NewReader(img), int64(len(img))); err != nil {
 				t.Fatal(err)
 			}
@@ -611,6 +613,11 @@ func TestParseEstimate(t *testing.T) {
 			n, kind, len(img)>>10, float64(est)/(1<<20), float64(peak)/(1<<20), float64(est)/float64(peak))
 		if est < peak {
 			t.Errorf("%s: the estimate %d is below the %d bytes the parse took", kind, est, peak)
+		}
+		// What a download reserves must hold the tree's estimate, or the
+		// parse would refuse an image the budget has room for.
+		if tree > est {
+			t.Errorf("%s: the tree's estimate %d is above the %d bytes reserved for it", kind, tree, est)
 		}
 	}
 }

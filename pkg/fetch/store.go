@@ -53,7 +53,7 @@ type Options struct {
 	// durable); 0 means 4 × MaxConcurrentDownloads.
 	MaxFetchWorkers int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
-	// image (and checking it canonical) takes 3 to 28 times its size in
+	// image (and checking it canonical) takes 3 to 32 times its size in
 	// memory, bounded by ParseMemory.
 	MaxImageSize int64
 	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
@@ -98,7 +98,7 @@ type Options struct {
 	DownloadBudget int64
 	// ParseMemory bounds the memory that parsing images and checking them
 	// canonical (when downloaded, and stored ones after a restart) may
-	// take at once, node wide: each parse reserves 28 bytes per byte of
+	// take at once, node wide: each parse reserves 32 bytes per byte of
 	// image (what the estimate of the worst trees reaches; at most the
 	// whole budget) before it starts, and shrinks the reservation to its
 	// tree's estimate (cfs.ImageStats.Memory) once parsed; parses that do
