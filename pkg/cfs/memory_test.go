@@ -140,9 +140,9 @@ func BenchmarkCanonicalMemory(b *testing.B) {
 // conservative it is.
 func TestMemoryEstimate(t *testing.T) {
 	if testing.Short() {
-		t.Skip("parses images of 20,000 entries")
+		t.Skip("parses images of 10,000 entries")
 	}
-	const n = 20000
+	const n = 10000
 	for _, kind := range memoryShapes {
 		img := memoryShape(t, kind, n)
 		var est int64
