@@ -22,7 +22,7 @@ type rdTree struct {
 	xattrs  []Xattr
 	arena   []byte
 
-	mem int64 // the estimated memory of the tree so far (memoryCost)
+	mem int64 // the estimated memory of the tree so far (charge)
 }
 
 // rdNames holds the names of one directory's stored entries: entry i is
@@ -199,7 +199,7 @@ const (
 // without refusing any image that fits. The fuzz target of Open checks it.
 const MaxMemoryPerByte = 32
 
-// charge adds e's estimated memory (memoryCost) to the tree's and refuses
+// charge adds the estimated memory of e to the tree's and refuses
 // it past OpenOptions.MaxMemory, before anything of e is built.
 func (t *rdTree) charge(w *rdWalk, e *rdEntry) error {
 	c := int64(memPerAlias) + memPerByte*int64(len(e.name))
