@@ -118,7 +118,9 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 		st.ImagesRemoved++
 		st.BytesFreed += im.bytes
 	}
-	if _, err := s.sweepKept(ctx); err != nil {
+	swept, err := s.sweepKept(ctx)
+	st.BytesFreed += swept
+	if err != nil {
 		return st, err
 	}
 	var garbage []cfs.Digest

@@ -115,9 +115,21 @@ func TestKeptSignatures(t *testing.T) {
 	if err := os.WriteFile(orphan, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	total := func() int64 {
+		u, err := DiskUsage(ctx, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes
+	}
+	before := total()
 	st, err := s.GC(ctx)
 	if err != nil || st.ImagesRemoved != 1 {
 		t.Fatalf("GC: %+v %v, want the image removed", st, err)
+	}
+	// What GC freed counts the image's signatures and the swept orphan.
+	if freed := before - total(); st.BytesFreed != freed {
+		t.Errorf("GC says it freed %d bytes, the store shrank by %d", st.BytesFreed, freed)
 	}
 	ents, _ := os.ReadDir(filepath.Join(root, signaturesDir))
 	if len(ents) != 0 {
