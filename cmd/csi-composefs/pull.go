@@ -69,6 +69,7 @@ type storeFlags struct {
 	extra        []string
 	concurrency  int
 	maxImageSize string
+	parseMemory  string
 	maxSize      string
 	retries      int
 	named        bool
@@ -84,7 +85,8 @@ func (f *storeFlags) addDir(cmd *cobra.Command) {
 func (f *storeFlags) addFetch(cmd *cobra.Command) {
 	cmd.Flags().StringArrayVar(&f.extra, "extra-object-dir", nil, "read-only object directory whose objects need not be fetched (repeatable)")
 	cmd.Flags().IntVar(&f.concurrency, "fetch-concurrency", 256, "most concurrent object downloads (from 16, doubling while the throughput grows)")
-	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 2 to 20 times its size in memory")
+	cmd.Flags().StringVar(&f.maxImageSize, "max-image-size", "128M", "largest image accepted (bytes, or with K/M/G/T); parsing and checking an image takes 3 to 32 times its size in memory")
+	cmd.Flags().StringVar(&f.parseMemory, "parse-memory", "256M", "memory the image's parse and canonical check may take (bytes, or with K/M/G/T; 0 = none): an image whose tree would take more is refused")
 	cmd.Flags().IntVar(&f.retries, "retries", 5, "retries of a transient failure (0 = none)")
 	cmd.Flags().BoolVar(&f.nonCanonical, "allow-noncanonical-images", false, "accept images whose bytes are not what this project's writer makes of their tree (other writers than mkcomposefs 1.0.8, composefs-rs V1 and csi-composefs)")
 	cmd.Flags().BoolVar(&f.named, "named-temp-files", false, "download objects into named files under tmp/ even where O_TMPFILE works (tests)")
@@ -113,6 +115,14 @@ func (f *storeFlags) options() (fetch.Options, error) {
 	if f.maxImageSize != "" {
 		if o.MaxImageSize, err = parseSize(f.maxImageSize); err != nil {
 			return o, usageErrorf("--max-image-size: %v", err)
+		}
+	}
+	if f.parseMemory != "" {
+		if o.ParseMemory, err = parseSize(f.parseMemory); err != nil {
+			return o, usageErrorf("--parse-memory: %v", err)
+		}
+		if o.ParseMemory == 0 {
+			o.ParseMemory = -1 // none
 		}
 	}
 	if f.maxSize == "" {

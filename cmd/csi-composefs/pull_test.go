@@ -36,6 +36,11 @@ func TestPullAndStoreCommands(t *testing.T) {
 	t.Cleanup(srv.Close)
 	store := t.TempDir()
 
+	// A tree larger than --parse-memory is refused, naming the flag.
+	code, _, stderr = runCmd(t, "pull", "--store-dir", t.TempDir(), "--repository", srv.URL, "--parse-memory", "1K", "app.cfs")
+	if code != exitFailure || !strings.Contains(stderr, "--parse-memory") || !strings.Contains(stderr, "memory") {
+		t.Errorf("pull with --parse-memory 1K: %d %s, want a failure naming --parse-memory", code, stderr)
+	}
 	code, stdout, stderr = runCmd(t, "pull", "--store-dir", store, "--repository", srv.URL, "--progress", "plain", "--digest", digest, "app.cfs")
 	if code != exitOK || !strings.Contains(stdout, digest) {
 		t.Fatalf("pull: %d %q %s", code, stdout, stderr)
@@ -48,7 +53,7 @@ func TestPullAndStoreCommands(t *testing.T) {
 		t.Fatalf("second pull: %d %s", code, stderr)
 	}
 	code, stdout, _ = runCmd(t, "store", "du", "--store-dir", store)
-	if code != exitOK || !strings.Contains(stdout, "objects") {
+	if code != exitOK || !strings.Contains(stdout, "objects") || !strings.Contains(stdout, "signatures") {
 		t.Errorf("store du: %d %s", code, stdout)
 	}
 	code, stdout, _ = runCmd(t, "store", "verify", "--store-dir", store)

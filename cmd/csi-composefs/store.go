@@ -103,10 +103,10 @@ func newStoreDuCmd() *cobra.Command {
 			for _, r := range []struct {
 				name string
 				u    fetch.Usage
-			}{{"objects", u.Objects}, {"images", u.Images}, {"tmp", u.Tmp}, {"quarantine", u.Quarantine}} {
+			}{{"objects", u.Objects}, {"images", u.Images}, {"signatures", u.Signatures}, {"tmp", u.Tmp}, {"quarantine", u.Quarantine}} {
 				fmt.Fprintf(tw, "%s\t%d\t%s\t\n", r.name, r.u.Files, human(r.u.Bytes))
 			}
-			total := u.Objects.Bytes + u.Images.Bytes + u.Tmp.Bytes + u.Quarantine.Bytes
+			total := u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes + u.Tmp.Bytes + u.Quarantine.Bytes
 			fmt.Fprintf(tw, "total\t\t%s\t\n", human(total))
 			return tw.Flush()
 		},

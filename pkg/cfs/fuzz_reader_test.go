@@ -48,6 +48,9 @@ func rdFuzzCheckImage(t *testing.T, img *Image) {
 	if root == nil || !root.IsDir() {
 		t.Fatal("root is not a directory")
 	}
+	if m := img.Stats().Memory; m <= 0 || m > MaxMemoryPerByte*img.Size() {
+		t.Fatalf("memory estimate %d for an image of %d bytes: not within (0, %d per byte]", m, img.Size(), MaxMemoryPerByte)
+	}
 	objs := img.Objects()
 	for i := 1; i < len(objs); i++ {
 		if objs[i-1].Path >= objs[i].Path {

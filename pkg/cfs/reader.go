@@ -23,6 +23,9 @@ var (
 	// ErrDigestMismatch: in strict mode, a redirect that names another
 	// object than the fs-verity digest in trusted.overlay.metacopy.
 	ErrDigestMismatch = errors.New("redirect does not match the metacopy digest")
+	// ErrTooLarge: the image's tree would take more memory than
+	// OpenOptions.MaxMemory allows.
+	ErrTooLarge = errors.New("composefs image too large for the memory limit")
 )
 
 // On-disk constants (see the format notes, §2).
@@ -92,6 +95,14 @@ type OpenOptions struct {
 	// its superblock claims and the count the walk finds), bounding the
 	// memory Open spends on an untrusted image; 0 means 4,000,000.
 	MaxInodes int
+	// MaxMemory bounds the memory the tree of the image takes, with what
+	// CheckCanonical takes to write it again, as estimated while the tree
+	// is built (ImageStats.Memory; its real peak stays below): an image
+	// whose tree would take more is refused (ErrTooLarge) as soon as the
+	// walk reaches the limit, so a hostile image with many small entries
+	// (hard links, compact inodes) cannot exhaust the memory within its
+	// size. 0 means none.
+	MaxMemory int64
 	// AllowUnreadableFiles accepts what composefs-info and fsck.erofs
 	// accept although the kernel cannot read it right: a regular file
 	// whose chunk map does not fit beside its inode (mkcomposefs writes
@@ -134,6 +145,10 @@ type ImageStats struct {
 	ExternalFiles    uint64 // regular files backed by an object (chunk-based)
 	ExternalBytes    uint64
 	Objects          int // distinct backing objects
+	// Memory is the estimated memory of the tree and of checking it
+	// canonical (what OpenOptions.MaxMemory bounds): an upper bound of
+	// the peak heap that Open and CheckCanonical take.
+	Memory int64
 }
 
 // Image is a parsed, validated composefs image. Open reads and checks the

@@ -528,7 +528,7 @@ func TestReaderNeverPanics(t *testing.T) {
 }
 
 func rdIsReaderError(err error) bool {
-	for _, e := range []error{ErrCorrupt, ErrUnsupported, ErrForeignRedirect, ErrDigestMismatch} {
+	for _, e := range []error{ErrCorrupt, ErrUnsupported, ErrForeignRedirect, ErrDigestMismatch, ErrTooLarge} {
 		if errors.Is(err, e) {
 			return true
 		}

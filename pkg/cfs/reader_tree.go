@@ -1,5 +1,7 @@
 package cfs
 
+import "fmt"
+
 // rdTree builds the Node tree of Open from a walk. Nodes, digests, child
 // pointers and byte values are carved from larger slabs, the names of a
 // directory's entries from one string per directory, and xattr keys and
@@ -19,6 +21,8 @@ type rdTree struct {
 	ptrs    []*Node
 	xattrs  []Xattr
 	arena   []byte
+
+	mem int64 // the estimated memory of the tree so far (charge)
 }
 
 // rdNames holds the names of one directory's stored entries: entry i is
@@ -86,6 +90,9 @@ func (t *rdTree) xattrSlice(n int) []Xattr {
 }
 
 func (t *rdTree) visit(w *rdWalk, e *rdEntry) error {
+	if err := t.charge(w, e); err != nil {
+		return err
+	}
 	n := t.newNode()
 	n.nid = e.nid
 	if e.depth > 0 {
@@ -162,5 +169,56 @@ func (t *rdTree) visit(w *rdWalk, e *rdEntry) error {
 	}
 	names.s = string(names.buf)
 	n.Children = t.children(max(len(ri.dirents)-2, 0))
+	return nil
+}
+
+// Estimated memory of a tree (the reader's) and of writing it again (the
+// canonical check), per entry: an inode's entry (a Node, the writer's
+// inode and dirent, the check's bookkeeping), a hard link's (a Node, a
+// dirent, the check's bookkeeping), and per byte of an entry's name,
+// payload, inline content and xattrs (kept by the reader, copied or
+// referenced by the writer). BenchmarkCanonicalMemory and
+// TestMemoryEstimate measure the real peak against it.
+const (
+	memPerInode = 680
+	memPerAlias = 400
+	memPerByte  = 3
+	memPerXattr = 128 // an Xattr in the reader's and the writer's slices
+	// A file backed by an object: its digest, its entry in the object
+	// list, and the writer's metacopy and redirect xattrs (kept in its
+	// table of xattrs to share).
+	memPerExternal = 640
+)
+
+// MaxMemoryPerByte bounds the memory estimate of an image
+// (ImageStats.Memory) per byte of it: a hard link's entry is estimated at
+// 400 bytes plus 3 per byte of its name for 12 bytes of dirent and its
+// name; an xattr, shared (a reference of 4 bytes) or inline (at least 4
+// bytes), at 128 bytes plus 3 per byte of its name. So a caller may
+// reserve MaxMemoryPerByte × size before Open and give that as MaxMemory
+// without refusing any image that fits. The fuzz target of Open checks it.
+const MaxMemoryPerByte = 32
+
+// charge adds the estimated memory of e to the tree's and refuses
+// it past OpenOptions.MaxMemory, before anything of e is built.
+func (t *rdTree) charge(w *rdWalk, e *rdEntry) error {
+	c := int64(memPerAlias) + memPerByte*int64(len(e.name))
+	if !e.alias {
+		c = int64(memPerInode) + memPerByte*int64(len(e.name)+max(len(e.payload), len(e.payloadStr))+len(e.content))
+		for _, u := range e.xattrs {
+			c += memPerXattr + memPerByte*int64(len(u.x.name))
+			if _, seen := t.shared[u.x.id]; !u.x.shared || !seen {
+				c += memPerByte * int64(len(u.x.value)) // a shared value is kept once
+			}
+		}
+		if e.mode&ModeTypeMask == ModeRegular && e.size > 0 && len(e.content) == 0 {
+			c += memPerExternal
+		}
+	}
+	t.mem += c
+	t.img.stats.Memory = t.mem
+	if max := t.img.opts.MaxMemory; max > 0 && t.mem > max {
+		return fmt.Errorf("%w: at %s, parsing the image and checking it canonical would take more than the limit of %d bytes of memory (OpenOptions.MaxMemory)", ErrTooLarge, w.pathString(), max)
+	}
 	return nil
 }

@@ -215,6 +215,7 @@ func TestErrorCode(t *testing.T) {
 		{"pull never", wrap(errNotOnNode), codes.FailedPrecondition},
 		{"disk full", wrap(syscall.ENOSPC), codes.ResourceExhausted},
 		{"object over the node limit", wrap(fmt.Errorf("object x is 9 bytes: %w", fetch.ErrResourceLimit)), codes.ResourceExhausted},
+		{"tree over the parse memory", wrap(fmt.Errorf("image x: %w: %w", cfs.ErrTooLarge, fetch.ErrResourceLimit)), codes.ResourceExhausted},
 		{"transient exhausted", wrap(fetch.Transient(errors.New("503"))), codes.Unavailable},
 		{"deadline", wrap(context.DeadlineExceeded), codes.Aborted},
 		{"canceled", wrap(context.Canceled), codes.Aborted},

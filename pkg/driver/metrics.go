@@ -156,7 +156,7 @@ var (
 	descGCBytes = prometheus.NewDesc(metricsNamespace+"_gc_freed_bytes_total",
 		"Bytes freed by store GC.", nil, nil)
 	descStoreBytes = prometheus.NewDesc(metricsNamespace+"_store_bytes",
-		"Bytes allocated in the store, by part (objects, images, tmp, quarantine).", []string{"part"}, nil)
+		"Bytes allocated in the store, by part (objects, images, signatures, tmp, quarantine).", []string{"part"}, nil)
 	descProofs = prometheus.NewDesc(metricsNamespace+"_proofs_total",
 		"Proofs of possession asked of a volume's source for content already on the node, by result (passed, failed).", []string{"result"}, nil)
 	descProofBytes = prometheus.NewDesc(metricsNamespace+"_proof_bytes_total",
@@ -214,7 +214,7 @@ func (c *storeCollector) Collect(ch chan<- prometheus.Metric) {
 		for _, p := range []struct {
 			name string
 			u    fetch.Usage
-		}{{"objects", u.Objects}, {"images", u.Images}, {"tmp", u.Tmp}, {"quarantine", u.Quarantine}} {
+		}{{"objects", u.Objects}, {"images", u.Images}, {"signatures", u.Signatures}, {"tmp", u.Tmp}, {"quarantine", u.Quarantine}} {
 			ch <- prometheus.MustNewConstMetric(descStoreBytes, prometheus.GaugeValue, float64(p.u.Bytes), p.name)
 		}
 	}

@@ -66,6 +66,7 @@ func TestMetricsAfterPublish(t *testing.T) {
 		`csi_composefs_fetched_total{kind="image"} 1`,
 		`csi_composefs_fetches_total{result="OK"} 1`,
 		`csi_composefs_store_bytes{part="objects"}`,
+		`csi_composefs_store_bytes{part="signatures"}`,
 		`csi_composefs_dedup_saved_bytes_total`,
 		`csi_composefs_proofs_total{result="failed"} 0`,
 		`csi_composefs_volumes_published_by_verity{verity="userspace"} 1`,

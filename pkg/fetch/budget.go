@@ -175,14 +175,16 @@ func (s *Store) freeSpace() (int64, error) {
 	return int64(min(st.Bavail*uint64(st.Bsize), 1<<62)), nil
 }
 
-// parseBytesPerImageByte bounds the memory cfs.Open and the canonical
-// check (cfs.CheckCanonical, which copies the entries of hard links whose
-// primary path moves) take per byte of image: a hard link costs a tree
-// entry (about 190 bytes) for a directory entry of 13 to 17 bytes and no
-// inode, so neither the image's size alone nor the inode count its
-// superblock claims bound it more tightly. Images of ordinary files take 2
-// to 4 bytes per byte; TestParseEstimate measures both against this bound.
-const parseBytesPerImageByte = 20
+// parseBytesPerImageByte is the most memory per byte of image that the
+// estimate of a tree and its canonical check (cfs.ImageStats.Memory) can
+// reach (cfs.MaxMemoryPerByte: hard links and xattrs, many entries in few
+// bytes), so neither the image's size alone nor the inode count its
+// superblock claims bound it more tightly. A download reserves that much
+// (at most the whole budget), its parse may not exceed the reservation
+// (cfs.ErrTooLarge past it), and the reservation then shrinks to the
+// tree's estimate. Images of ordinary files are estimated at 3 to 14
+// bytes per byte; TestParseEstimate measures them.
+const parseBytesPerImageByte = cfs.MaxMemoryPerByte
 
 // parseEstimate estimates the memory cfs.Open takes for an image of size
 // bytes.

@@ -598,11 +598,13 @@ func TestParseEstimate(t *testing.T) {
 		est := parseEstimate(int64(len(img)))
 		// What the reservation covers: the parse and the canonical check
 		// (the writer's image of the parsed tree, compared as written).
+		var tree int64
 		peak := peakLiveHeap(t, func() {
 			im, _, err := parseImage(bytes.NewReader(img), int64(len(img)), 0)
 			if err != nil {
 				t.Fatal(err)
 			}
+			tree = im.Stats().Memory
 			if err := cfs.CheckCanonical(im, bytes.NewReader(img), int64(len(img))); err != nil {
 				t.Fatal(err)
 			}
@@ -611,6 +613,11 @@ func TestParseEstimate(t *testing.T) {
 			n, kind, len(img)>>10, float64(est)/(1<<20), float64(peak)/(1<<20), float64(est)/float64(peak))
 		if est < peak {
 			t.Errorf("%s: the estimate %d is below the %d bytes the parse took", kind, est, peak)
+		}
+		// What a download reserves must hold the tree's estimate, or the
+		// parse would refuse an image the budget has room for.
+		if tree > est {
+			t.Errorf("%s: the tree's estimate %d is above the %d bytes reserved for it", kind, tree, est)
 		}
 	}
 }
@@ -649,5 +656,51 @@ func waitFor(t *testing.T, what string, cond func() bool) {
 		if time.Now().After(deadline) {
 			t.Fatalf("no %s within 10s", what)
 		}
+	}
+}
+
+// TestParseWithinBudget: a downloaded image whose tree needs more memory
+// than the whole parse budget (hard links: many entries in few bytes) is
+// refused with ErrResourceLimit as soon as its parse reaches the budget,
+// rather than parsed alone past it; nothing of it is kept and the budget
+// is whole again. With a budget the tree fits in, it is stored.
+func TestParseWithinBudget(t *testing.T) {
+	repo := t.TempDir()
+	img := parseShape(t, "hardlink", 20000)
+	if err := os.MkdirAll(filepath.Join(repo, "images"), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(repo, "images", "links.cfs"), img, 0o644); err != nil {
+		t.Fatal(err)
+	}
+	parsed, err := cfs.Open(bytes.NewReader(img), int64(len(img)), cfs.OpenOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	need := parsed.Stats().Memory
+	ts := newTestServer(t, repo)
+	src := newSource(t, ts.URL, HTTPOptions{})
+	ctx := context.Background()
+
+	opts := testOptions()
+	opts.ParseMemory = need / 2
+	s := openStore(t, t.TempDir(), opts)
+	_, err = s.EnsureImage(ctx, src, ImageRef{Name: "links.cfs"})
+	if !errors.Is(err, ErrResourceLimit) || !errors.Is(err, cfs.ErrTooLarge) || errors.Is(err, ErrInvalidImage) {
+		t.Fatalf("an image of %d bytes whose tree needs %d bytes, with a parse budget of %d: %v, want ErrResourceLimit (not ErrInvalidImage)", len(img), need, opts.ParseMemory, err)
+	}
+	if n := s.Budgets().ParseBytesReserved; n != 0 {
+		t.Errorf("%d bytes of the parse budget still reserved", n)
+	}
+	d := cfs.VerityDigestOf(img)
+	if s.HasImage(d) {
+		t.Error("the refused image is in the store")
+	}
+	checkInvariant(t, s.Root())
+
+	opts.ParseMemory = need
+	s = openStore(t, t.TempDir(), opts)
+	if got, err := s.EnsureImage(ctx, src, ImageRef{Name: "links.cfs"}); err != nil || got != d {
+		t.Fatalf("with a parse budget of the tree's estimate: %v, %v", got, err)
 	}
 }

@@ -75,6 +75,7 @@ func (s *Store) storedImageCanonical(ctx context.Context, d cfs.Digest) error {
 	r := &readErrAt{r: f}
 	img, _, err := parseImage(r, fi.Size(), math.MaxInt)
 	if err == nil {
+		mem.shrink(img.Stats().Memory) // what the check needs beyond the tree is in it
 		err = s.checkCanonical(ctx, d, img, r, fi.Size())
 	}
 	if err != nil {

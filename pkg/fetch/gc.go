@@ -22,7 +22,7 @@ type GCStats struct {
 	ImagesRemoved  int
 	ObjectsRemoved int
 	BytesFreed     int64
-	BytesInUse     int64 // allocated under objects/ and images/ afterwards
+	BytesInUse     int64 // allocated under objects/, images/ and signatures/ afterwards
 	ImagesKept     int
 	ObjectsKept    int
 }
@@ -118,7 +118,9 @@ func (s *Store) GC(ctx context.Context) (GCStats, error) {
 		st.ImagesRemoved++
 		st.BytesFreed += im.bytes
 	}
-	if _, err := s.sweepKept(ctx); err != nil {
+	swept, err := s.sweepKept(ctx)
+	st.BytesFreed += swept
+	if err != nil {
 		return st, err
 	}
 	var garbage []cfs.Digest
@@ -291,7 +293,8 @@ func (s *Store) listImages(ctx context.Context) ([]*storedImage, error) {
 			}
 			return nil, fmt.Errorf("GC: %w", err)
 		}
-		out = append(out, &storedImage{d: d, bytes: allocated(fi), mtime: fi.ModTime(), objs: objs})
+		// An image's kept signatures are its own: counted, and freed, with it.
+		out = append(out, &storedImage{d: d, bytes: allocated(fi) + s.keptAllocated(d), mtime: fi.ModTime(), objs: objs})
 	}
 	return out, nil
 }
@@ -339,10 +342,11 @@ func allocated(fi fs.FileInfo) int64 {
 	return fi.Size()
 }
 
-// usage returns the bytes allocated under objects/ and images/.
+// usage returns the bytes allocated under objects/, images/ and
+// signatures/ (what MaxSize bounds).
 func (s *Store) usage() (int64, error) {
 	u, err := DiskUsage(context.Background(), s.root)
-	return u.Objects.Bytes + u.Images.Bytes, err
+	return u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes, err
 }
 
 // Usage counts files and allocated bytes of one part of a store.
@@ -351,9 +355,10 @@ type Usage struct {
 	Bytes int64
 }
 
-// StoreUsage is what `store du` shows.
+// StoreUsage is what `store du` shows. Signatures are the kept
+// signatures of stored images (signatures/).
 type StoreUsage struct {
-	Objects, Images, Tmp, Quarantine Usage
+	Objects, Images, Signatures, Tmp, Quarantine Usage
 }
 
 // DiskUsage measures the store at root; it needs no lock and can run while
@@ -363,7 +368,7 @@ func DiskUsage(ctx context.Context, root string) (StoreUsage, error) {
 	parts := []struct {
 		dir string
 		u   *Usage
-	}{{objectsDir, &u.Objects}, {imagesDir, &u.Images}, {tmpDir, &u.Tmp}, {quarantineDir, &u.Quarantine}}
+	}{{objectsDir, &u.Objects}, {imagesDir, &u.Images}, {signaturesDir, &u.Signatures}, {tmpDir, &u.Tmp}, {quarantineDir, &u.Quarantine}}
 	for _, p := range parts {
 		err := filepath.WalkDir(filepath.Join(root, p.dir), func(path string, e fs.DirEntry, err error) error {
 			if err != nil {

@@ -173,12 +173,21 @@ func (s *Store) fetchImageOnce(ctx context.Context, src Source, ref ImageRef, pi
 	if err != nil {
 		return cfs.Digest{}, err
 	}
-	img, objs, err := parseImage(f, n, s.opts.MaxImageInodes)
+	// The tree may take at most what was reserved for it (the whole budget
+	// for an image larger than it): a downloaded image is refused before
+	// it takes more (cfs.ErrTooLarge), however many small entries its size
+	// holds. Once parsed, the reservation shrinks to the tree's estimate,
+	// which covers the canonical check too.
+	img, objs, err := parseImageWithin(f, n, s.opts.MaxImageInodes, mem)
 	if err == nil {
+		mem.shrink(img.Stats().Memory)
 		err = s.checkCanonical(ctx, d, img, f, n)
 	}
 	mem.release()
-	if err != nil {
+	switch {
+	case errors.Is(err, cfs.ErrTooLarge):
+		return cfs.Digest{}, fmt.Errorf("image %s: %w (the node's parse memory budget, --parse-memory): %w", d, err, ErrResourceLimit)
+	case err != nil:
 		return cfs.Digest{}, fmt.Errorf("image %s: %w: %w", d, ErrInvalidImage, err)
 	}
 	release, err := s.storeImageFile(ctx, &f, d, objs, pid)
@@ -294,7 +303,18 @@ func (r *readErrAt) ReadAt(p []byte, off int64) (int, error) {
 // inodes, 0 meaning the reader's default) and returns its objects, each
 // named by digest.
 func parseImage(r io.ReaderAt, size int64, maxInodes int) (*cfs.Image, []cfs.Object, error) {
-	img, err := cfs.Open(r, size, cfs.OpenOptions{MaxInodes: maxInodes})
+	return parseImageWithin(r, size, maxInodes, nil)
+}
+
+// parseImageWithin is parseImage with the tree's estimated memory
+// (cfs.OpenOptions.MaxMemory) bounded by what mem reserved from a bounded
+// parse budget (nil, or no budget: unbounded).
+func parseImageWithin(r io.ReaderAt, size int64, maxInodes int, mem *reservation) (*cfs.Image, []cfs.Object, error) {
+	opts := cfs.OpenOptions{MaxInodes: maxInodes}
+	if mem != nil && mem.b.sem != nil {
+		opts.MaxMemory = max(mem.n, 1)
+	}
+	img, err := cfs.Open(r, size, opts)
 	if err != nil {
 		return nil, nil, err
 	}

@@ -216,6 +216,16 @@ func (s *Store) writeKept(d cfs.Digest, b []byte) error {
 	return s.syncDir(dir)
 }
 
+// keptAllocated returns the bytes the signatures kept for d occupy on
+// disk (0 when none are kept).
+func (s *Store) keptAllocated(d cfs.Digest) int64 {
+	fi, err := os.Lstat(s.keptPath(d))
+	if err != nil || !fi.Mode().IsRegular() {
+		return 0
+	}
+	return allocated(fi)
+}
+
 // removeKept removes the signatures kept for d if its image is gone.
 func (s *Store) removeKept(d cfs.Digest) error {
 	s.keptMu.Lock()
@@ -230,9 +240,9 @@ func (s *Store) removeKept(d cfs.Digest) error {
 }
 
 // sweepKept removes the kept-signature files whose image is no longer
-// stored (and files not named like kept signatures). It returns how many
-// it removed.
-func (s *Store) sweepKept(ctx context.Context) (int, error) {
+// stored (and files not named like kept signatures). It returns the
+// bytes it freed.
+func (s *Store) sweepKept(ctx context.Context) (int64, error) {
 	dir := filepath.Join(s.root, signaturesDir)
 	ents, err := os.ReadDir(dir)
 	if errors.Is(err, fs.ErrNotExist) {
@@ -241,7 +251,7 @@ func (s *Store) sweepKept(ctx context.Context) (int, error) {
 	if err != nil {
 		return 0, fmt.Errorf("GC: listing %s: %w", dir, err)
 	}
-	n := 0
+	var n int64
 	for _, e := range ents {
 		if err := ctx.Err(); err != nil {
 			return n, err
@@ -250,11 +260,15 @@ func (s *Store) sweepKept(ctx context.Context) (int, error) {
 		s.keptMu.Lock()
 		gone := err != nil || !strings.HasSuffix(e.Name(), keptSuffix) || !s.hasImageFile(d)
 		if gone {
+			var size int64
+			if fi, err := e.Info(); err == nil && fi.Mode().IsRegular() {
+				size = allocated(fi)
+			}
 			if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil && !errors.Is(err, fs.ErrNotExist) {
 				s.keptMu.Unlock()
 				return n, fmt.Errorf("GC: removing %s: %w", e.Name(), err)
 			}
-			n++
+			n += size
 		}
 		s.keptMu.Unlock()
 	}

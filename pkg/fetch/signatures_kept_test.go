@@ -115,9 +115,21 @@ func TestKeptSignatures(t *testing.T) {
 	if err := os.WriteFile(orphan, b, 0o644); err != nil {
 		t.Fatal(err)
 	}
+	total := func() int64 {
+		u, err := DiskUsage(ctx, root)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes
+	}
+	before := total()
 	st, err := s.GC(ctx)
 	if err != nil || st.ImagesRemoved != 1 {
 		t.Fatalf("GC: %+v %v, want the image removed", st, err)
+	}
+	// What GC freed counts the image's signatures and the swept orphan.
+	if freed := before - total(); st.BytesFreed != freed {
+		t.Errorf("GC says it freed %d bytes, the store shrank by %d", st.BytesFreed, freed)
 	}
 	ents, _ := os.ReadDir(filepath.Join(root, signaturesDir))
 	if len(ents) != 0 {
@@ -144,4 +156,71 @@ func FuzzParseKept(f *testing.F) {
 			t.Fatalf("accepted %d signatures of %d bytes", len(sigs), total)
 		}
 	})
+}
+
+// TestKeptSignaturesAccounted: kept signatures count in the store's size:
+// DiskUsage reports them, GC's BytesInUse includes them, and MaxSize
+// budgets them with their image (a small image with large signatures is
+// removed when the two together exceed it), freeing them with it.
+func TestKeptSignaturesAccounted(t *testing.T) {
+	repo := t.TempDir()
+	da := writeRepoImage(t, repo, "a.cfs", makeFiles("f", 71, 1, 100))
+	db := writeRepoImage(t, repo, "b.cfs", makeFiles("g", 72, 1, 100))
+	ts := newTestServer(t, repo)
+	root := t.TempDir()
+	opts := testOptions()
+	opts.GCGrace = time.Nanosecond
+	s := openStore(t, root, opts)
+	ctx := context.Background()
+	src := newSource(t, ts.URL, HTTPOptions{})
+	mustPull(t, s, src, "a.cfs")
+	mustPull(t, s, src, "b.cfs")
+	before, err := DiskUsage(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if before.Signatures.Files != 0 {
+		t.Fatalf("signatures before any was kept: %+v", before.Signatures)
+	}
+	// Large signatures of a (older: used first), none of b.
+	for i := range maxKeptSignatures {
+		if err := s.KeepSignature(ctx, da, KeptSignature{Blob: bytes.Repeat([]byte{byte('a' + i)}, maxKeptBytes/maxKeptSignatures-1)}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	u, err := DiskUsage(ctx, root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	kept := s.keptAllocated(da)
+	if u.Signatures.Files != 1 || u.Signatures.Bytes != kept || kept < maxKeptBytes {
+		t.Fatalf("DiskUsage of the kept signatures: %+v, want 1 file of %d bytes (at least %d)", u.Signatures, kept, maxKeptBytes)
+	}
+	st, err := s.GC(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes; st.BytesInUse != want {
+		t.Errorf("GC's BytesInUse %d, want %d (objects, images and signatures)", st.BytesInUse, want)
+	}
+
+	// A budget that holds both images and their objects, but not a's
+	// signatures as well: a (the least recently used) goes, with them.
+	s.Close()
+	opts.MaxSize = u.Objects.Bytes + u.Images.Bytes + u.Signatures.Bytes/2
+	s = openStore(t, root, opts)
+	st, err = s.GC(ctx)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if st.ImagesRemoved != 1 || s.HasImage(da) || !s.HasImage(db) {
+		t.Fatalf("GC within %d bytes: %+v, a stored %v, b stored %v; want a removed with its signatures", opts.MaxSize, st, s.HasImage(da), s.HasImage(db))
+	}
+	if st.BytesFreed < kept {
+		t.Errorf("GC freed %d bytes, less than a's signatures alone (%d)", st.BytesFreed, kept)
+	}
+	if u, _ := DiskUsage(ctx, root); u.Signatures.Files != 0 {
+		t.Errorf("signatures left after their image went: %+v", u.Signatures)
+	}
+	checkInvariant(t, root)
 }

@@ -53,14 +53,16 @@ type Options struct {
 	// durable); 0 means 4 × MaxConcurrentDownloads.
 	MaxFetchWorkers int
 	// MaxImageSize bounds an image download; 0 means 128 MiB. Parsing an
-	// image (and checking it canonical) takes 2 to 20 times its size in memory (see ParseMemory).
+	// image (and checking it canonical) takes 3 to 32 times its size in
+	// memory, bounded by ParseMemory.
 	MaxImageSize int64
 	// MaxImageInodes bounds the inodes of an image (cfs.OpenOptions
 	// MaxInodes); 0 means the reader's default (4,000,000).
 	MaxImageInodes int
 	// MaxSize is the store's size budget for GC (bytes allocated under
-	// objects/ and images/); 0 means no budget (GC then only removes
-	// objects no image references).
+	// objects/, images/ and signatures/: an image's kept signatures count
+	// with it); 0 means no budget (GC then only removes objects no image
+	// references).
 	MaxSize int64
 	// Retries is how many times a transient failure is retried; 0 means 5,
 	// negative means none.
@@ -94,12 +96,17 @@ type Options struct {
 	// downloads that do not fit wait their turn (one larger than the whole
 	// budget runs alone). 0 means 1 GiB, negative means none.
 	DownloadBudget int64
-	// ParseMemory bounds the memory that parsing images (when downloaded,
-	// and stored ones after a restart) may take at once, node wide: each
-	// parse reserves an estimate (20 bytes per byte of image, what the
-	// worst images take) before it starts; parses that do not fit wait
-	// their turn (one larger than the whole budget runs alone). 0 means
-	// 256 MiB, negative means none.
+	// ParseMemory bounds the memory that parsing images and checking them
+	// canonical (when downloaded, and stored ones after a restart) may
+	// take at once, node wide: each parse reserves 32 bytes per byte of
+	// image (what the estimate of the worst trees reaches; at most the
+	// whole budget) before it starts, and shrinks the reservation to its
+	// tree's estimate (cfs.ImageStats.Memory) once parsed; parses that do
+	// not fit wait their turn. A downloaded image whose tree would take
+	// more than its reservation is refused as soon as its parse reaches
+	// it (ErrResourceLimit wrapping cfs.ErrTooLarge): with the whole
+	// budget, an image larger than it. Stored images were admitted so and
+	// are not refused again. 0 means 256 MiB, negative means none.
 	ParseMemory int64
 	// MaxObjectSize refuses, before downloading anything, an image that
 	// needs an object larger (ErrResourceLimit); 0 means 16 GiB, negative

@@ -15,7 +15,7 @@ type limitFlags struct {
 func (l *limitFlags) add(f *pflag.FlagSet) {
 	f.StringVar(&l.maxImageSize, "max-image-size", "128M", "largest image accepted")
 	f.StringVar(&l.downloadBudget, "download-budget", "1G", "bytes all downloads may hold in the store's tmp/ at once; more wait their turn, one larger than the budget runs alone (0 = none)")
-	f.StringVar(&l.parseMemory, "parse-memory", "256M", "memory all image parses may take at once, estimated from each image's size and inode count; more wait their turn, one larger than the budget runs alone (0 = none)")
+	f.StringVar(&l.parseMemory, "parse-memory", "256M", "memory all image parses (and canonical checks) may take at once, estimated from each image's entries as it is parsed; more wait their turn, and an image whose tree would take more than the whole budget is refused with ResourceExhausted (0 = none)")
 	f.StringVar(&l.maxObjectSize, "max-object-size", "16G", "an image needing a larger object is refused before downloading, with ResourceExhausted (0 = no limit)")
 	f.StringVar(&l.minFreeSpace, "min-free-space", "1G", "free space downloads leave on the store's filesystem: objects that do not fit are refused before downloading, with ResourceExhausted (0 = no check)")
 }

@@ -39,9 +39,10 @@ const goMemLimit = "460MiB"
 // them:
 //   - twenty concurrent endless image downloads: the bytes in tmp/ stay
 //     within --download-budget;
-//   - three concurrent images of 600,000 inodes (48 MB each): parsing
-//     them one at a time (each is larger than --parse-memory alone) keeps
-//     the plugin's peak RSS under the chart's 512 MiB limit;
+//   - five concurrent images of 330,000 inodes (26 MB each, each tree
+//     and its canonical check estimated at 230 MB, within the default
+//     --parse-memory but not two of them): parsing them one at a time
+//     keeps the plugin's peak RSS under the chart's 512 MiB limit;
 //   - an image claiming a 100 GiB object: refused with ResourceExhausted
 //     before the object is requested, by --max-object-size and (with no
 //     size limit) by the free space left.
@@ -233,10 +234,10 @@ func endlessImages(t *testing.T, bin string) {
 	}
 }
 
-// inodeImage writes an image of 600,000 empty files (about 48 MB) at path.
+// inodeImage writes an image of 330,000 empty files (about 26 MB) at path.
 func inodeImage(t *testing.T, path string) {
 	root := &cfs.Node{Mode: cfs.ModeDir | 0o755, Nlink: 2}
-	for i := range 600 {
+	for i := range 330 {
 		dir := &cfs.Node{Name: fmt.Sprintf("d%03d", i), Mode: cfs.ModeDir | 0o755, Nlink: 2}
 		if err := root.AddChild(dir); err != nil {
 			t.Fatal(err)
@@ -254,7 +255,7 @@ func inodeImage(t *testing.T, path string) {
 }
 
 func manyInodes(t *testing.T, bin string) {
-	// One image served under three names: three downloads, three parses.
+	// One image served under five names: five downloads, five parses.
 	img := filepath.Join(t.TempDir(), "inodes.cfs")
 	inodeImage(t, img)
 	fi, err := os.Stat(img)
@@ -270,7 +271,7 @@ func manyInodes(t *testing.T, bin string) {
 	}))
 	t.Cleanup(srv.Close)
 	var vcs []map[string]string
-	for i := range 3 {
+	for i := range 5 {
 		vcs = append(vcs, map[string]string{"repository": srv.URL, "image": fmt.Sprintf("inodes-%d.cfs", i)})
 	}
 	for _, budgets := range []bool{true, false} {
@@ -283,14 +284,14 @@ func manyInodes(t *testing.T, bin string) {
 			e := newBoundsEnv(t, bin, srv.URL, flags...)
 			limit := goMemLimit
 			if !budgets {
-				// Three parses live at once exceed any soft limit that
+				// Five parses live at once exceed any soft limit that
 				// fits: with one the runtime would only collect in vain.
 				e.environ, limit = nil, "off"
 			}
 			p := e.start()
 			got := publishAll(t, p, vcs)
 			rss := peakRSS(t, p.cmd.Process.Pid)
-			fmt.Printf("3 images of 600,000 inodes (%.1f MB each), %s: peak RSS %.1f MiB (GOMEMLIMIT %s)\n", float64(fi.Size())/1e6, name, mib(rss), limit)
+			fmt.Printf("5 images of 330,000 inodes (%.1f MB each), %s: peak RSS %.1f MiB (GOMEMLIMIT %s)\n", float64(fi.Size())/1e6, name, mib(rss), limit)
 			checkPeak(t, "image", got, rss, rssLimit, budgets, "without a parse budget")
 		})
 	}
