@@ -10,15 +10,15 @@ BIN := bin/csi-composefs
 # FUZZTIME, when set, replaces every target's budget: run longer by hand with
 # `make fuzz FUZZTIME=10m`. Minimisation is capped: the seeds are whole images, and minimising
 # one costs up to a minute. The driver's attribute and secret parsers run 30000x each (the
-# driver package's instrumented test binary is slow per execution); the OCI
-# parsers (object index, artifact manifests, layer tars) and the canonical-image check 30000x
+# driver package's instrumented test binary is slow per execution); the pack and OCI
+# parsers (object and pack indexes, artifact manifests, layer tars) and the canonical-image check 30000x
 # each (about 10 s each).
 FUZZCOUNT ?= 300000x
 FUZZTIME ?=
 FUZZ_TARGETS := ./pkg/cfs:FuzzOpenImage ./pkg/cfs:FuzzParseDump ./pkg/fetch:FuzzParseContentRange:100000x \
 	./pkg/driver:FuzzParseVolumeContext:30000x ./pkg/driver:FuzzParseSecrets:30000x \
 	./pkg/cfs:FuzzParseMountInfo:50000x ./pkg/cfs:FuzzCheckSELinuxContext:100000x ./pkg/cfs:FuzzCheckCanonical:30000x \
-	./pkg/fetch/oci:FuzzDecodeIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x \
+	./pkg/fetch/pack:FuzzDecodeIndex:30000x ./pkg/fetch/pack:FuzzDecodeRepoIndex:30000x ./pkg/fetch/oci:FuzzDecodeArtifact:30000x ./pkg/fetch/oci:FuzzApplyLayer:30000x \
 	./pkg/fetch:FuzzParseKept:30000x ./pkg/trust:FuzzParsePolicy:20000x ./pkg/trust:FuzzVerifyBlob:20000x ./pkg/trust:FuzzVerifyManifestSignature:10000x
 
 # The plugin image (make image): built without a container engine by

@@ -129,17 +129,19 @@ func (t *tree) measure() error {
 }
 
 // publish builds the repository's files for the tree under www: both
-// images (objects into www/objects), the tree as one file (the single-
-// stream baseline) and as a gzip tarball.
+// images with image build --repo (objects into www/objects, and with the
+// binary's default packs of its small objects into www/packs, the second
+// image reusing the first's), the tree as one file (the single-stream
+// baseline) and as a gzip tarball.
 func (t *tree) publish(bin, root, www string) error {
 	t.image1, t.image2 = t.name+"-1.cfs", t.name+"-2.cfs"
 	t.blob, t.tarball = t.name+".blob", t.name+".tar.gz"
-	marker := filepath.Join(root, "www-"+t.name+".done")
+	marker := filepath.Join(root, "www-"+t.name+".repo.done")
 	v2 := t.dir + "-v2"
 	if b, err := os.ReadFile(marker); err == nil {
 		t.newBytes, _ = strconv.ParseInt(strings.TrimSpace(string(b)), 10, 64)
 	} else {
-		if err := sh("%s image build --digest-store %s %s %s >/dev/null", bin, q(www+"/objects"), q(t.dir), q(www+"/images/"+t.image1)); err != nil {
+		if err := sh("%s image build --force --repo %s --name %s %s >/dev/null", bin, q(www), q(t.image1), q(t.dir)); err != nil {
 			return err
 		}
 		if err := sh("cd %s && find . -type f -print0 | sort -z | xargs -0 cat >%s", q(t.dir), q(www+"/"+t.blob)); err != nil {
@@ -172,7 +174,7 @@ func (t *tree) publish(bin, root, www string) error {
 			}
 			t.newBytes += fi.Size()
 		}
-		if err := sh("%s image build --digest-store %s %s %s >/dev/null", bin, q(www+"/objects"), q(v2), q(www+"/images/"+t.image2)); err != nil {
+		if err := sh("%s image build --force --repo %s --name %s %s >/dev/null", bin, q(www), q(t.image2), q(v2)); err != nil {
 			return err
 		}
 		if err := os.WriteFile(marker, []byte(strconv.FormatInt(t.newBytes, 10)), 0o644); err != nil {

@@ -9,6 +9,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch"
 )
 
 type buildFlags struct {
@@ -27,6 +28,26 @@ type buildFlags struct {
 	repo            string
 	name            string
 	force           bool
+	packs           bool
+	packMaxObject   string
+	packSize        string
+	changed         map[string]bool // flags given
+}
+
+// packOptions are the packs --repo writes, nil with --packs=false.
+func (f buildFlags) packOptions() (*fetch.PackOptions, error) {
+	if !f.packs {
+		return nil, nil
+	}
+	maxObj, err := parseSize(f.packMaxObject)
+	if err != nil || maxObj < 1 {
+		return nil, usageErrorf("--pack-max-object: want a size of at least 1 byte (like 1M or 256K), got %q", f.packMaxObject)
+	}
+	size, err := parseSize(f.packSize)
+	if err != nil || size < 1<<20 {
+		return nil, usageErrorf("--pack-size: want at least 1M, got %q", f.packSize)
+	}
+	return &fetch.PackOptions{MaxObject: maxObj, PackSize: size}, nil
 }
 
 func newImageBuildCmd() *cobra.Command {
@@ -62,6 +83,9 @@ object store laid out as xx/yyyy… (the layout volumes are served from).`,
 	fl.StringVar(&f.repo, "repo", "", "publish into this HTTP repository directory (REPO/images/NAME and REPO/objects/); takes SRC only and prints the digest")
 	fl.StringVar(&f.name, "name", "", "image name in the repository, with --repo (for example app-1.2.cfs)")
 	fl.BoolVar(&f.force, "force", false, "with --repo, replace an image of that name that has other content")
+	fl.BoolVar(&f.packs, "packs", true, "with --repo, also pack the image's small objects into REPO/packs/ (reusing the packs the repository has) so that nodes fetch them with few range requests; --packs=false writes objects/ only")
+	fl.StringVar(&f.packMaxObject, "pack-max-object", "1M", "with --repo, pack objects up to this size (larger ones are fetched each by its own request)")
+	fl.StringVar(&f.packSize, "pack-size", "64M", "with --repo, size new packs are cut at")
 	// With --print-digest-only the output argument is optional.
 	cmd.Args = func(cmd *cobra.Command, args []string) error {
 		if f.repo != "" {
@@ -76,6 +100,10 @@ object store laid out as xx/yyyy… (the layout volumes are served from).`,
 		out := ""
 		if len(args) == 2 {
 			out = args[1]
+		}
+		f.changed = map[string]bool{}
+		for _, name := range []string{"packs", "pack-max-object", "pack-size"} {
+			f.changed[name] = cmd.Flags().Changed(name)
 		}
 		return runBuild(cmd, f, args[0], out)
 	}
@@ -103,6 +131,11 @@ func (f buildFlags) validate(out string) error {
 	if f.force && f.repo == "" {
 		return usageErrorf("--force goes with --repo")
 	}
+	for _, name := range []string{"packs", "pack-max-object", "pack-size"} {
+		if f.changed[name] && f.repo == "" {
+			return usageErrorf("--%s goes with --repo", name)
+		}
+	}
 	if f.repo != "" && (f.fromFile || f.digestStore != "" || f.printDigestOnly) {
 		return usageErrorf("--repo publishes a directory; it does not combine with --from-file, --digest-store or --print-digest-only")
 	}
@@ -123,7 +156,11 @@ func runBuild(cmd *cobra.Command, f buildFlags, src, out string) error {
 		SkipXattrs: f.skipXattrs, UserXattrs: f.userXattrs, Threads: f.threads,
 	}
 	if f.repo != "" {
-		d, err := buildIntoRepo(ctx, src, f.repo, f.name, f.force, dirOpts, opts)
+		packs, err := f.packOptions()
+		if err != nil {
+			return err
+		}
+		d, err := buildIntoRepo(ctx, src, f.repo, f.name, f.force, packs, dirOpts, opts)
 		if err != nil {
 			return err
 		}

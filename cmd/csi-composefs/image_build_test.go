@@ -6,6 +6,8 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/pack"
 )
 
 // runCmd runs the CLI in-process and returns its exit code and output.
@@ -179,5 +181,72 @@ func TestImageBuildParseStrict(t *testing.T) {
 	}
 	if code, _, stderr := runCmd(t, "image", "build", "--parse-strict", t.TempDir(), filepath.Join(t.TempDir(), "x.cfs")); code != exitUsage {
 		t.Errorf("--parse-strict without --from-file: exit %d: %s", code, stderr)
+	}
+}
+
+// TestImageBuildIntoRepoPacks: --repo packs objects up to
+// --pack-max-object into REPO/packs/ with the image's pack index by
+// default, --packs=false writes none, and bad pack flags are usage errors.
+func TestImageBuildIntoRepoPacks(t *testing.T) {
+	src := t.TempDir()
+	os.WriteFile(filepath.Join(src, "small"), bytes.Repeat([]byte("s"), 2000), 0o644)
+	os.WriteFile(filepath.Join(src, "big"), bytes.Repeat([]byte("y"), 9000), 0o644)
+	build := func(extra ...string) (string, string) {
+		t.Helper()
+		repo := t.TempDir()
+		code, stdout, stderr := runCmd(t, append(append([]string{"image", "build", "--repo", repo, "--name", "app.cfs"}, extra...), src)...)
+		if code != exitOK {
+			t.Fatalf("%q: exit %d: %s", extra, code, stderr)
+		}
+		return repo, strings.TrimSpace(stdout)
+	}
+	packed := func(repo, digest string) int {
+		t.Helper()
+		b, err := os.ReadFile(filepath.Join(repo, "packs", digest+".idx"))
+		if err != nil {
+			return -1
+		}
+		x, err := pack.DecodeRepoIndex(b)
+		if err != nil || x.Image.String() != digest {
+			t.Fatalf("pack index: %v", err)
+		}
+		return len(x.Index.Entries)
+	}
+	repo, d := build()
+	if n := packed(repo, d); n != 2 {
+		t.Errorf("default build: %d objects packed, want 2", n)
+	}
+	if tars, _ := filepath.Glob(filepath.Join(repo, "packs", "*.tar")); len(tars) != 1 {
+		t.Errorf("default build: packs %v, want 1", tars)
+	}
+	if repo, d := build("--pack-max-object", "4K"); packed(repo, d) != 1 {
+		t.Errorf("--pack-max-object 4K: %d objects packed, want 1", packed(repo, d))
+	}
+	repo, _ = build("--packs=false")
+	if _, err := os.Stat(filepath.Join(repo, "packs")); err == nil {
+		t.Errorf("--packs=false wrote packs/")
+	}
+	out := filepath.Join(t.TempDir(), "x.cfs")
+	for _, tt := range []struct {
+		args []string
+		msg  string
+	}{
+		{[]string{"--repo", t.TempDir(), "--name", "a", "--pack-size", "10", src}, "--pack-size: want at least 1M"},
+		{[]string{"--repo", t.TempDir(), "--name", "a", "--pack-size", "lots", src}, "--pack-size"},
+		{[]string{"--repo", t.TempDir(), "--name", "a", "--pack-max-object", "0", src}, "--pack-max-object: want a size"},
+		{[]string{"--repo", t.TempDir(), "--name", "a", "--packs=maybe", src}, "invalid argument"},
+		{[]string{"--packs=false", src, out}, "--packs goes with --repo"},
+		{[]string{"--pack-size", "2M", src, out}, "--pack-size goes with --repo"},
+	} {
+		code, _, stderr := runCmd(t, append([]string{"image", "build"}, tt.args...)...)
+		if code != exitUsage || !strings.Contains(stderr, tt.msg) {
+			t.Errorf("%q: exit %d, %q; want exit %d and %q", tt.args, code, stderr, exitUsage, tt.msg)
+		}
+	}
+	code, help, _ := runCmd(t, "image", "build", "--help")
+	for _, f := range []string{"--packs", "--pack-max-object", "--pack-size"} {
+		if code != exitOK || !strings.Contains(help, f) {
+			t.Errorf("image build --help does not show %s", f)
+		}
 	}
 }

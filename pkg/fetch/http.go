@@ -61,6 +61,8 @@ type HTTPSource struct {
 	opts    HTTPOptions
 	streams interface{ MaxConcurrentStreams() int } // the transport's, when it tells
 	http1   atomic.Bool                             // the last response came over HTTP/1.x
+	// packNoRange: the server ignored Range on a pack: read whole packs.
+	packNoRange atomic.Bool
 }
 
 var _ Source = (*HTTPSource)(nil)

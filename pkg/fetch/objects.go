@@ -188,7 +188,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 		dirs    map[string]bool
 	)
 	if rs, ok := src.(RunSource); ok {
-		recheck, dirs, err = s.fetchRuns(ctx, src, rs, image, missing, p, pid, &st)
+		recheck, dirs, err = s.fetchRuns(ctx, src, rs, image, missing, scan, p, pid, &st)
 	} else {
 		recheck, dirs, err = s.fetchEach(ctx, src, missing, scan, p, pid, &st)
 	}

@@ -8,6 +8,8 @@ import (
 	"os"
 	"path/filepath"
 
+	"k8s.io/klog/v2"
+
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
 
@@ -17,7 +19,10 @@ var ErrImageExists = errors.New("the repository has another image of that name")
 // PublishOption tunes PublishImage.
 type PublishOption func(*publishOptions)
 
-type publishOptions struct{ keepExisting bool }
+type publishOptions struct {
+	keepExisting bool
+	packs        *PackOptions
+}
 
 // KeepExisting makes PublishImage refuse to replace an image of the same
 // name with other content (ErrImageExists); the same content is fine.
@@ -28,7 +33,8 @@ func KeepExisting() PublishOption { return func(o *publishOptions) { o.keepExist
 // repo/objects/xx/yyyy… unless the repository has it already (so publishing
 // a new version adds only its new files), then the image is written
 // atomically to repo/images/NAME and linked as repo/images/<digest> too, so
-// that it can also be fetched by digest. Files are made world-readable for
+// that it can also be fetched by digest. WithPacks also packs its small
+// objects (publishPacks). Files are made world-readable for
 // the web server. dirOpts.DigestStore is ignored. It returns the image
 // digest.
 func PublishImage(ctx context.Context, src, repo, name string, dirOpts cfs.DirOptions, opts cfs.WriteOptions, popts ...PublishOption) (cfs.Digest, error) {
@@ -65,6 +71,15 @@ func PublishImage(ctx context.Context, src, repo, name string, dirOpts cfs.DirOp
 	}
 	if err := os.Chmod(tmp, 0o644); err != nil {
 		return d, fmt.Errorf("publishing image %s: %w", name, err)
+	}
+	if old, err := fileDigest(path); po.packs != nil && (!po.keepExisting || err != nil || old == d) {
+		// Before the image: a node that finds the image finds its packs.
+		st, err := publishPacks(ctx, repo, d, treeObjects(root), *po.packs)
+		if err != nil {
+			return d, fmt.Errorf("publishing the packs of image %s into %s: %w", name, repo, err)
+		}
+		klog.FromContext(ctx).V(1).Info("Packs written", "image", name, "packedObjects", st.Objects,
+			"reusedPacks", st.ReusedPacks, "newPacks", st.NewPacks, "newBytes", st.NewBytes)
 	}
 	if err := placeImage(tmp, path, d, po.keepExisting); err != nil {
 		return d, fmt.Errorf("publishing image %s into %s: %w", name, repo, err)

@@ -12,14 +12,16 @@ import (
 )
 
 // RunSource is implemented by sources that serve many objects per request
-// (an OCI artifact's pack layers, read with single-range GETs over
-// coalesced runs). EnsureObjects hands it every object the store lacks at
-// once; the source groups them into runs, and the store reads each run's
-// body in order, verifying every object as it goes.
+// (an OCI artifact's pack layers, an HTTP repository's packs, read with
+// single-range GETs over coalesced runs). EnsureObjects hands it every
+// object the store lacks at once; the source groups them into runs, and
+// the store reads each run's body in order, verifying every object as it
+// goes. Objects the source has in no pack (rest) are downloaded each with
+// its own request (OpenObject), at the same time as the runs.
 type RunSource interface {
-	// PlanRuns groups objs (objects the stored image needs) into runs;
-	// every object must be in exactly one run.
-	PlanRuns(ctx context.Context, image cfs.Digest, objs []cfs.Object) ([]*Run, error)
+	// PlanRuns groups objs (objects the stored image needs) into runs and
+	// the rest; every object must be in exactly one run or in rest.
+	PlanRuns(ctx context.Context, image cfs.Digest, objs []cfs.Object) (runs []*Run, rest []cfs.Object, err error)
 	// OpenRun starts the request for run's objects from the one at index
 	// from on (a retry resumes where the previous attempt stopped). The
 	// body holds, for each object in order, Skip bytes to discard and then
@@ -48,9 +50,12 @@ type RunObject struct {
 // slot), and publishes each object as soon as it is verified. An object
 // that arrives meanwhile (another call) is read past, and proved with a
 // principal. Stats count object bytes as fetched and the bytes read past
-// (tar headers, gaps) as RunOverheadBytes.
-func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image cfs.Digest, missing []cfs.Object, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
-	runs, err := rs.PlanRuns(ctx, image, missing)
+// (tar headers, gaps) as RunOverheadBytes. The objects in no run are
+// downloaded meanwhile by fetchEach (scan is its argument), so that the
+// link is busy with both until each is done; both take the store's
+// download slots.
+func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image cfs.Digest, missing []cfs.Object, scan uint64, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
+	runs, rest, err := rs.PlanRuns(ctx, image, missing)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -60,10 +65,16 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 			planned[o.Digest]++
 		}
 	}
+	for _, o := range rest {
+		planned[o.Digest]++
+	}
 	for _, o := range missing {
 		if planned[o.Digest] != 1 {
 			return nil, nil, fmt.Errorf("object %s is in %d runs of %s, want 1", o.Digest, planned[o.Digest], src)
 		}
+	}
+	if len(runs) == 0 {
+		return s.fetchEach(ctx, src, rest, scan, p, pid, st)
 	}
 	wctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
@@ -126,6 +137,24 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 			p.DoneBytes.Add(int64(o.Size))
 		}()
 	}
+	var (
+		eachDone    = make(chan struct{})
+		eachRecheck []cfs.Object
+		eachDirs    map[string]bool
+		eachStats   Stats
+	)
+	if len(rest) == 0 {
+		close(eachDone)
+	} else {
+		go func() {
+			defer close(eachDone)
+			var err error
+			eachRecheck, eachDirs, err = s.fetchEach(wctx, src, rest, scan, p, pid, &eachStats)
+			if err != nil {
+				fail(err)
+			}
+		}()
+	}
 	readers := min(s.opts.Parallelism, len(runs))
 	if c, ok := rs.(interface{ MaxConcurrentRuns() int }); ok && c.MaxConcurrentRuns() > 0 {
 		readers = min(readers, c.MaxConcurrentRuns())
@@ -152,7 +181,29 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 	}
 	wg.Wait()
 	fwg.Wait()
+	<-eachDone
+	st.add(eachStats)
+	recheck = append(recheck, eachRecheck...)
+	for d := range eachDirs {
+		dirs[d] = true
+	}
 	return recheck, dirs, firstErr
+}
+
+// add adds what another part of the same call did (not Objects, Bytes).
+func (st *Stats) add(o Stats) {
+	st.Present += o.Present
+	st.PresentBytes += o.PresentBytes
+	st.Extra += o.Extra
+	st.ExtraBytes += o.ExtraBytes
+	st.Fetched += o.Fetched
+	st.FetchedBytes += o.FetchedBytes
+	st.Shared += o.Shared
+	st.SharedBytes += o.SharedBytes
+	st.Proven += o.Proven
+	st.ProvenBytes += o.ProvenBytes
+	st.ProofBytes += o.ProofBytes
+	st.RunOverheadBytes += o.RunOverheadBytes
 }
 
 // fetchRun reads one run, retrying transient failures from the first

@@ -9,6 +9,7 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/pack"
 )
 
 // ResolveArtifact fetches the manifest (or sharded image index) that name
@@ -162,11 +163,11 @@ func (a *Artifact) addLayers(layers []ocispec.Descriptor, first bool) error {
 }
 
 func (a *Artifact) check() error {
-	if a.Index.Size > MaxIndexBytes {
-		return fmt.Errorf("the object index is %d bytes, more than %d", a.Index.Size, MaxIndexBytes)
+	if a.Index.Size > pack.MaxIndexBytes {
+		return fmt.Errorf("the object index is %d bytes, more than %d", a.Index.Size, pack.MaxIndexBytes)
 	}
-	if len(a.Packs) > maxPacks {
-		return fmt.Errorf("%d packs, more than %d", len(a.Packs), maxPacks)
+	if len(a.Packs) > pack.MaxPacks {
+		return fmt.Errorf("%d packs, more than %d", len(a.Packs), pack.MaxPacks)
 	}
 	return nil
 }

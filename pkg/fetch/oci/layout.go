@@ -16,6 +16,7 @@ import (
 	ocispec "github.com/opencontainers/image-spec/specs-go/v1"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/pack"
 )
 
 // Media types and annotations of the artifact layout, version 1
@@ -173,3 +174,7 @@ var manifestMediaTypes = []string{
 	mediaTypeDockerManifest,
 	mediaTypeDockerManifestList,
 }
+
+// An index names at most as many packs as an artifact has layers for.
+var _ [pack.MaxPacks - MaxShards*MaxManifestLayers]struct{}
+var _ [MaxShards*MaxManifestLayers - pack.MaxPacks]struct{}

@@ -16,6 +16,7 @@ import (
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/pack"
 )
 
 // PushInput is what an artifact is made of.
@@ -81,7 +82,7 @@ func Push(ctx context.Context, c *Client, in PushInput, opts PushOptions) (PushR
 
 	// The base: its packs, and which of the objects each holds.
 	var packs []ocispec.Descriptor
-	placed := make(map[cfs.Digest]IndexEntry, len(objs))
+	placed := make(map[cfs.Digest]pack.Entry, len(objs))
 	baseRepo := ""
 	base, err := loadBase(ctx, c, opts.Base)
 	if err != nil {
@@ -138,11 +139,11 @@ func Push(ctx context.Context, c *Client, in PushInput, opts PushOptions) (PushR
 		}
 		p := fresh[len(fresh)-1]
 		p.objs = append(p.objs, o)
-		size += int64(o.Size) + tarBlock
+		size += int64(o.Size) + pack.BlockSize
 	}
 	for _, p := range fresh {
 		h := sha256.New()
-		offs, n, err := writePack(h, p.objs, in.Open)
+		offs, n, err := pack.Write(h, p.objs, in.Open)
 		if err != nil {
 			return res, err
 		}
@@ -150,7 +151,7 @@ func Push(ctx context.Context, c *Client, in PushInput, opts PushOptions) (PushR
 		num := len(packs)
 		packs = append(packs, p.desc)
 		for i, o := range p.objs {
-			placed[o.Digest] = IndexEntry{Digest: o.Digest, Size: o.Size, Pack: num, Offset: offs[i]}
+			placed[o.Digest] = pack.Entry{Digest: o.Digest, Size: o.Size, Pack: num, Offset: offs[i]}
 		}
 	}
 	res.Packs = len(packs)
@@ -158,11 +159,11 @@ func Push(ctx context.Context, c *Client, in PushInput, opts PushOptions) (PushR
 		packs[i].Annotations = map[string]string{AnnotationTitle: fmt.Sprintf("pack-%04d.tar", i)}
 	}
 
-	idx := ObjectIndex{Packs: len(packs)}
+	idx := pack.Index{Packs: len(packs)}
 	for _, e := range placed {
 		idx.Entries = append(idx.Entries, e)
 	}
-	idxBytes, err := EncodeIndex(idx)
+	idxBytes, err := pack.EncodeIndex(idx)
 	if err != nil {
 		return res, err
 	}
@@ -280,7 +281,7 @@ var versioned = specs.Versioned{SchemaVersion: 2}
 
 type baseArtifact struct {
 	art *Artifact
-	idx *ObjectIndex
+	idx *pack.Index
 }
 
 // loadBase resolves the artifact whose packs may be reused: ref, or the
@@ -305,11 +306,11 @@ func loadBase(ctx context.Context, c *Client, ref *Reference) (*baseArtifact, er
 		}
 		return nil, fmt.Errorf("base: %w", err)
 	}
-	b, err := bc.readBlob(ctx, a.Index, MaxIndexBytes)
+	b, err := bc.readBlob(ctx, a.Index, pack.MaxIndexBytes)
 	if err != nil {
 		return nil, fmt.Errorf("base: %w", err)
 	}
-	x, err := DecodeIndex(b)
+	x, err := pack.DecodeIndex(b)
 	if err != nil {
 		return nil, fmt.Errorf("base %s: %w", a.Manifest.Digest, err)
 	}
@@ -330,40 +331,11 @@ func dedupObjects(in []cfs.Object) []cfs.Object {
 	return out
 }
 
-// writePack writes the pack of objs (in digest order) to w, checking every
-// object's content against its digest; it returns their offsets and the
-// pack's size.
-func writePack(w io.Writer, objs []cfs.Object, open func(cfs.Object) (io.ReadCloser, error)) ([]int64, int64, error) {
-	pw, err := NewPackWriter(w)
-	if err != nil {
-		return nil, 0, err
-	}
-	offs := make([]int64, len(objs))
-	for i, o := range objs {
-		rc, err := open(o)
-		if err != nil {
-			return nil, 0, fmt.Errorf("object %s: %w", o.Digest, err)
-		}
-		h := cfs.NewVerityHash()
-		off, err := pw.Add(o.Digest, int64(o.Size), io.TeeReader(rc, h))
-		rc.Close()
-		if err != nil {
-			return nil, 0, err
-		}
-		if got := h.Digest(); got != o.Digest {
-			return nil, 0, fmt.Errorf("object %s: its content now has digest %s (changed while pushing?)", o.Digest, got)
-		}
-		offs[i] = off
-	}
-	n, err := pw.Close()
-	return offs, n, err
-}
-
 // packReader streams a pack, written again from the objects.
 func packReader(objs []cfs.Object, open func(cfs.Object) (io.ReadCloser, error)) io.ReadCloser {
 	pr, pw := io.Pipe()
 	go func() {
-		_, _, err := writePack(pw, objs, open)
+		_, _, err := pack.Write(pw, objs, open)
 		pw.CloseWithError(err)
 	}()
 	return pr

@@ -5,28 +5,16 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"sort"
 	"sync"
 	"sync/atomic"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 	"github.com/csi-composefs/csi-composefs/pkg/fetch"
+	"github.com/csi-composefs/csi-composefs/pkg/fetch/pack"
 )
 
-// How missing objects become requests (PlanRuns).
-const (
-	// maxRunGap: objects closer than this in a pack share a request; the
-	// bytes between them are read and dropped.
-	maxRunGap = 64 << 10
-	// maxRunBytes bounds one request, so that a pack is read by several
-	// requests at once and a retry repeats little.
-	maxRunBytes = 16 << 20
-	// wholePackShare: when more than this share of a pack's bytes are
-	// missing, all of the pack is read (its gaps included).
-	wholePackShare = 0.5
-	// maxConcurrentRuns bounds the runs read at once (MaxConcurrentRuns).
-	maxConcurrentRuns = 16
-)
+// maxConcurrentRuns bounds the runs read at once (MaxConcurrentRuns).
+const maxConcurrentRuns = 16
 
 // MaxConcurrentRuns is how many runs the store reads at once. A run is a
 // stream of up to maxRunBytes: a few of them fill a link, and more only
@@ -53,7 +41,7 @@ type resolvedArtifact struct {
 	a *Artifact
 
 	once sync.Once
-	idx  *ObjectIndex
+	idx  *pack.Index
 	err  error
 }
 
@@ -130,18 +118,18 @@ func (s *ArtifactSource) current(ctx context.Context) (*resolvedArtifact, error)
 
 func (s *ArtifactSource) loadIndex(ctx context.Context, r *resolvedArtifact) error {
 	r.once.Do(func() {
-		b, err := s.c.readBlob(ctx, r.a.Index, MaxIndexBytes)
+		b, err := s.c.readBlob(ctx, r.a.Index, pack.MaxIndexBytes)
 		if err != nil {
 			r.err = err
 			return
 		}
-		x, err := DecodeIndex(b)
+		x, err := pack.DecodeIndex(b)
 		if err == nil {
 			sizes := make([]int64, len(r.a.Packs))
 			for i, p := range r.a.Packs {
 				sizes[i] = p.Size
 			}
-			err = checkIndex(x, sizes)
+			err = pack.CheckIndex(x, sizes)
 		}
 		if err != nil {
 			r.err = &fetch.SourceError{Op: "reading object index", URL: s.String(), Err: fmt.Errorf("%w: %w", fetch.ErrInvalidImage, err)}
@@ -222,17 +210,17 @@ func (s *ArtifactSource) ObjectLocation(d cfs.Digest) string {
 }
 
 // entry finds object d of the given size in the current artifact's index.
-func (s *ArtifactSource) entry(ctx context.Context, d cfs.Digest, size uint64) (*resolvedArtifact, IndexEntry, error) {
+func (s *ArtifactSource) entry(ctx context.Context, d cfs.Digest, size uint64) (*resolvedArtifact, pack.Entry, error) {
 	r, err := s.current(ctx)
 	if err != nil {
-		return nil, IndexEntry{}, err
+		return nil, pack.Entry{}, err
 	}
 	e, ok := r.idx.Lookup(d)
 	if !ok {
-		return nil, IndexEntry{}, &fetch.SourceError{Op: "fetching object", URL: s.String(), Err: fmt.Errorf("object %s is not in the artifact's index: %w", d, fetch.ErrNotFound)}
+		return nil, pack.Entry{}, &fetch.SourceError{Op: "fetching object", URL: s.String(), Err: fmt.Errorf("object %s is not in the artifact's index: %w", d, fetch.ErrNotFound)}
 	}
 	if e.Size != size {
-		return nil, IndexEntry{}, &fetch.SourceError{Op: "fetching object", URL: s.String(),
+		return nil, pack.Entry{}, &fetch.SourceError{Op: "fetching object", URL: s.String(),
 			Err: fmt.Errorf("object %s has %d bytes in the index, the image records %d: %w", d, e.Size, size, fetch.ErrSizeMismatch)}
 	}
 	return r, e, nil
@@ -271,94 +259,45 @@ func (s *ArtifactSource) OpenObjectRange(ctx context.Context, d cfs.Digest, size
 	return body, false, err
 }
 
-// runData is what a run needs to be requested.
-type runData struct {
-	pack  int
-	start []int64 // where the body starts when resuming at each object (its Skip included)
-	end   int64   // the end of the last object
-}
-
-// PlanRuns groups the missing objects by pack and, in each pack, into runs
-// of objects in offset order: a new run starts at a gap of more than
-// maxRunGap (unless most of the pack is missing: then the whole pack is
-// read), past maxRunBytes, or where entries overlap. A server that ignored
-// Range before gets one request per pack.
-func (s *ArtifactSource) PlanRuns(ctx context.Context, image cfs.Digest, objs []cfs.Object) ([]*fetch.Run, error) {
+// PlanRuns groups the missing objects into runs of their packs
+// (pack.Plan): a server that ignored Range before gets one request per
+// pack.
+func (s *ArtifactSource) PlanRuns(ctx context.Context, image cfs.Digest, objs []cfs.Object) ([]*fetch.Run, []cfs.Object, error) {
 	r, err := s.forImage(ctx, image)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
-	byPack := make(map[int][]IndexEntry)
+	ents := make([]pack.Entry, 0, len(objs))
 	for _, o := range objs {
 		e, ok := r.idx.Lookup(o.Digest)
 		if !ok {
-			return nil, &fetch.SourceError{Op: "planning", URL: s.String(),
+			return nil, nil, &fetch.SourceError{Op: "planning", URL: s.String(),
 				Err: fmt.Errorf("object %s of the image is not in the artifact's index: %w: %w", o.Digest, fetch.ErrInvalidImage, fetch.ErrNotFound)}
 		}
 		if e.Size != o.Size {
-			return nil, &fetch.SourceError{Op: "planning", URL: s.String(),
+			return nil, nil, &fetch.SourceError{Op: "planning", URL: s.String(),
 				Err: fmt.Errorf("object %s has %d bytes in the index, the image records %d: %w", o.Digest, e.Size, o.Size, fetch.ErrInvalidImage)}
 		}
-		byPack[e.Pack] = append(byPack[e.Pack], e)
+		ents = append(ents, e)
 	}
-	packs := make([]int, 0, len(byPack))
-	for p := range byPack {
-		packs = append(packs, p)
+	planned := pack.Plan(ents, func(p int) int64 { return r.a.Packs[p].Size }, s.noRange.Load())
+	runs := make([]*fetch.Run, len(planned))
+	for i := range planned {
+		pr := &planned[i]
+		run := &fetch.Run{
+			Where: fmt.Sprintf("%s pack %s bytes %d-%d", s.String(), r.a.Packs[pr.Pack].Digest, pr.Starts[0], pr.End-1),
+			Data:  &boundRun{Run: pr, art: r},
+		}
+		for j, e := range pr.Entries {
+			run.Objects = append(run.Objects, fetch.RunObject{Object: cfs.Object{Digest: e.Digest, Size: e.Size}, Skip: pr.Skips[j]})
+		}
+		runs[i] = run
 	}
-	sort.Ints(packs)
-	whole := s.noRange.Load()
-	var runs []*fetch.Run
-	for _, p := range packs {
-		ents := byPack[p]
-		sort.Slice(ents, func(i, j int) bool { return ents[i].Offset < ents[j].Offset })
-		var need uint64
-		for _, e := range ents {
-			need += e.Size
-		}
-		desc := r.a.Packs[p]
-		gap := int64(maxRunGap)
-		limit := int64(maxRunBytes)
-		if float64(need) > wholePackShare*float64(desc.Size) {
-			gap = desc.Size
-		}
-		if whole {
-			gap, limit = desc.Size, desc.Size
-		}
-		var cur *fetch.Run
-		var rd *runData
-		var runStart int64
-		for _, e := range ents {
-			end := e.Offset + int64(e.Size)
-			if cur != nil && (e.Offset < rd.end || e.Offset-rd.end > gap || end-runStart > limit) {
-				cur = nil
-			}
-			if cur == nil {
-				runStart = e.Offset
-				if whole {
-					runStart = 0
-				}
-				rd = &runData{pack: p, end: runStart}
-				cur = &fetch.Run{Data: rd}
-				runs = append(runs, cur)
-			}
-			cur.Objects = append(cur.Objects, fetch.RunObject{
-				Object: cfs.Object{Digest: e.Digest, Size: e.Size},
-				Skip:   e.Offset - rd.end,
-			})
-			rd.start = append(rd.start, rd.end)
-			rd.end = end
-		}
-	}
-	for _, run := range runs {
-		rd := run.Data.(*runData)
-		run.Where = fmt.Sprintf("%s pack %s bytes %d-%d", s.String(), r.a.Packs[rd.pack].Digest, rd.start[0], rd.end-1)
-		run.Data = &boundRun{runData: rd, art: r}
-	}
-	return runs, nil
+	return runs, nil, nil
 }
 
 type boundRun struct {
-	*runData
+	*pack.Run
 	art    *resolvedArtifact
 	mirror atomic.Pointer[string] // the mirror the last OpenRun's body came from, or nil
 }
@@ -369,9 +308,9 @@ func (s *ArtifactSource) OpenRun(ctx context.Context, run *fetch.Run, from int) 
 	if !ok || from < 0 || from >= len(run.Objects) {
 		return nil, errors.New("internal error: not a run of this source")
 	}
-	desc := br.art.a.Packs[br.pack]
-	start := br.start[from]
-	n := br.end - start
+	desc := br.art.a.Packs[br.Pack]
+	start := br.Starts[from]
+	n := br.End - start
 	if start == 0 && s.noRange.Load() {
 		body, _, err := s.c.openBlob(ctx, desc, 0, -1)
 		if err != nil {
@@ -404,7 +343,7 @@ func (s *ArtifactSource) FallBack(ctx context.Context, run *fetch.Run, why error
 	if m == nil {
 		return false
 	}
-	s.c.distrust(ctx, br.art.a.Packs[br.pack].Digest, *m, why)
+	s.c.distrust(ctx, br.art.a.Packs[br.Pack].Digest, *m, why)
 	br.mirror.Store(nil)
 	return true
 }

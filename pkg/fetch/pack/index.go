@@ -1,4 +1,4 @@
-package oci
+package pack
 
 import (
 	"bytes"
@@ -21,46 +21,48 @@ import (
 //	entries  32-byte digest, uvarint size, uvarint pack, uvarint offset/512
 const indexMagic = "CFSOIDX1"
 
-// Limits on an index from a registry.
+// Limits on an index from a source.
 const (
 	// MaxIndexBytes bounds an index download (about 1.5 million objects).
 	MaxIndexBytes = 64 << 20
 	// maxIndexEntries bounds its entries (an image's inode limit).
 	maxIndexEntries = 4_000_000
-	// maxPacks bounds the packs one artifact has.
-	maxPacks = MaxShards * MaxManifestLayers
+	// MaxPacks bounds the packs one index names (an OCI artifact's
+	// shards times their layers).
+	MaxPacks = 1000 * 100
 	// minEntryBytes is the smallest encoded entry (digest and three
 	// one-byte varints).
 	minEntryBytes = cfs.DigestSize + 3
-	tarBlock      = 512
+	// BlockSize is tar's block: objects start at a multiple of it.
+	BlockSize = 512
 )
 
-// IndexEntry says where one object is.
-type IndexEntry struct {
+// Entry says where one object is.
+type Entry struct {
 	Digest cfs.Digest
 	Size   uint64
 	Pack   int
 	Offset int64 // of the object's first byte in the pack blob
 }
 
-// ObjectIndex is a decoded index: entries sorted by digest.
-type ObjectIndex struct {
+// Index is a decoded index: entries sorted by digest.
+type Index struct {
 	Packs   int
-	Entries []IndexEntry
+	Entries []Entry
 }
 
 // Lookup finds the entry of d.
-func (x *ObjectIndex) Lookup(d cfs.Digest) (IndexEntry, bool) {
+func (x *Index) Lookup(d cfs.Digest) (Entry, bool) {
 	i := sort.Search(len(x.Entries), func(i int) bool { return bytes.Compare(x.Entries[i].Digest[:], d[:]) >= 0 })
 	if i < len(x.Entries) && x.Entries[i].Digest == d {
 		return x.Entries[i], true
 	}
-	return IndexEntry{}, false
+	return Entry{}, false
 }
 
 // EncodeIndex encodes an index; entries are sorted by digest first.
-func EncodeIndex(x ObjectIndex) ([]byte, error) {
-	ents := append([]IndexEntry(nil), x.Entries...)
+func EncodeIndex(x Index) ([]byte, error) {
+	ents := append([]Entry(nil), x.Entries...)
 	sort.Slice(ents, func(i, j int) bool { return bytes.Compare(ents[i].Digest[:], ents[j].Digest[:]) < 0 })
 	var b bytes.Buffer
 	b.WriteString(indexMagic)
@@ -74,13 +76,13 @@ func EncodeIndex(x ObjectIndex) ([]byte, error) {
 		if e.Pack < 0 || e.Pack >= x.Packs {
 			return nil, fmt.Errorf("object index: object %s in pack %d of %d", e.Digest, e.Pack, x.Packs)
 		}
-		if e.Offset < 0 || e.Offset%tarBlock != 0 {
-			return nil, fmt.Errorf("object index: object %s at offset %d, not a multiple of %d", e.Digest, e.Offset, tarBlock)
+		if e.Offset < 0 || e.Offset%BlockSize != 0 {
+			return nil, fmt.Errorf("object index: object %s at offset %d, not a multiple of %d", e.Digest, e.Offset, BlockSize)
 		}
 		b.Write(e.Digest[:])
 		n := binary.PutUvarint(buf[:], e.Size)
 		n += binary.PutUvarint(buf[n:], uint64(e.Pack))
-		n += binary.PutUvarint(buf[n:], uint64(e.Offset/tarBlock))
+		n += binary.PutUvarint(buf[n:], uint64(e.Offset/BlockSize))
 		b.Write(buf[:n])
 	}
 	return b.Bytes(), nil
@@ -89,8 +91,8 @@ func EncodeIndex(x ObjectIndex) ([]byte, error) {
 // DecodeIndex decodes an index of untrusted bytes: the magic, counts within
 // bounds, strictly increasing digests, pack numbers below the pack count,
 // canonical varints and no trailing bytes. Sizes and offsets are checked
-// against the packs by the caller (checkIndex).
-func DecodeIndex(b []byte) (*ObjectIndex, error) {
+// against the packs by the caller (CheckIndex).
+func DecodeIndex(b []byte) (*Index, error) {
 	if len(b) > MaxIndexBytes {
 		return nil, fmt.Errorf("object index is %d bytes, more than %d", len(b), MaxIndexBytes)
 	}
@@ -102,8 +104,8 @@ func DecodeIndex(b []byte) (*ObjectIndex, error) {
 	if err != nil {
 		return nil, err
 	}
-	if packs > maxPacks {
-		return nil, fmt.Errorf("object index: %d packs, more than %d", packs, maxPacks)
+	if packs > MaxPacks {
+		return nil, fmt.Errorf("object index: %d packs, more than %d", packs, MaxPacks)
 	}
 	count, err := r.uvarint("entry count")
 	if err != nil {
@@ -112,12 +114,12 @@ func DecodeIndex(b []byte) (*ObjectIndex, error) {
 	if count > maxIndexEntries || count > uint64(len(r.b)/minEntryBytes) {
 		return nil, fmt.Errorf("object index: %d entries do not fit (at most %d, and %d bytes follow)", count, maxIndexEntries, len(r.b))
 	}
-	x := &ObjectIndex{Packs: int(packs), Entries: make([]IndexEntry, 0, count)}
+	x := &Index{Packs: int(packs), Entries: make([]Entry, 0, count)}
 	for i := uint64(0); i < count; i++ {
 		if len(r.b) < cfs.DigestSize {
 			return nil, fmt.Errorf("object index: entry %d truncated", i)
 		}
-		var e IndexEntry
+		var e Entry
 		copy(e.Digest[:], r.b)
 		r.b = r.b[cfs.DigestSize:]
 		if i > 0 && bytes.Compare(x.Entries[i-1].Digest[:], e.Digest[:]) >= 0 {
@@ -144,10 +146,10 @@ func DecodeIndex(b []byte) (*ObjectIndex, error) {
 		if err != nil {
 			return nil, err
 		}
-		if off > 1<<50/tarBlock {
+		if off > 1<<50/BlockSize {
 			return nil, fmt.Errorf("object index: object %s at block %d", e.Digest, off)
 		}
-		e.Offset = int64(off) * tarBlock
+		e.Offset = int64(off) * BlockSize
 		x.Entries = append(x.Entries, e)
 	}
 	if len(r.b) != 0 {
@@ -171,15 +173,15 @@ func (r *indexReader) uvarint(what string) (uint64, error) {
 	return v, nil
 }
 
-// checkIndex checks an index against the artifact's packs: as many packs,
+// CheckIndex checks an index against its packs' sizes: as many packs,
 // and every object inside its pack after a tar header. The objects of an
 // image must all be in it (checked when the image is known: checkObjects).
-func checkIndex(x *ObjectIndex, packs []int64) error {
+func CheckIndex(x *Index, packs []int64) error {
 	if x.Packs != len(packs) {
-		return fmt.Errorf("object index names %d packs, the artifact has %d", x.Packs, len(packs))
+		return fmt.Errorf("object index names %d packs, there are %d", x.Packs, len(packs))
 	}
 	for _, e := range x.Entries {
-		if e.Offset < tarBlock || uint64(e.Offset)+e.Size > uint64(packs[e.Pack]) {
+		if e.Offset < BlockSize || uint64(e.Offset)+e.Size > uint64(packs[e.Pack]) {
 			return fmt.Errorf("object index: object %s (%d bytes at %d) is not inside pack %d (%d bytes)",
 				e.Digest, e.Size, e.Offset, e.Pack, packs[e.Pack])
 		}

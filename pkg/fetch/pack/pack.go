@@ -1,4 +1,9 @@
-package oci
+// Package pack holds what both kinds of packed object sources share: the
+// pack (a deterministic uncompressed tar of objects), the object index
+// that says where each object is, and the planner that turns the objects
+// a node lacks into coalesced single-range requests (docs/oci-artifact.md,
+// "Object index" and "Packs"; README, "HTTP repository").
+package pack
 
 import (
 	"archive/tar"
@@ -18,8 +23,8 @@ import (
 // mode 0755 (directories) or 0644 (files). Untarring every pack of an
 // artifact gives a composefs object store.
 
-// PackEntryName is the tar name of an object in a pack.
-func PackEntryName(d cfs.Digest) string { return "objects/" + d.ObjectPath() }
+// EntryName is the tar name of an object in a pack.
+func EntryName(d cfs.Digest) string { return "objects/" + d.ObjectPath() }
 
 // packHeaders returns the header of an object (or directory) entry.
 func packHeader(name string, size int64, dir bool) *tar.Header {
@@ -30,8 +35,8 @@ func packHeader(name string, size int64, dir bool) *tar.Header {
 	return h
 }
 
-// PackWriter writes one pack.
-type PackWriter struct {
+// Writer writes one pack.
+type Writer struct {
 	cw     countingWriter
 	tw     *tar.Writer
 	prefix string // last objects/xx/ written
@@ -39,9 +44,9 @@ type PackWriter struct {
 	n      int
 }
 
-// NewPackWriter starts a pack on w.
-func NewPackWriter(w io.Writer) (*PackWriter, error) {
-	p := &PackWriter{cw: countingWriter{w: w}}
+// NewWriter starts a pack on w.
+func NewWriter(w io.Writer) (*Writer, error) {
+	p := &Writer{cw: countingWriter{w: w}}
 	p.tw = tar.NewWriter(&p.cw)
 	if err := p.tw.WriteHeader(packHeader("objects/", 0, true)); err != nil {
 		return nil, fmt.Errorf("writing pack: %w", err)
@@ -51,7 +56,7 @@ func NewPackWriter(w io.Writer) (*PackWriter, error) {
 
 // Add writes object d (size bytes read from r) and returns where its bytes
 // start in the pack. Objects must come in increasing digest order.
-func (p *PackWriter) Add(d cfs.Digest, size int64, r io.Reader) (int64, error) {
+func (p *Writer) Add(d cfs.Digest, size int64, r io.Reader) (int64, error) {
 	if p.n > 0 && bytes.Compare(p.last[:], d[:]) >= 0 {
 		return 0, fmt.Errorf("writing pack: object %s out of order", d)
 	}
@@ -61,7 +66,7 @@ func (p *PackWriter) Add(d cfs.Digest, size int64, r io.Reader) (int64, error) {
 		}
 		p.prefix = pre
 	}
-	if err := p.tw.WriteHeader(packHeader(PackEntryName(d), size, false)); err != nil {
+	if err := p.tw.WriteHeader(packHeader(EntryName(d), size, false)); err != nil {
 		return 0, fmt.Errorf("writing pack: %w", err)
 	}
 	off := p.cw.n
@@ -77,7 +82,7 @@ func (p *PackWriter) Add(d cfs.Digest, size int64, r io.Reader) (int64, error) {
 }
 
 // Close ends the tar and returns the pack's size.
-func (p *PackWriter) Close() (int64, error) {
+func (p *Writer) Close() (int64, error) {
 	if err := p.tw.Close(); err != nil {
 		return 0, fmt.Errorf("writing pack: %w", err)
 	}
@@ -95,22 +100,51 @@ func (c *countingWriter) Write(b []byte) (int, error) {
 	return n, err
 }
 
-// packSize returns the size of a pack holding objects of the given sizes
+// Size returns the size of a pack holding objects of the given sizes
 // (in digest order), without writing it.
-func packSize(objs []cfs.Object) int64 {
+func Size(objs []cfs.Object) int64 {
 	sorted := append([]cfs.Object(nil), objs...)
 	sort.Slice(sorted, func(i, j int) bool { return bytes.Compare(sorted[i].Digest[:], sorted[j].Digest[:]) < 0 })
-	n := int64(tarBlock) // objects/
+	n := int64(BlockSize) // objects/
 	prefix := ""
 	for _, o := range sorted {
 		if pre := o.Digest.String()[:2]; pre != prefix {
-			n += tarBlock
+			n += BlockSize
 			prefix = pre
 		}
-		n += tarBlock + (int64(o.Size)+tarBlock-1)/tarBlock*tarBlock
+		n += BlockSize + (int64(o.Size)+BlockSize-1)/BlockSize*BlockSize
 	}
 	// The end: two zero blocks, padded to tar's 10 KiB record.
-	n += 2 * tarBlock
-	const record = 20 * tarBlock
+	n += 2 * BlockSize
+	const record = 20 * BlockSize
 	return (n + record - 1) / record * record
+}
+
+// Write writes the pack of objs (in digest order) to w, reading each
+// object with open and checking its content against its digest; it
+// returns their offsets and the pack's size.
+func Write(w io.Writer, objs []cfs.Object, open func(cfs.Object) (io.ReadCloser, error)) ([]int64, int64, error) {
+	pw, err := NewWriter(w)
+	if err != nil {
+		return nil, 0, err
+	}
+	offs := make([]int64, len(objs))
+	for i, o := range objs {
+		rc, err := open(o)
+		if err != nil {
+			return nil, 0, fmt.Errorf("object %s: %w", o.Digest, err)
+		}
+		h := cfs.NewVerityHash()
+		off, err := pw.Add(o.Digest, int64(o.Size), io.TeeReader(rc, h))
+		rc.Close()
+		if err != nil {
+			return nil, 0, err
+		}
+		if got := h.Digest(); got != o.Digest {
+			return nil, 0, fmt.Errorf("object %s: its content now has digest %s (changed while packing?)", o.Digest, got)
+		}
+		offs[i] = off
+	}
+	n, err := pw.Close()
+	return offs, n, err
 }
