@@ -6,11 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"runtime"
-	"runtime/debug"
-	"runtime/metrics"
 	"strings"
 	"testing"
-	"time"
+
+	"github.com/csi-composefs/csi-composefs/internal/heaptest"
 )
 
 // memoryShape builds the image of a tree of n entries of one kind, in
@@ -64,33 +63,6 @@ func memoryShape(tb testing.TB, kind string, n int) []byte {
 	return buf.Bytes()
 }
 
-// peakHeap runs fn and returns by how much the live heap grew at most
-// meanwhile (sampled after each GC, with GC made frequent).
-func peakHeap(fn func()) int64 {
-	defer debug.SetGCPercent(debug.SetGCPercent(5))
-	runtime.GC()
-	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	read := func() int64 { metrics.Read(sample); return int64(sample[0].Value.Uint64()) }
-	base := read()
-	stop, done := make(chan struct{}), make(chan int64)
-	go func() {
-		var top int64
-		for {
-			top = max(top, read())
-			select {
-			case <-stop:
-				done <- top
-				return
-			case <-time.After(200 * time.Microsecond):
-			}
-		}
-	}()
-	fn()
-	runtime.GC()
-	close(stop)
-	return <-done - base
-}
-
 var memoryShapes = []string{"empty", "compact", "hardlink", "external", "symlink", "xattrs", "shared"}
 
 // BenchmarkCanonicalMemory measures, for images of 200,000 entries of each
@@ -106,13 +78,13 @@ func BenchmarkCanonicalMemory(b *testing.B) {
 			var parse, check, est int64
 			for b.Loop() {
 				var im *Image
-				parse = peakHeap(func() {
+				parse = heaptest.PeakLive(func() {
 					var err error
 					if im, err = Open(bytes.NewReader(img), int64(len(img)), OpenOptions{}); err != nil {
 						b.Fatal(err)
 					}
 				})
-				check = peakHeap(func() {
+				check = heaptest.PeakLive(func() {
 					im, err := Open(bytes.NewReader(img), int64(len(img)), OpenOptions{})
 					if err != nil {
 						b.Fatal(err)
@@ -146,7 +118,7 @@ func TestMemoryEstimate(t *testing.T) {
 	for _, kind := range memoryShapes {
 		img := memoryShape(t, kind, n)
 		var est int64
-		peak := peakHeap(func() {
+		peak := heaptest.PeakLive(func() {
 			im, err := Open(bytes.NewReader(img), int64(len(img)), OpenOptions{})
 			if err != nil {
 				t.Fatal(err)
@@ -182,7 +154,7 @@ func TestMaxMemory(t *testing.T) {
 	full = nil
 	limit := need / 8
 	var oerr error
-	peak := peakHeap(func() {
+	peak := heaptest.PeakLive(func() {
 		_, oerr = Open(bytes.NewReader(img), int64(len(img)), OpenOptions{MaxMemory: limit})
 	})
 	t.Logf("tree estimate %.1f MiB, limit %.1f MiB: %v; peak live heap %.1f MiB", float64(need)/(1<<20), float64(limit)/(1<<20), oerr, float64(peak)/(1<<20))

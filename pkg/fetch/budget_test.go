@@ -10,15 +10,13 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"runtime"
-	"runtime/debug"
-	"runtime/metrics"
 	"strings"
 	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/csi-composefs/csi-composefs/internal/heaptest"
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
 
@@ -599,7 +597,7 @@ func TestParseEstimate(t *testing.T) {
 		// What the reservation covers: the parse and the canonical check
 		// (the writer's image of the parsed tree, compared as written).
 		var tree int64
-		peak := peakLiveHeap(t, func() {
+		peak := heaptest.PeakLive(func() {
 			im, _, err := parseImage(bytes.NewReader(img), int64(len(img)), 0)
 			if err != nil {
 				t.Fatal(err)
@@ -620,33 +618,6 @@ func TestParseEstimate(t *testing.T) {
 			t.Errorf("%s: the tree's estimate %d is above the %d bytes reserved for it", kind, tree, est)
 		}
 	}
-}
-
-// peakLiveHeap runs fn and returns by how much the live heap grew at most
-// meanwhile (sampled after each GC, with GC made frequent).
-func peakLiveHeap(t *testing.T, fn func()) int64 {
-	defer debug.SetGCPercent(debug.SetGCPercent(5))
-	runtime.GC()
-	sample := []metrics.Sample{{Name: "/gc/heap/live:bytes"}}
-	read := func() int64 { metrics.Read(sample); return int64(sample[0].Value.Uint64()) }
-	base := read()
-	stop, done := make(chan struct{}), make(chan int64)
-	go func() {
-		var top int64
-		for {
-			top = max(top, read())
-			select {
-			case <-stop:
-				done <- top
-				return
-			case <-time.After(200 * time.Microsecond):
-			}
-		}
-	}()
-	fn()
-	runtime.GC()
-	close(stop)
-	return <-done - base
 }
 
 // waitFor polls cond for up to 10s (a bound, not a timing assertion).
