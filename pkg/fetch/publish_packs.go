@@ -222,27 +222,21 @@ func publishPacks(ctx context.Context, repo string, image cfs.Digest, objs []cfs
 	open := func(ob cfs.Object) (io.ReadCloser, error) {
 		return os.Open(filepath.Join(repo, "objects", ob.Digest.ObjectPath()))
 	}
-	for len(rest) > 0 {
+	for _, objs := range pack.Cut(rest, o.PackSize) {
 		if err := ctx.Err(); err != nil {
 			return st, err
 		}
-		n, size := 0, int64(0)
-		for n < len(rest) && (n == 0 || size+int64(rest[n].Size) <= o.PackSize) {
-			size += int64(rest[n].Size) + pack.BlockSize
-			n++
-		}
-		ref, offs, err := writePackFile(dir, rest[:n], open)
+		ref, offs, err := writePackFile(dir, objs, open)
 		if err != nil {
 			return st, err
 		}
 		num := len(refs)
 		refs = append(refs, ref)
-		for i, ob := range rest[:n] {
+		for i, ob := range objs {
 			placed[ob.Digest] = pack.Entry{Digest: ob.Digest, Size: ob.Size, Pack: num, Offset: offs[i]}
 		}
 		st.NewPacks++
 		st.NewBytes += ref.Size
-		rest = rest[n:]
 	}
 	x := pack.RepoIndex{Image: image, Packs: refs, Index: pack.Index{Packs: len(refs)}}
 	for _, e := range placed {

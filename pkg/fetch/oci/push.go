@@ -131,15 +131,8 @@ func Push(ctx context.Context, c *Client, in PushInput, opts PushOptions) (PushR
 		desc ocispec.Descriptor
 	}
 	var fresh []*newPack
-	var size int64
-	for _, o := range rest {
-		if len(fresh) == 0 || (size > 0 && size+int64(o.Size) > opts.PackSize) {
-			fresh = append(fresh, &newPack{})
-			size = 0
-		}
-		p := fresh[len(fresh)-1]
-		p.objs = append(p.objs, o)
-		size += int64(o.Size) + pack.BlockSize
+	for _, objs := range pack.Cut(rest, opts.PackSize) {
+		fresh = append(fresh, &newPack{objs: objs})
 	}
 	for _, p := range fresh {
 		h := sha256.New()

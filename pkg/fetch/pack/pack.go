@@ -148,3 +148,21 @@ func Write(w io.Writer, objs []cfs.Object, open func(cfs.Object) (io.ReadCloser,
 	n, err := pw.Close()
 	return offs, n, err
 }
+
+// Cut splits objs (in digest order) into the object lists of new packs,
+// in order: a pack takes objects while their sizes, each with a tar
+// header's block, stay within packSize; an object larger than packSize
+// gets a pack of its own.
+func Cut(objs []cfs.Object, packSize int64) [][]cfs.Object {
+	var packs [][]cfs.Object
+	for len(objs) > 0 {
+		n, size := 0, int64(0)
+		for n < len(objs) && (n == 0 || size+int64(objs[n].Size) <= packSize) {
+			size += int64(objs[n].Size) + BlockSize
+			n++
+		}
+		packs = append(packs, objs[:n:n])
+		objs = objs[n:]
+	}
+	return packs
+}
