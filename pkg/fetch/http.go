@@ -252,32 +252,12 @@ var ErrNoCertificate = errors.New("no PEM certificate found")
 // for a response's headers. It tells how many requests the HTTP/2 server
 // takes at once on one connection (MaxConcurrentStreams).
 func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*Transport, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil || roots == nil {
-		roots = x509.NewCertPool()
+	t1, err := newHTTPTransport(caPEM, maxConnsPerHost, responseHeaderTimeout)
+	if err != nil {
+		return nil, err
 	}
-	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
-		return nil, ErrNoCertificate
-	}
-	t1 := &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
-		DialContext: (&net.Dialer{
-			Timeout:   30 * time.Second,
-			KeepAlive: 30 * time.Second,
-		}).DialContext,
-		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
-		ForceAttemptHTTP2:     true,
-		HTTP2:                 HTTP2Config(),
-		MaxIdleConns:          maxConnsPerHost * 2,
-		MaxIdleConnsPerHost:   maxConnsPerHost,
-		MaxConnsPerHost:       maxConnsPerHost,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: responseHeaderTimeout,
-		ExpectContinueTimeout: time.Second,
-		// Objects are mostly compressible text and binaries that a server
-		// may gzip on the fly; the transport decompresses transparently.
-	}
+	t1.ForceAttemptHTTP2 = true
+	t1.HTTP2 = HTTP2Config()
 	t := &Transport{Transport: t1}
 	// x/net's HTTP/2 (the code net/http bundles) in place of the bundled
 	// copy, for its connection pool: the pool tells what each server's
@@ -289,6 +269,54 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 	t.pool = &streamsPool{ClientConnPool: t2.ConnPool, t: t}
 	t2.ConnPool = t.pool
 	return t, nil
+}
+
+// NewHTTP1Transport is NewTransport's HTTP/1.1-only sibling (the same
+// roots, limits and timeouts), for a few long bodies read at once: one
+// connection each, so that each body is decrypted by the goroutine that
+// reads it and no flow control runs in user space. Over one HTTP/2
+// connection every byte of every stream goes through that connection's
+// one read loop, and the client sends a WINDOW_UPDATE (a TLS record, a
+// write) for every 4 KiB or more its reader takes, which the server must
+// read and process: bench/README.md, "HTTP/1.1 for the packs of OCI
+// artifacts", measured what that costs a pull.
+func NewHTTP1Transport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
+	t, err := newHTTPTransport(caPEM, maxConnsPerHost, responseHeaderTimeout)
+	if err != nil {
+		return nil, err
+	}
+	t.Protocols = new(http.Protocols)
+	t.Protocols.SetHTTP1(true)
+	return t, nil
+}
+
+// newHTTPTransport is the part of both transports that is not about
+// HTTP/2.
+func newHTTPTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
+	}
+	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
+		return nil, ErrNoCertificate
+	}
+	return &http.Transport{
+		Proxy: http.ProxyFromEnvironment,
+		DialContext: (&net.Dialer{
+			Timeout:   30 * time.Second,
+			KeepAlive: 30 * time.Second,
+		}).DialContext,
+		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+		MaxIdleConns:          maxConnsPerHost * 2,
+		MaxIdleConnsPerHost:   maxConnsPerHost,
+		MaxConnsPerHost:       maxConnsPerHost,
+		IdleConnTimeout:       90 * time.Second,
+		TLSHandshakeTimeout:   15 * time.Second,
+		ResponseHeaderTimeout: responseHeaderTimeout,
+		ExpectContinueTimeout: time.Second,
+		// Objects are mostly compressible text and binaries that a server
+		// may gzip on the fly; the transport decompresses transparently.
+	}, nil
 }
 
 // Transport is the transport NewTransport makes.
