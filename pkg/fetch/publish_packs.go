@@ -69,15 +69,7 @@ type PackStats struct {
 
 // treeObjects lists the distinct objects of a built tree, by digest.
 func treeObjects(root *cfs.Node) []cfs.Object {
-	seen := make(map[cfs.Digest]bool)
-	var objs []cfs.Object
-	_ = root.Walk(func(n *cfs.Node) error {
-		if n.LinkTo == nil && n.Type() == cfs.ModeRegular && n.Digest != nil && !seen[*n.Digest] {
-			seen[*n.Digest] = true
-			objs = append(objs, cfs.Object{Digest: *n.Digest, Size: n.Size, Path: n.Payload})
-		}
-		return nil
-	})
+	objs := root.Objects(nil)
 	sort.Slice(objs, func(i, j int) bool { return bytes.Compare(objs[i].Digest[:], objs[j].Digest[:]) < 0 })
 	return objs
 }
