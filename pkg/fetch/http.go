@@ -278,8 +278,8 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 // connection every byte of every stream goes through that connection's
 // one read loop, and the client sends a WINDOW_UPDATE (a TLS record, a
 // write) for every 4 KiB or more its reader takes, which the server must
-// read and process: bench/README.md, "HTTP/1.1 for the packs of OCI
-// artifacts", measured what that costs a pull.
+// read and process: bench/README.md, "HTTP/1.1 for the long bodies of OCI
+// pulls", measured what that costs a pull.
 func NewHTTP1Transport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
 	t, err := newHTTPTransport(caPEM, maxConnsPerHost, responseHeaderTimeout)
 	if err != nil {
