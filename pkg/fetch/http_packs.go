@@ -173,7 +173,7 @@ func (s *HTTPSource) openPackRange(ctx context.Context, ref pack.PackRef, off, n
 	if ranged {
 		hdr = []string{"Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1)}
 	}
-	resp, err := s.getURL(ctx, "fetching pack", u, hdr...)
+	resp, err := s.getURL(WithOwnConnection(ctx), "fetching pack", u, hdr...)
 	if err != nil {
 		return nil, err
 	}
