@@ -64,6 +64,48 @@ type HTTPSource struct {
 	http1   atomic.Bool                             // the last response came over HTTP/1.x
 	// packNoRange: the server ignored Range on a pack: read whole packs.
 	packNoRange atomic.Bool
+	// own counts the requests on connections of their own in flight
+	// (ownRequest), at most opts.MaxConnsPerHost.
+	own atomic.Int64
+}
+
+// ownObjectSize: objects of at least this size are each read over a
+// connection of their own (WithOwnConnection) while there is one to
+// spare: a few of them fill a fast link, and on the shared HTTP/2
+// connection their bytes would all pass through its one reader. Smaller
+// ones share the HTTP/2 connection, where a request costs no handshake.
+// (The size up to which image build packs objects by default.)
+const ownObjectSize = 1 << 20
+
+// ownRequest returns ctx marked for a connection of its own
+// (WithOwnConnection) and true when fewer than opts.MaxConnsPerHost such
+// requests of the source are in flight (the caller calls ownDone when its
+// body is closed or the request failed), else ctx and false: the request
+// shares the connection of the others rather than wait for one.
+func (s *HTTPSource) ownRequest(ctx context.Context) (context.Context, bool) {
+	if s.base.Scheme != "https" {
+		return ctx, false
+	}
+	if s.own.Add(1) > int64(s.opts.MaxConnsPerHost) {
+		s.own.Add(-1)
+		return ctx, false
+	}
+	return WithOwnConnection(ctx), true
+}
+
+func (s *HTTPSource) ownDone() { s.own.Add(-1) }
+
+// ownBody calls done once when the body is closed.
+type ownBody struct {
+	io.ReadCloser
+	once sync.Once
+	done func()
+}
+
+func (b *ownBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
 }
 
 var _ Source = (*HTTPSource)(nil)
@@ -529,11 +571,22 @@ func (s *HTTPSource) objectURL(d cfs.Digest) *url.URL {
 	return &u
 }
 
-// OpenObject GETs BASE/objects/xx/yyyy….
+// OpenObject GETs BASE/objects/xx/yyyy…, an object of ownObjectSize or
+// more over a connection of its own while there is one to spare.
 func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
+	own := false
+	if size >= ownObjectSize {
+		ctx, own = s.ownRequest(ctx)
+	}
 	resp, err := s.getURL(ctx, "fetching object", s.objectURL(d))
 	if err != nil {
+		if own {
+			s.ownDone()
+		}
 		return nil, err
+	}
+	if own {
+		resp.Body = &ownBody{ReadCloser: resp.Body, done: s.ownDone}
 	}
 	if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {
 		resp.Body.Close()
