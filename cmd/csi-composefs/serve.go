@@ -49,7 +49,7 @@ func serve(ctx context.Context, c app.ServeConfig) error {
 	}
 	// /healthz calls Probe over the CSI socket, as the kubelet reaches it.
 	dopts := []driver.Option{driver.WithHealthEndpoint(c.Endpoint)}
-	// Pod events: through client-go with the in-cluster config, or to the
+	// Pod events: to the API server with the in-cluster config, or to the
 	// log only. The driver owns the recorder and shuts it down on Close.
 	switch rec, err := driver.NewInClusterRecorder(ctx, c.Driver.DriverName, c.Driver.NodeID); {
 	case err == nil:

@@ -234,6 +234,25 @@ func (n *Node) Walk(fn func(*Node) error) error {
 	return nil
 }
 
+// Objects lists the distinct objects (by digest) that the regular files of
+// the tree under n name, in walk order, with each one's size and payload
+// path. first, when not nil, is called with the first node naming each.
+func (n *Node) Objects(first func(*Node)) []Object {
+	seen := make(map[Digest]bool)
+	var objs []Object
+	_ = n.Walk(func(c *Node) error {
+		if c.LinkTo == nil && c.Type() == ModeRegular && c.Digest != nil && !seen[*c.Digest] {
+			seen[*c.Digest] = true
+			objs = append(objs, Object{Digest: *c.Digest, Size: c.Size, Path: c.Payload})
+			if first != nil {
+				first(c)
+			}
+		}
+		return nil
+	})
+	return objs
+}
+
 // IsWhiteout reports whether n is an overlay whiteout: a character device 0:0.
 func (n *Node) IsWhiteout() bool { return n.LinkTo == nil && n.Type() == ModeChar && n.Rdev == 0 }
 

@@ -193,6 +193,56 @@ func TestPackedWarmPullAndReuse(t *testing.T) {
 	checkInvariant(t, root)
 }
 
+// TestPackReuseRecentIndexes: a build reuses the packs named by the
+// maxReuseIndexes most recently written pack indexes, and reads no older
+// one (what it reads stays bounded in a repository of many images).
+func TestPackReuseRecentIndexes(t *testing.T) {
+	v1 := makeFiles("f", 3, 40, 32<<10)
+	v2 := append([]testFile(nil), v1...)
+	for i := 0; i < len(v2); i += 10 {
+		v2[i].data = content(uint64(8000+i), len(v2[i].data))
+	}
+	setMtime := func(t *testing.T, repo string, d cfs.Digest, tm time.Time) {
+		t.Helper()
+		if err := os.Chtimes(filepath.Join(repo, "packs", PackIndexName(d)), tm, tm); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for _, c := range []struct {
+		others int
+		newest bool // the first image's index is the newest
+		reuse  bool
+	}{{maxReuseIndexes - 1, false, true}, {maxReuseIndexes, false, false}, {maxReuseIndexes + 2, true, true}} {
+		t.Run(fmt.Sprintf("%d others, newest %v", c.others, c.newest), func(t *testing.T) {
+			repo := t.TempDir()
+			base := time.Now().Add(-time.Hour)
+			d1 := publishPacked(t, repo, "app-1.cfs", v1)
+			setMtime(t, repo, d1, base)
+			if c.newest {
+				setMtime(t, repo, d1, base.Add(time.Duration(c.others+1)*time.Second))
+			}
+			packs1 := packFiles(t, repo, ".tar")
+			for i := range c.others {
+				d := publishPacked(t, repo, fmt.Sprintf("other-%d.cfs", i), makeFiles(fmt.Sprintf("o%d-", i), uint64(100+i), 1, 1<<10))
+				setMtime(t, repo, d, base.Add(time.Duration(i+1)*time.Second))
+			}
+			x2 := readRepoIndex(t, repo, publishPacked(t, repo, "app-2.cfs", v2))
+			reused := 0
+			for _, p := range x2.Packs {
+				for _, f := range packs1 {
+					if filepath.Base(f) == p.Name() {
+						reused++
+					}
+				}
+			}
+			if (reused > 0) != c.reuse {
+				t.Errorf("with %d other indexes (the first newest: %v) the second image reuses %d of the first's %d packs; want reuse %v",
+					c.others, c.newest, reused, len(packs1), c.reuse)
+			}
+		})
+	}
+}
+
 // TestPackedFallbacks: a repository whose packs cannot be used still
 // serves every object from objects/.
 func TestPackedFallbacks(t *testing.T) {

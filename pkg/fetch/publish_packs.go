@@ -12,6 +12,7 @@ import (
 	"path/filepath"
 	"sort"
 	"strings"
+	"time"
 
 	"k8s.io/klog/v2"
 
@@ -36,6 +37,11 @@ const (
 	// this share of the bytes of its objects (as its indexes list them)
 	// are the new image's; the image's other objects go to new packs.
 	packReuseShare = 0.5
+	// maxReuseIndexes: reuse looks at the packs named by this many of the
+	// repository's pack indexes, the most recently written: what a build
+	// reads and holds stays bounded however many images the repository
+	// keeps, and a new version's objects are in its recent predecessors'.
+	maxReuseIndexes = 64
 )
 
 // WithPacks makes PublishImage pack the image's small objects into
@@ -63,15 +69,7 @@ type PackStats struct {
 
 // treeObjects lists the distinct objects of a built tree, by digest.
 func treeObjects(root *cfs.Node) []cfs.Object {
-	seen := make(map[cfs.Digest]bool)
-	var objs []cfs.Object
-	_ = root.Walk(func(n *cfs.Node) error {
-		if n.LinkTo == nil && n.Type() == cfs.ModeRegular && n.Digest != nil && !seen[*n.Digest] {
-			seen[*n.Digest] = true
-			objs = append(objs, cfs.Object{Digest: *n.Digest, Size: n.Size, Path: n.Payload})
-		}
-		return nil
-	})
+	objs := root.Objects(nil)
 	sort.Slice(objs, func(i, j int) bool { return bytes.Compare(objs[i].Digest[:], objs[j].Digest[:]) < 0 })
 	return objs
 }
@@ -84,21 +82,23 @@ type knownPack struct {
 	total   uint64
 }
 
-// repoPacks reads every pack index of the repository (one that does not
-// decode is skipped, with a warning) and returns the packs they name that
-// are in packs/ with their size.
+// repoPacks reads the maxReuseIndexes most recent pack indexes of the
+// repository (one that does not decode is skipped, with a warning) and
+// returns the packs they name that are in packs/ with their size.
 func repoPacks(ctx context.Context, dir string) ([]*knownPack, error) {
 	log := klog.FromContext(ctx)
 	ents, err := os.ReadDir(dir)
 	if err != nil && !errors.Is(err, fs.ErrNotExist) {
 		return nil, err
 	}
-	byHash := make(map[[sha256.Size]byte]*knownPack)
 	present := make(map[string]bool)
+	type indexFile struct {
+		name string
+		mod  time.Time
+	}
+	var idx []indexFile
 	for _, e := range ents {
 		present[e.Name()] = true
-	}
-	for _, e := range ents {
 		if !strings.HasSuffix(e.Name(), ".idx") || !e.Type().IsRegular() {
 			continue
 		}
@@ -107,13 +107,27 @@ func repoPacks(ctx context.Context, dir string) ([]*knownPack, error) {
 			log.Info("Skipping a pack index", "path", filepath.Join(dir, e.Name()), "err", err)
 			continue
 		}
-		b, err := os.ReadFile(filepath.Join(dir, e.Name()))
+		idx = append(idx, indexFile{e.Name(), fi.ModTime()})
+	}
+	sort.Slice(idx, func(i, j int) bool {
+		if !idx[i].mod.Equal(idx[j].mod) {
+			return idx[i].mod.After(idx[j].mod)
+		}
+		return idx[i].name < idx[j].name
+	})
+	if len(idx) > maxReuseIndexes {
+		log.V(2).Info("Reusing the packs of the most recent pack indexes only", "indexes", len(idx), "read", maxReuseIndexes)
+		idx = idx[:maxReuseIndexes]
+	}
+	byHash := make(map[[sha256.Size]byte]*knownPack)
+	for _, e := range idx {
+		b, err := os.ReadFile(filepath.Join(dir, e.name))
 		if err != nil {
 			return nil, err
 		}
 		x, err := pack.DecodeRepoIndex(b)
 		if err != nil {
-			log.Info("Skipping a pack index that does not decode", "path", filepath.Join(dir, e.Name()), "err", err)
+			log.Info("Skipping a pack index that does not decode", "path", filepath.Join(dir, e.name), "err", err)
 			continue
 		}
 		for _, en := range x.Index.Entries {

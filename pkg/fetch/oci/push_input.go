@@ -25,15 +25,8 @@ func InputFromDir(ctx context.Context, dir string, dirOpts cfs.DirOptions, wopts
 		return PushInput{}, err
 	}
 	paths := make(map[cfs.Digest]string)
-	var objs []cfs.Object
-	_ = root.Walk(func(n *cfs.Node) error {
-		if n.LinkTo == nil && n.Type() == cfs.ModeRegular && n.Digest != nil {
-			if _, ok := paths[*n.Digest]; !ok {
-				paths[*n.Digest] = filepath.Join(dir, filepath.FromSlash(n.Path()))
-				objs = append(objs, cfs.Object{Digest: *n.Digest, Size: n.Size, Path: n.Payload})
-			}
-		}
-		return nil
+	objs := root.Objects(func(n *cfs.Node) {
+		paths[*n.Digest] = filepath.Join(dir, filepath.FromSlash(n.Path()))
 	})
 	return PushInput{Image: img.Bytes(), ImageDigest: d, Objects: objs, Open: func(o cfs.Object) (io.ReadCloser, error) {
 		return os.Open(paths[o.Digest])
