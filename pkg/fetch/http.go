@@ -365,7 +365,8 @@ const ownRetryAfter = 10 * time.Minute
 type ownConnectionKey struct{}
 
 // WithOwnConnection marks ctx's requests as long reads of many bytes (an
-// HTTP repository's or an OCI artifact's pack runs, up to 16 MiB each):
+// HTTP repository's pack runs, up to 16 MiB each, and its objects of 1
+// MiB or more; any source of Transport may use it):
 // over https, Transport sends each over a connection of its own, with
 // HTTP/1.1 (ALPN "http/1.1"), rather than as a stream of the shared
 // HTTP/2 connection. On one HTTP/2 connection every byte of every run is
