@@ -19,6 +19,7 @@ import (
 	"time"
 
 	"golang.org/x/net/http2"
+	"k8s.io/klog/v2"
 
 	"github.com/csi-composefs/csi-composefs/pkg/cfs"
 )
@@ -63,6 +64,48 @@ type HTTPSource struct {
 	http1   atomic.Bool                             // the last response came over HTTP/1.x
 	// packNoRange: the server ignored Range on a pack: read whole packs.
 	packNoRange atomic.Bool
+	// own counts the requests on connections of their own in flight
+	// (ownRequest), at most opts.MaxConnsPerHost.
+	own atomic.Int64
+}
+
+// ownObjectSize: objects of at least this size are each read over a
+// connection of their own (WithOwnConnection) while there is one to
+// spare: a few of them fill a fast link, and on the shared HTTP/2
+// connection their bytes would all pass through its one reader. Smaller
+// ones share the HTTP/2 connection, where a request costs no handshake.
+// (The size up to which image build packs objects by default.)
+const ownObjectSize = 1 << 20
+
+// ownRequest returns ctx marked for a connection of its own
+// (WithOwnConnection) and true when fewer than opts.MaxConnsPerHost such
+// requests of the source are in flight (the caller calls ownDone when its
+// body is closed or the request failed), else ctx and false: the request
+// shares the connection of the others rather than wait for one.
+func (s *HTTPSource) ownRequest(ctx context.Context) (context.Context, bool) {
+	if s.base.Scheme != "https" {
+		return ctx, false
+	}
+	if s.own.Add(1) > int64(s.opts.MaxConnsPerHost) {
+		s.own.Add(-1)
+		return ctx, false
+	}
+	return WithOwnConnection(ctx), true
+}
+
+func (s *HTTPSource) ownDone() { s.own.Add(-1) }
+
+// ownBody calls done once when the body is closed.
+type ownBody struct {
+	io.ReadCloser
+	once sync.Once
+	done func()
+}
+
+func (b *ownBody) Close() error {
+	err := b.ReadCloser.Close()
+	b.once.Do(b.done)
+	return err
 }
 
 var _ Source = (*HTTPSource)(nil)
@@ -252,13 +295,42 @@ var ErrNoCertificate = errors.New("no PEM certificate found")
 // for a response's headers. It tells how many requests the HTTP/2 server
 // takes at once on one connection (MaxConcurrentStreams).
 func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*Transport, error) {
-	t1, err := newHTTPTransport(caPEM, maxConnsPerHost, responseHeaderTimeout)
-	if err != nil {
-		return nil, err
+	roots, err := x509.SystemCertPool()
+	if err != nil || roots == nil {
+		roots = x509.NewCertPool()
 	}
+	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
+		return nil, ErrNoCertificate
+	}
+	base := func() *http.Transport {
+		return &http.Transport{
+			Proxy: http.ProxyFromEnvironment,
+			DialContext: (&net.Dialer{
+				Timeout:   30 * time.Second,
+				KeepAlive: 30 * time.Second,
+			}).DialContext,
+			TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
+			MaxIdleConns:          maxConnsPerHost * 2,
+			MaxIdleConnsPerHost:   maxConnsPerHost,
+			MaxConnsPerHost:       maxConnsPerHost,
+			IdleConnTimeout:       90 * time.Second,
+			TLSHandshakeTimeout:   15 * time.Second,
+			ResponseHeaderTimeout: responseHeaderTimeout,
+			ExpectContinueTimeout: time.Second,
+			// Objects are mostly compressible text and binaries that a server
+			// may gzip on the fly; the transport decompresses transparently.
+		}
+	}
+	t1 := base()
 	t1.ForceAttemptHTTP2 = true
 	t1.HTTP2 = HTTP2Config()
-	t := &Transport{Transport: t1}
+	// The long reads (pack runs) go each over a connection of their own,
+	// HTTP/1.1 over TLS alone: see WithOwnConnection.
+	own := base()
+	own.Protocols = new(http.Protocols)
+	own.Protocols.SetHTTP1(true)
+	own.TLSClientConfig.NextProtos = []string{"http/1.1"}
+	t := &Transport{Transport: t1, own: own}
 	// x/net's HTTP/2 (the code net/http bundles) in place of the bundled
 	// copy, for its connection pool: the pool tells what each server's
 	// SETTINGS_MAX_CONCURRENT_STREAMS is, which net/http keeps to itself.
@@ -271,59 +343,91 @@ func NewTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.
 	return t, nil
 }
 
-// NewHTTP1Transport is NewTransport's HTTP/1.1-only sibling (the same
-// roots, limits and timeouts), for a few long bodies read at once: one
-// connection each, so that each body is decrypted by the goroutine that
-// reads it and no flow control runs in user space. Over one HTTP/2
-// connection every byte of every stream goes through that connection's
-// one read loop, and the client sends a WINDOW_UPDATE (a TLS record, a
-// write) for every 4 KiB or more its reader takes, which the server must
-// read and process: bench/README.md, "HTTP/1.1 for the long bodies of OCI
-// pulls", measured what that costs a pull.
-func NewHTTP1Transport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
-	t, err := newHTTPTransport(caPEM, maxConnsPerHost, responseHeaderTimeout)
-	if err != nil {
-		return nil, err
-	}
-	t.Protocols = new(http.Protocols)
-	t.Protocols.SetHTTP1(true)
-	return t, nil
-}
-
-// newHTTPTransport is the part of both transports that is not about
-// HTTP/2.
-func newHTTPTransport(caPEM []byte, maxConnsPerHost int, responseHeaderTimeout time.Duration) (*http.Transport, error) {
-	roots, err := x509.SystemCertPool()
-	if err != nil || roots == nil {
-		roots = x509.NewCertPool()
-	}
-	if len(caPEM) > 0 && !roots.AppendCertsFromPEM(caPEM) {
-		return nil, ErrNoCertificate
-	}
-	return &http.Transport{
-		Proxy: http.ProxyFromEnvironment,
-		DialContext: (&net.Dialer{
-			Timeout:   30 * time.Second,
-			KeepAlive: 30 * time.Second,
-		}).DialContext,
-		TLSClientConfig:       &tls.Config{RootCAs: roots, MinVersion: tls.VersionTLS12},
-		MaxIdleConns:          maxConnsPerHost * 2,
-		MaxIdleConnsPerHost:   maxConnsPerHost,
-		MaxConnsPerHost:       maxConnsPerHost,
-		IdleConnTimeout:       90 * time.Second,
-		TLSHandshakeTimeout:   15 * time.Second,
-		ResponseHeaderTimeout: responseHeaderTimeout,
-		ExpectContinueTimeout: time.Second,
-		// Objects are mostly compressible text and binaries that a server
-		// may gzip on the fly; the transport decompresses transparently.
-	}, nil
-}
-
 // Transport is the transport NewTransport makes.
 type Transport struct {
 	*http.Transport
 	pool    *streamsPool
 	streams atomic.Int64 // the last HTTP/2 connection's advertised stream limit; 0: none seen
+	// own carries the requests of WithOwnConnection over https: HTTP/1.1,
+	// a connection each.
+	own *http.Transport
+	// ownRefused: host:port → when a request over own failed and the
+	// same request over the shared transport did not; such a host gets
+	// no own connections for ownRetryAfter.
+	ownRefused sync.Map
+}
+
+// ownRetryAfter is how long a host whose HTTP/1.1 over TLS failed gets
+// none: a server that does not speak it is not asked again per request,
+// and one that failed once by chance is asked again later.
+const ownRetryAfter = 10 * time.Minute
+
+type ownConnectionKey struct{}
+
+// WithOwnConnection marks ctx's requests as long reads of many bytes (an
+// HTTP repository's pack runs, up to 16 MiB each, and its objects of 1
+// MiB or more; any source of Transport may use it):
+// over https, Transport sends each over a connection of its own, with
+// HTTP/1.1 (ALPN "http/1.1"), rather than as a stream of the shared
+// HTTP/2 connection. On one HTTP/2 connection every byte of every run is
+// decrypted and framed by that connection's one reading goroutine and
+// copied once more into the stream's buffer, and each read of a body
+// sends a flow-control update through the connection's one writer; over
+// connections of their own, each run is decrypted by the goroutine that
+// reads it, with TCP's flow control (bench/README.md, "HTTP/2 on fast
+// links"). A server that does not speak HTTP/1.1 over TLS gets the
+// request over the shared transport instead. Plain http is HTTP/1.1
+// already.
+func WithOwnConnection(ctx context.Context) context.Context {
+	return context.WithValue(ctx, ownConnectionKey{}, true)
+}
+
+func ownConnection(ctx context.Context) bool {
+	v, _ := ctx.Value(ownConnectionKey{}).(bool)
+	return v
+}
+
+// RoundTrip sends req over the shared transport (HTTP/2 where the server
+// speaks it), or, for a request of WithOwnConnection over https, over a
+// connection of its own (HTTP/1.1); when that fails (an error before a
+// response, 505 or 426) and the shared transport answers, the host gets
+// no own connections for a while.
+func (t *Transport) RoundTrip(req *http.Request) (*http.Response, error) {
+	if t.own == nil || req.URL.Scheme != "https" || !ownConnection(req.Context()) {
+		return t.Transport.RoundTrip(req)
+	}
+	host := canonicalHost(req.URL)
+	if at, ok := t.ownRefused.Load(host); ok && time.Since(at.(time.Time)) < ownRetryAfter {
+		return t.Transport.RoundTrip(req)
+	}
+	resp, err := t.own.RoundTrip(req)
+	if err == nil && resp.StatusCode != http.StatusHTTPVersionNotSupported && resp.StatusCode != http.StatusUpgradeRequired {
+		return resp, nil
+	}
+	if req.Context().Err() != nil {
+		return resp, err
+	}
+	var why string
+	if err != nil {
+		why = err.Error()
+	} else {
+		why = resp.Status
+		_, _ = io.CopyN(io.Discard, resp.Body, 4096)
+		resp.Body.Close()
+	}
+	resp, err = t.Transport.RoundTrip(req)
+	if err == nil {
+		t.ownRefused.Store(host, time.Now())
+		klog.FromContext(req.Context()).V(2).Info("HTTP/1.1 over TLS failed where the shared connection answers; long reads share it for a while",
+			"host", host, "err", redactURLsIn(why), "for", ownRetryAfter)
+	}
+	return resp, err
+}
+
+// canonicalHost is host:port of u, the default port spelled out.
+func canonicalHost(u *url.URL) string {
+	o := origin(u)
+	return o[strings.Index(o, "://")+3:]
 }
 
 // CloseIdleConnections closes the idle connections of both protocols.
@@ -332,6 +436,9 @@ type Transport struct {
 func (t *Transport) CloseIdleConnections() {
 	t.Transport.CloseIdleConnections()
 	t.pool.closeIdle()
+	if t.own != nil {
+		t.own.CloseIdleConnections()
+	}
 }
 
 // MaxConcurrentStreams is how many requests the HTTP/2 server the
@@ -465,11 +572,22 @@ func (s *HTTPSource) objectURL(d cfs.Digest) *url.URL {
 	return &u
 }
 
-// OpenObject GETs BASE/objects/xx/yyyy….
+// OpenObject GETs BASE/objects/xx/yyyy…, an object of ownObjectSize or
+// more over a connection of its own while there is one to spare.
 func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
+	own := false
+	if size >= ownObjectSize {
+		ctx, own = s.ownRequest(ctx)
+	}
 	resp, err := s.getURL(ctx, "fetching object", s.objectURL(d))
 	if err != nil {
+		if own {
+			s.ownDone()
+		}
 		return nil, err
+	}
+	if own {
+		resp.Body = &ownBody{ReadCloser: resp.Body, done: s.ownDone}
 	}
 	if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {
 		resp.Body.Close()
@@ -531,7 +649,7 @@ func (s *HTTPSource) getURL(ctx context.Context, op string, u *url.URL, header .
 		// say. Messages of net/http may quote a URL (a bad Location).
 		return nil, &SourceError{Op: op, URL: rawURL(), Err: Transient(errors.New(redactURLsIn(err.Error())))}
 	}
-	if resp.ProtoMajor == 1 != s.http1.Load() {
+	if resp.ProtoMajor == 1 != s.http1.Load() && !ownConnection(ctx) { // own connections are HTTP/1.1 whatever the shared one speaks
 		s.http1.Store(resp.ProtoMajor == 1)
 	}
 	if resp.StatusCode == http.StatusOK || resp.StatusCode == http.StatusPartialContent && req.Header.Get("Range") != "" {

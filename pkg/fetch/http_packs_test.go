@@ -501,3 +501,70 @@ func TestPackedPullCutShort(t *testing.T) {
 		t.Errorf("%d requests of the pack, want the cut one and a retry", n)
 	}
 }
+
+// TestPackedLookups: a lone cold pull of a packed repository looks each
+// object up once (the scan), not again as its run reaches it; an object
+// that another call stores while a run waits is still looked up, read
+// past and counted present, not written again.
+func TestPackedLookups(t *testing.T) {
+	files := makeFiles("s", 13, 120, 8<<10)
+	repo := t.TempDir()
+	da := publishPacked(t, repo, "a.cfs", files)
+	shared := files[len(files)/2]
+	db := writeRepoImage(t, repo, "b.cfs", []testFile{shared}) // no pack index: from objects/
+	ts := newTestServer(t, repo)
+	ctx := context.Background()
+	src := newSource(t, ts.URL, HTTPOptions{})
+
+	s := openStore(t, t.TempDir(), testOptions())
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
+		t.Fatal(err)
+	}
+	before := s.lookups.Load()
+	if _, err := s.EnsureObjects(ctx, src, da); err != nil {
+		t.Fatal(err)
+	}
+	// An object named between the store's count and the call's own
+	// count may make a reader look one up again: a few, not one each.
+	if n := s.lookups.Load() - before; n > uint64(len(files)+len(files)/10) {
+		t.Errorf("%d lookups for a cold pull of %d packed objects, want one each (the scan)", n, len(files))
+	}
+
+	s = openStore(t, t.TempDir(), testOptions())
+	for _, name := range []string{"a.cfs", "b.cfs"} {
+		if _, err := s.EnsureImage(ctx, src, ImageRef{Name: name}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	held := make(chan struct{})
+	started := make(chan struct{})
+	var once sync.Once
+	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if strings.HasSuffix(r.URL.Path, ".tar") {
+			once.Do(func() { close(started) })
+			<-held
+		}
+		return false
+	})
+	defer ts.setFault(nil)
+	res := make(chan error, 1)
+	var st Stats
+	go func() {
+		var err error
+		st, err = s.EnsureObjects(ctx, src, da)
+		res <- err
+	}()
+	<-started
+	if _, err := s.EnsureObjects(ctx, src, db); err != nil {
+		close(held)
+		t.Fatal(err)
+	}
+	close(held)
+	if err := <-res; err != nil {
+		t.Fatal(err)
+	}
+	if st.Present != 1 || st.Fetched != len(files)-1 {
+		t.Errorf("stats %+v, want the object the other call stored present and the others fetched", st)
+	}
+	checkInvariant(t, s.Root())
+}

@@ -123,7 +123,7 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 	// Objects named in the store from now on by anyone but this call: if
 	// none, a missing object found by the scan is still missing when its
 	// download starts (see fetchEach).
-	scan := s.named.Load()
+	scan := &sinceScan{at: s.named.Load()}
 	var missing, unproven []cfs.Object
 	for _, o := range objs {
 		if err := ctx.Err(); err != nil {
@@ -230,10 +230,10 @@ func (s *Store) EnsureObjects(ctx context.Context, src Source, image cfs.Digest,
 // concurrent call brought in (to prove, with a principal) and the object
 // directories written.
 //
-// scan is s.named when the scan found the objects missing: an object is
-// looked up again before its download (a concurrent call may have stored
-// it meanwhile) only when some other call has named an object since.
-func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, scan uint64, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
+// An object is looked up again before its download (a concurrent call
+// may have stored it meanwhile) only when some other call has named an
+// object since the scan found it missing.
+func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object, scan *sinceScan, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
 	wctx, cancel := context.WithCancelCause(ctx)
 	defer cancel(nil)
 	var (
@@ -244,7 +244,6 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 		// recheck: objects this call did not download itself (a
 		// concurrent call did, perhaps from another source).
 		recheck []cfs.Object
-		own     atomic.Uint64 // objects this call named
 	)
 	lim := newAdaptiveLimit(s.opts.Parallelism, nil, klog.FromContext(ctx))
 	if sl, ok := src.(interface{ MaxInFlight() int }); ok {
@@ -275,13 +274,9 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 			// size fails alone rather than failing its sharers.
 			key := o.Digest.String() + "/" + strconv.FormatUint(o.Size, 10)
 			res, shared, err := s.objects.do(wctx, key, func(fctx context.Context) (objectResult, error) {
-				// own before named: publishObject counts named first,
-				// so equal counts mean no other call named anything.
-				mine := own.Load()
-				recheck := s.named.Load() != scan+mine
-				res, err := s.fetchObject(fctx, src, o, p, lim, pid, recheck)
+				res, err := s.fetchObject(fctx, src, o, p, lim, pid, scan.others(s))
 				if err == nil && res.fetched > 0 {
-					own.Add(1)
+					scan.own.Add(1)
 				}
 				return res, err
 			})
@@ -325,6 +320,21 @@ func (s *Store) fetchEach(ctx context.Context, src Source, missing []cfs.Object,
 	}
 	klog.FromContext(ctx).V(3).Info("objects downloaded", "objects", len(missing), "concurrency", lim.current())
 	return recheck, dirs, firstErr
+}
+
+// sinceScan tells whether an object the scan of a call found missing may
+// have been stored since by another call.
+type sinceScan struct {
+	at  uint64        // s.named at the scan
+	own atomic.Uint64 // objects the call named since (counted after each is named)
+}
+
+// others reports whether a call other than the scan's named an object
+// since the scan. own is read first: publishObject counts named before
+// the call counts own, so equal counts mean no one else named anything.
+func (c *sinceScan) others(s *Store) bool {
+	mine := c.own.Load()
+	return s.named.Load() != c.at+mine
 }
 
 type location int

@@ -54,7 +54,7 @@ type RunObject struct {
 // downloaded meanwhile by fetchEach (scan is its argument), so that the
 // link is busy with both until each is done; both take the store's
 // download slots.
-func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image cfs.Digest, missing []cfs.Object, scan uint64, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
+func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image cfs.Digest, missing []cfs.Object, scan *sinceScan, p *Progress, pid *principalID, st *Stats) ([]cfs.Object, map[string]bool, error) {
 	runs, rest, err := rs.PlanRuns(ctx, image, missing)
 	if err != nil {
 		return nil, nil, err
@@ -128,6 +128,7 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 			if pid != nil {
 				s.markShown(ctx, shownKey{d: o.Digest, p: *pid})
 			}
+			scan.own.Add(1)
 			mu.Lock()
 			dirs[dir] = true
 			st.Fetched++
@@ -168,7 +169,7 @@ func (s *Store) fetchRuns(ctx context.Context, src Source, rs RunSource, image c
 				if i >= len(runs) || wctx.Err() != nil {
 					return
 				}
-				overhead, err := s.fetchRun(wctx, src, rs, runs[i], p, got)
+				overhead, err := s.fetchRun(wctx, src, rs, runs[i], p, scan, got)
 				mu.Lock()
 				st.RunOverheadBytes += uint64(overhead)
 				mu.Unlock()
@@ -207,8 +208,11 @@ func (st *Stats) add(o Stats) {
 }
 
 // fetchRun reads one run, retrying transient failures from the first
-// object not yet received. It returns the bytes read past.
-func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run, p *Progress, got func(cfs.Object, *tempFile)) (int64, error) {
+// object not yet received. It returns the bytes read past. An object is
+// looked up again before it is received (a concurrent call may have
+// stored it meanwhile: then it is read past) only when another call has
+// named an object since the scan.
+func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run, p *Progress, scan *sinceScan, got func(cfs.Object, *tempFile)) (int64, error) {
 	done := 0
 	var overhead int64
 	err := s.fetchRunAttempts(ctx, rs, run, func(ctx context.Context) error {
@@ -235,9 +239,11 @@ func (s *Store) fetchRun(ctx context.Context, src Source, rs RunSource, run *Run
 					return s.stallError(ctx, actx, readError(run.Where, err))
 				}
 			}
-			where, err := s.locate(ctx, o.Object)
-			if err != nil {
-				return err
+			where := missingObject
+			if scan.others(s) {
+				if where, err = s.locate(ctx, o.Object); err != nil {
+					return err
+				}
 			}
 			if where != missingObject {
 				n, err := io.CopyN(io.Discard, r, int64(o.Size))

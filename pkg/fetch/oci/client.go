@@ -64,15 +64,9 @@ type Client struct {
 	ref      Reference
 	opts     Options
 	http     *http.Client
-	stream   *http.Client // of the long bodies (streams); http when Options.Transport is set
 	upstream *remote.Repository
 	mirrors  []*remote.Repository
 	authc    *auth.Client
-	// streams are the auth clients that read the long bodies of pack runs
-	// and layers, one per repository (upstream and mirrors): over the
-	// HTTP/1.1 transport (fetch.NewHTTP1Transport), with the same
-	// credentials and token cache as the repository's own client.
-	streams map[*remote.Repository]*auth.Client
 
 	mu         sync.Mutex
 	distrusted map[digest.Digest]bool // blobs a mirror served wrong: read from the registry
@@ -95,27 +89,17 @@ func NewClient(ref Reference, opts Options) (*Client, error) {
 		opts.UserAgent = "csi-composefs"
 	}
 	hc := &http.Client{Transport: rt}
-	shc := hc
-	if opts.Transport == nil {
-		t, err := newStreamTransport(opts.CA)
-		if err != nil {
-			return nil, err
-		}
-		shc = &http.Client{Transport: t}
-	}
 	cred, err := credentialFunc(ref, opts)
 	if err != nil {
 		return nil, err
 	}
-	c := &Client{ref: ref, opts: opts, http: hc, stream: shc, distrusted: make(map[digest.Digest]bool),
-		streams: make(map[*remote.Repository]*auth.Client)}
+	c := &Client{ref: ref, opts: opts, http: hc, distrusted: make(map[digest.Digest]bool)}
 	c.authc = &auth.Client{Client: hc, Credential: cred, Cache: auth.NewCache(), Header: http.Header{"User-Agent": {opts.UserAgent}}}
 	if isLoopback(ref.Registry) {
 		// A registry on loopback may have its token service there too.
 		c.authc.BlockedRealmPrefixes = []netip.Prefix{}
 	}
 	c.upstream = c.repository(ref.apiHost(), c.authc)
-	c.streams[c.upstream] = c.streamClient(c.authc)
 	for _, m := range opts.Mirrors[ref.Registry] {
 		u, err := url.Parse(m)
 		if err != nil || u.Host == "" || (u.Scheme != "http" && u.Scheme != "https") {
@@ -125,17 +109,8 @@ func NewClient(ref Reference, opts Options) (*Client, error) {
 		r := c.repository(u.Host, anon)
 		r.PlainHTTP = u.Scheme == "http"
 		c.mirrors = append(c.mirrors, r)
-		c.streams[r] = c.streamClient(anon)
 	}
 	return c, nil
-}
-
-// streamClient is ac over the stream transport: the same credentials,
-// headers and token cache.
-func (c *Client) streamClient(ac *auth.Client) *auth.Client {
-	sc := *ac
-	sc.Client = c.stream
-	return &sc
 }
 
 func (c *Client) repository(host string, ac *auth.Client) *remote.Repository {
@@ -163,12 +138,7 @@ func (c *Client) String() string {
 }
 
 // CloseIdleConnections closes idle keep-alive connections.
-func (c *Client) CloseIdleConnections() {
-	c.http.CloseIdleConnections()
-	if c.stream != c.http {
-		c.stream.CloseIdleConnections()
-	}
-}
+func (c *Client) CloseIdleConnections() { c.http.CloseIdleConnections() }
 
 func isLoopback(hostport string) bool {
 	h := hostport
@@ -210,16 +180,6 @@ func credentialFunc(ref Reference, opts Options) (auth.CredentialFunc, error) {
 
 func newTransport(ca []byte) (*fetch.Transport, error) {
 	t, err := fetch.NewTransport(ca, 64, 30*time.Second)
-	if err != nil {
-		return nil, fmt.Errorf("CA bundle: %w", err)
-	}
-	return t, nil
-}
-
-// newStreamTransport is the transport of the long bodies: HTTP/1.1, a
-// connection per body (a pull reads at most maxConcurrentRuns at once).
-func newStreamTransport(ca []byte) (*http.Transport, error) {
-	t, err := fetch.NewHTTP1Transport(ca, 64, 30*time.Second)
 	if err != nil {
 		return nil, fmt.Errorf("CA bundle: %w", err)
 	}
@@ -296,19 +256,9 @@ func blobURL(r *remote.Repository, d digest.Digest) string {
 // open-ended ranges (bytes=N-); a bounded range needs its own request,
 // made here through oras-go's auth client (tokens, challenges, redirects).
 func (c *Client) openBlob(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
-	return c.openBlobVia(ctx, desc, off, n, false)
-}
-
-// openStream is openBlob over the stream transport (newStreamTransport):
-// for the long bodies a pull reads several of at once (pack runs, layers).
-func (c *Client) openStream(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
-	return c.openBlobVia(ctx, desc, off, n, true)
-}
-
-func (c *Client) openBlobVia(ctx context.Context, desc ocispec.Descriptor, off, n int64, stream bool) (io.ReadCloser, bool, error) {
 	if !c.isDistrusted(desc.Digest) {
 		for _, m := range c.mirrors {
-			rc, ignored, err := c.openBlobAt(ctx, m, desc, off, n, stream)
+			rc, ignored, err := c.openBlobAt(ctx, m, desc, off, n)
 			if err == nil {
 				return rc, ignored, nil
 			}
@@ -318,14 +268,23 @@ func (c *Client) openBlobVia(ctx context.Context, desc ocispec.Descriptor, off, 
 			klog.FromContext(ctx).V(2).Info("Mirror failed; trying the next one, then the registry", "mirror", m.Reference.Registry, "blob", desc.Digest.String(), "err", err)
 		}
 	}
-	return c.openBlobAt(ctx, c.upstream, desc, off, n, stream)
+	return c.openBlobAt(ctx, c.upstream, desc, off, n)
+}
+
+// openStream is openBlob for the long bodies a pull reads several of at
+// once (pack runs, layers): over https, each goes over a connection of its
+// own with HTTP/1.1 (fetch.WithOwnConnection), also where the registry
+// speaks HTTP/2, which manifests and small blobs keep (bench/README.md,
+// "HTTP/1.1 for the long bodies of OCI pulls").
+func (c *Client) openStream(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
+	return c.openBlob(fetch.WithOwnConnection(ctx), desc, off, n)
 }
 
 // openUpstreamBlob is openBlob from the registry itself, with the
 // client's credentials: what proofs of possession read (a mirror serves
 // anyone, so what it holds proves nothing about the credentials).
 func (c *Client) openUpstreamBlob(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
-	return c.openBlobAt(ctx, c.upstream, desc, off, n, false)
+	return c.openBlobAt(ctx, c.upstream, desc, off, n)
 }
 
 // mirrorOf returns the mirror host a body of openBlob comes from, "" for
@@ -371,7 +330,7 @@ func (c *Client) distrust(ctx context.Context, d digest.Digest, mirror string, w
 	klog.FromContext(ctx).Info("A mirror served a blob that fails its check; reading it from the registry", "mirror", mirror, "blob", d.String(), "err", why)
 }
 
-func (c *Client) openBlobAt(ctx context.Context, r *remote.Repository, desc ocispec.Descriptor, off, n int64, stream bool) (io.ReadCloser, bool, error) {
+func (c *Client) openBlobAt(ctx context.Context, r *remote.Repository, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
 	u := blobURL(r, desc.Digest)
 	what := c.String() + "@" + desc.Digest.String()
 	mirror := ""
@@ -395,11 +354,7 @@ func (c *Client) openBlobAt(ctx context.Context, r *remote.Repository, desc ocis
 		}
 		req.Header.Set("Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1))
 	}
-	hc := r.Client
-	if stream {
-		hc = c.streams[r]
-	}
-	resp, err := hc.Do(req)
+	resp, err := r.Client.Do(req)
 	if err != nil {
 		return nil, false, classify("fetching blob", what, err)
 	}
