@@ -108,7 +108,7 @@ func (ps *protoServer) protos(kind string) (h1, h2 int) {
 // make it an HTTP/1.1 source).
 func TestPackRunsOwnConnections(t *testing.T) {
 	const streams = 40
-	files := makeFiles("s", 11, 600, 64<<10)
+	files := makeFiles("s", 11, 300, 64<<10)
 	for i := range 3 {
 		files = append(files, testFile{name: "big" + string(rune('a'+i)), data: content(uint64(120+i), 1<<20+4096)})
 	}
@@ -116,7 +116,7 @@ func TestPackRunsOwnConnections(t *testing.T) {
 		files = append(files, testFile{name: "mid" + string(rune('a'+i)), data: content(uint64(130+i), 200<<10)})
 	}
 	repo := t.TempDir()
-	publishPacked(t, repo, "app.cfs", files, WithPacks(PackOptions{PackSize: 4 << 20, MaxObject: 128 << 10}))
+	publishPacked(t, repo, "app.cfs", files, WithPacks(PackOptions{PackSize: 2 << 20, MaxObject: 128 << 10}))
 	ps := newProtoServer(t, repo, speaksHTTP1, streams)
 	root := t.TempDir()
 	s := openStore(t, root, testOptions())
