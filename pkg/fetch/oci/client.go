@@ -271,6 +271,15 @@ func (c *Client) openBlob(ctx context.Context, desc ocispec.Descriptor, off, n i
 	return c.openBlobAt(ctx, c.upstream, desc, off, n)
 }
 
+// openStream is openBlob for the long bodies a pull reads several of at
+// once (pack runs, layers): over https, each goes over a connection of its
+// own with HTTP/1.1 (fetch.WithOwnConnection), also where the registry
+// speaks HTTP/2, which manifests and small blobs keep (bench/README.md,
+// "HTTP/1.1 for the long bodies of OCI pulls").
+func (c *Client) openStream(ctx context.Context, desc ocispec.Descriptor, off, n int64) (io.ReadCloser, bool, error) {
+	return c.openBlob(fetch.WithOwnConnection(ctx), desc, off, n)
+}
+
 // openUpstreamBlob is openBlob from the registry itself, with the
 // client's credentials: what proofs of possession read (a mirror serves
 // anyone, so what it holds proves nothing about the credentials).

@@ -312,14 +312,14 @@ func (s *ArtifactSource) OpenRun(ctx context.Context, run *fetch.Run, from int) 
 	start := br.Starts[from]
 	n := br.End - start
 	if start == 0 && s.noRange.Load() {
-		body, _, err := s.c.openBlob(ctx, desc, 0, -1)
+		body, _, err := s.c.openStream(ctx, desc, 0, -1)
 		if err != nil {
 			return nil, err
 		}
 		br.setMirror(mirrorOf(body))
 		return body, nil
 	}
-	body, ignored, err := s.c.openBlob(ctx, desc, start, n)
+	body, ignored, err := s.c.openStream(ctx, desc, start, n)
 	if ignored {
 		s.noRange.Store(true)
 	}

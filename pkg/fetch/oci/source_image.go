@@ -286,7 +286,7 @@ func (p *imagePlan) applyLayer(ctx context.Context, tb *treeBuilder, i int, l oc
 	what := fmt.Sprintf("%s layer %d (%s)", p.s, i, l.Digest)
 	lp := layerProof{Digest: l.Digest, Off: sink.Challenge(l.Digest.String(), l.Size)}
 	lp.Len = min(fetch.ProofBlock, l.Size-lp.Off)
-	body, _, err := p.s.c.openBlob(ctx, l, 0, -1)
+	body, _, err := p.s.c.openStream(ctx, l, 0, -1)
 	if err != nil {
 		return lp, err
 	}
