@@ -283,3 +283,40 @@ func mustPull(t testing.TB, s *Store, src Source, name string) cfs.Digest {
 	}
 	return d
 }
+
+// pullWhileHeld fetches the objects of image first, holding its requests
+// of the paths hold matches from the first such request on, while the
+// objects of image second are fetched in full; then lets the first go on
+// and returns its stats.
+func pullWhileHeld(t *testing.T, ts *testServer, s *Store, src Source, first, second cfs.Digest, hold func(path string) bool) Stats {
+	t.Helper()
+	ctx := context.Background()
+	held := make(chan struct{})
+	started := make(chan struct{})
+	var once sync.Once
+	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
+		if hold(r.URL.Path) {
+			once.Do(func() { close(started) })
+			<-held
+		}
+		return false
+	})
+	defer ts.setFault(nil)
+	res := make(chan error, 1)
+	var st Stats
+	go func() {
+		var err error
+		st, err = s.EnsureObjects(ctx, src, first)
+		res <- err
+	}()
+	<-started
+	if _, err := s.EnsureObjects(ctx, src, second); err != nil {
+		close(held)
+		t.Fatal(err)
+	}
+	close(held)
+	if err := <-res; err != nil {
+		t.Fatal(err)
+	}
+	return st
+}

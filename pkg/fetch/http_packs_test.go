@@ -536,33 +536,7 @@ func TestPackedLookups(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	held := make(chan struct{})
-	started := make(chan struct{})
-	var once sync.Once
-	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
-		if strings.HasSuffix(r.URL.Path, ".tar") {
-			once.Do(func() { close(started) })
-			<-held
-		}
-		return false
-	})
-	defer ts.setFault(nil)
-	res := make(chan error, 1)
-	var st Stats
-	go func() {
-		var err error
-		st, err = s.EnsureObjects(ctx, src, da)
-		res <- err
-	}()
-	<-started
-	if _, err := s.EnsureObjects(ctx, src, db); err != nil {
-		close(held)
-		t.Fatal(err)
-	}
-	close(held)
-	if err := <-res; err != nil {
-		t.Fatal(err)
-	}
+	st := pullWhileHeld(t, ts, s, src, da, db, func(path string) bool { return strings.HasSuffix(path, ".tar") })
 	if st.Present != 1 || st.Fetched != len(files)-1 {
 		t.Errorf("stats %+v, want the object the other call stored present and the others fetched", st)
 	}

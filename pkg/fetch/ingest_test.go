@@ -4,11 +4,9 @@ import (
 	"context"
 	"errors"
 	"io"
-	"net/http"
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"syscall"
 	"testing"
@@ -240,33 +238,9 @@ func TestLookupsBeforeDownload(t *testing.T) {
 		}
 	}
 	sharedBefore := ts.count(sharedPath)
-	held := make(chan struct{})
-	first := make(chan struct{})
-	var once sync.Once
-	ts.setFault(func(w http.ResponseWriter, r *http.Request, n int) bool {
-		if strings.HasPrefix(r.URL.Path, "/objects/") && r.URL.Path != sharedPath {
-			once.Do(func() { close(first) })
-			<-held
-		}
-		return false
+	st := pullWhileHeld(t, ts, s, src, da, db, func(path string) bool {
+		return strings.HasPrefix(path, "/objects/") && path != sharedPath
 	})
-	defer ts.setFault(nil)
-	res := make(chan error, 1)
-	var st Stats
-	go func() {
-		var err error
-		st, err = s.EnsureObjects(ctx, src, da)
-		res <- err
-	}()
-	<-first
-	if _, err := s.EnsureObjects(ctx, src, db); err != nil {
-		close(held)
-		t.Fatal(err)
-	}
-	close(held)
-	if err := <-res; err != nil {
-		t.Fatal(err)
-	}
 	if n := ts.count(sharedPath) - sharedBefore; n != 1 {
 		t.Errorf("the object the other call stored was requested %d times, want once", n)
 	}
