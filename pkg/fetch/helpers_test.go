@@ -320,3 +320,19 @@ func pullWhileHeld(t *testing.T, ts *testServer, s *Store, src Source, first, se
 	}
 	return st
 }
+
+// lonePullLookups pulls image name (digest d) from src into a new store,
+// alone, and returns how many object lookups its objects took.
+func lonePullLookups(t *testing.T, src Source, name string, d cfs.Digest) uint64 {
+	t.Helper()
+	ctx := context.Background()
+	s := openStore(t, t.TempDir(), testOptions())
+	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: name}); err != nil {
+		t.Fatal(err)
+	}
+	before := s.lookups.Load()
+	if _, err := s.EnsureObjects(ctx, src, d); err != nil {
+		t.Fatal(err)
+	}
+	return s.lookups.Load() - before
+}

@@ -216,22 +216,14 @@ func TestLookupsBeforeDownload(t *testing.T) {
 	src := newSource(t, ts.URL, HTTPOptions{})
 
 	// A lone pull: one lookup per object.
-	s := openStore(t, t.TempDir(), testOptions())
-	if _, err := s.EnsureImage(ctx, src, ImageRef{Name: "a.cfs"}); err != nil {
-		t.Fatal(err)
-	}
-	before := s.lookups.Load()
-	if _, err := s.EnsureObjects(ctx, src, da); err != nil {
-		t.Fatal(err)
-	}
-	if n := s.lookups.Load() - before; n != uint64(len(files)) {
+	if n := lonePullLookups(t, src, "a.cfs", da); n != uint64(len(files)) {
 		t.Errorf("%d lookups for a cold pull of %d objects, want one each", n, len(files))
 	}
 
 	// Another call stores the shared object while the first waits.
 	opts := testOptions()
 	opts.Parallelism = 1
-	s = openStore(t, t.TempDir(), opts)
+	s := openStore(t, t.TempDir(), opts)
 	for _, name := range []string{"a.cfs", "b.cfs"} {
 		if _, err := s.EnsureImage(ctx, src, ImageRef{Name: name}); err != nil {
 			t.Fatal(err)
