@@ -77,11 +77,28 @@ type HTTPSource struct {
 // (The size up to which image build packs objects by default.)
 const ownObjectSize = 1 << 20
 
+// getURLOwn is getURL over a connection of its own (WithOwnConnection)
+// when fewer than opts.MaxConnsPerHost such requests of the source are in
+// flight, until the body is closed; otherwise the request shares the
+// connection of the others rather than wait for one.
+func (s *HTTPSource) getURLOwn(ctx context.Context, op string, u *url.URL, header ...string) (*http.Response, error) {
+	ctx, own := s.ownRequest(ctx)
+	resp, err := s.getURL(ctx, op, u, header...)
+	if !own {
+		return resp, err
+	}
+	if err != nil {
+		s.ownDone()
+		return nil, err
+	}
+	resp.Body = &ownBody{ReadCloser: resp.Body, done: s.ownDone}
+	return resp, nil
+}
+
 // ownRequest returns ctx marked for a connection of its own
 // (WithOwnConnection) and true when fewer than opts.MaxConnsPerHost such
 // requests of the source are in flight (the caller calls ownDone when its
-// body is closed or the request failed), else ctx and false: the request
-// shares the connection of the others rather than wait for one.
+// body is closed or the request failed), else ctx and false.
 func (s *HTTPSource) ownRequest(ctx context.Context) (context.Context, bool) {
 	if s.base.Scheme != "https" {
 		return ctx, false
@@ -575,19 +592,13 @@ func (s *HTTPSource) objectURL(d cfs.Digest) *url.URL {
 // OpenObject GETs BASE/objects/xx/yyyy…, an object of ownObjectSize or
 // more over a connection of its own while there is one to spare.
 func (s *HTTPSource) OpenObject(ctx context.Context, d cfs.Digest, size uint64) (io.ReadCloser, error) {
-	own := false
+	get := s.getURL
 	if size >= ownObjectSize {
-		ctx, own = s.ownRequest(ctx)
+		get = s.getURLOwn
 	}
-	resp, err := s.getURL(ctx, "fetching object", s.objectURL(d))
+	resp, err := get(ctx, "fetching object", s.objectURL(d))
 	if err != nil {
-		if own {
-			s.ownDone()
-		}
 		return nil, err
-	}
-	if own {
-		resp.Body = &ownBody{ReadCloser: resp.Body, done: s.ownDone}
 	}
 	if resp.ContentLength >= 0 && uint64(resp.ContentLength) != size {
 		resp.Body.Close()

@@ -173,16 +173,9 @@ func (s *HTTPSource) openPackRange(ctx context.Context, ref pack.PackRef, off, n
 	if ranged {
 		hdr = []string{"Range", fmt.Sprintf("bytes=%d-%d", off, off+n-1)}
 	}
-	ctx, own := s.ownRequest(ctx)
-	resp, err := s.getURL(ctx, "fetching pack", u, hdr...)
+	resp, err := s.getURLOwn(ctx, "fetching pack", u, hdr...)
 	if err != nil {
-		if own {
-			s.ownDone()
-		}
 		return nil, err
-	}
-	if own {
-		resp.Body = &ownBody{ReadCloser: resp.Body, done: s.ownDone}
 	}
 	fail := func(err error) (io.ReadCloser, error) {
 		_, _ = io.CopyN(io.Discard, resp.Body, 4096)
